@@ -1,0 +1,71 @@
+"""`openpacs` command line: serve, import, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..config import load_settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (keys: fields of openpacs.config.Settings)")
+    p.add_argument("--data-dir", type=Path, help="data directory (index + blobs by default) [./openpacs-data]")
+    p.add_argument("--index", dest="index_url", help="index URL: sqlite:///path or postgresql://user@host/db")
+    p.add_argument("--storage", dest="storage_url", help="blob storage URL: file:///path")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openpacs", description="OpenPACS picture archiving and communication system")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run every service of this node (DICOM, HTTP)")
+    _common(s)
+    s.add_argument("--dicom-port", type=int, help="DICOM (DIMSE) port [11112]")
+    s.add_argument("--http-port", type=int, help="HTTP port: DICOMweb, viewer, health [8042]")
+    s.add_argument("--aet", help="our AE title [OPENPACS]")
+    s.add_argument("--host", help="address to listen on for DICOM and HTTP [127.0.0.1]")
+    s.add_argument("--workers", type=int, dest="dicom_workers", help="DICOM worker processes (0: per CPU)")
+
+    i = sub.add_parser("import", help="import DICOM files, folders and zip archives through the ingest path")
+    _common(i)
+    i.add_argument("paths", nargs="+", type=Path)
+    i.add_argument("--jobs", type=int, default=4, help="parallel workers [4]")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("migrate", help="create or upgrade the index schema")
+    _common(m)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "paths", "jobs", "no_progress", "host")}
+    if getattr(args, "host", None):
+        overrides["dicom_host"] = args.host
+        overrides["http_host"] = args.host
+    settings = load_settings(args.config, **overrides)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(settings)
+    if args.command == "import":
+        from .importer import run_import
+
+        return run_import(settings, args.paths, jobs=args.jobs, progress=not args.no_progress)
+    if args.command == "migrate":
+        from ..context import build_context
+
+        build_context(settings).close()
+        print(f"index at {settings.resolved_index_url.split('@')[-1]} is up to date")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`openpacs serve`: one event loop running the DICOM upper layer and the HTTP server until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+
+import uvicorn
+
+from ..config import Settings
+from ..context import Context, build_context
+
+log = logging.getLogger("openpacs")
+
+
+def sweep_orphans(ctx: Context, before: float) -> int:
+    """Delete blobs no index row references (left by a crash between the blob write and the commit)."""
+    removed = ctx.store.clean_temp()
+    candidates = set(ctx.store.keys_older_than(before))
+    if candidates:
+        orphans = candidates - ctx.index.blob_keys()
+        for key in orphans:
+            ctx.store.delete(key)
+        removed += len(orphans)
+    if removed:
+        log.warning("orphan sweep removed %d unreferenced blob(s) / partial writes", removed)
+    return removed
+
+
+async def _serve(settings: Settings) -> None:
+    from ..dimse.server import serve_dimse
+    from ..web.app import build_app
+
+    started = time.time()
+    ctx = build_context(settings)
+    # partial writes from a crash go first (they are temp files); the full sweep runs beside the services
+    threading.Thread(target=sweep_orphans, args=(ctx, started), name="orphan-sweep", daemon=True).start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    app = build_app(ctx)
+    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=10)
+    http = uvicorn.Server(config)
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    dimse_ready = asyncio.Event()
+    dimse_task = asyncio.create_task(serve_dimse(settings, ctx, stop, dimse_ready), name="dimse")
+    http_task = asyncio.create_task(http.serve(), name="http")
+    await dimse_ready.wait() if not dimse_task.done() else None
+    log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
+             settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stop_wait, dimse_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    http.should_exit = True
+    for t in (dimse_task, http_task):
+        try:
+            await asyncio.wait_for(t, timeout=60)
+        except Exception as e:  # a failed service is reported, the others still stop cleanly
+            log.error("%s stopped with %r", t.get_name(), e)
+    await asyncio.to_thread(ctx.close)
+    log.info("OpenPACS stopped")
+    for t in done:
+        if t is not stop_wait and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+def serve(settings: Settings) -> int:
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0

@@ -1,0 +1,117 @@
+"""One Settings object, built from defaults, then a TOML file, then OPENPACS_* environment variables, then CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RemoteAE:
+    """A DICOM peer this node knows: C-MOVE destinations and (when access control is on) accepted callers."""
+
+    aet: str
+    host: str
+    port: int
+    # Operations this peer may perform on us. The security layer enforces these when ``dicom_accept_unknown`` is false.
+    allow: tuple[str, ...] = ("echo", "store", "find", "move", "get")
+
+
+@dataclass
+class Settings:
+    data_dir: Path = Path("./openpacs-data")
+    index_url: str = ""  # default: sqlite in data_dir
+    storage_url: str = ""  # default: file:// in data_dir/blobs
+
+    # DICOM upper layer
+    aet: str = "OPENPACS"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    dicom_workers: int = 0  # 0: one per CPU, capped at 4
+    max_associations: int = 64
+    max_pdu: int = 4 * 1024 * 1024  # our maximum receive PDU length, advertised at association
+    artim_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    check_called_aet: bool = False
+    dicom_accept_unknown: bool = True  # permissive development mode: any calling AE may associate
+    remote_aes: dict[str, RemoteAE] = field(default_factory=dict)
+
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+
+    # Behaviour
+    duplicate_policy: str = "keep-first"  # keep-first | overwrite | reject
+    pn_case_insensitive: bool = True
+    find_max_results: int = 0  # 0: unlimited
+    log_level: str = "INFO"
+
+    @property
+    def resolved_index_url(self) -> str:
+        return self.index_url or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    @property
+    def worker_count(self) -> int:
+        if self.dicom_workers > 0:
+            return self.dicom_workers
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+_ENV_PREFIX = "OPENPACS_"
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    f = Settings.__dataclass_fields__[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "Path":
+        return Path(raw)
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).strip().lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Defaults < TOML file < environment (OPENPACS_<FIELD>) < explicit overrides (CLI flags, None ignored)."""
+    values: dict[str, Any] = {}
+    remotes: dict[str, RemoteAE] = {}
+    if config_file:
+        with open(config_file, "rb") as fh:
+            doc = tomllib.load(fh)
+        for key, raw in doc.items():
+            if key == "remote_aes":
+                for name, spec in raw.items():
+                    allow = tuple(spec.get("allow", RemoteAE.allow))
+                    remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow)
+            elif key in Settings.__dataclass_fields__:
+                values[key] = _coerce(key, raw)
+            else:
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+    for name in Settings.__dataclass_fields__:
+        env = os.environ.get(_ENV_PREFIX + name.upper())
+        if env is not None and name != "remote_aes":
+            values[name] = _coerce(name, env)
+    for name, raw in overrides.items():
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    s = Settings(**values)
+    s.remote_aes = remotes
+    return s
+
+
+def as_dict(s: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(s)

@@ -1,0 +1,127 @@
+"""Reading just the header tags the index needs, and writing the File Meta Information of a received data set."""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterable
+
+import pydicom.config
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES
+
+# Received data are stored as they came; validation warnings while reading headers are noise, not errors.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1461.1"  # OpenPACS implementation class (private root)
+IMPLEMENTATION_VERSION_NAME = "OPENPACS_010"
+
+# Tags the ingest path reads from every instance: all indexed attributes plus what validation needs.
+INDEX_TAGS: list[int] = sorted(
+    {a.tag for a in ATTRIBUTES.values() if not a.computed}
+    | {0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00400275}
+)
+
+
+def _even(b: bytes, pad: bytes = b"\0") -> bytes:
+    return b + pad if len(b) % 2 else b
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_aet: str = "") -> bytes:
+    """Preamble + 'DICM' + group 0002 in Explicit VR Little Endian (PS3.10 7.1), without pydicom's overhead."""
+
+    def ui(tag_elem: int, value: str) -> bytes:
+        v = _even(value.encode("ascii"))
+        return struct.pack("<HH2sH", 0x0002, tag_elem, b"UI", len(v)) + v
+
+    body = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+    body += ui(0x0002, sop_class_uid) + ui(0x0003, sop_instance_uid) + ui(0x0010, transfer_syntax_uid)
+    body += ui(0x0012, IMPLEMENTATION_CLASS_UID)
+    ver = _even(IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
+    body += struct.pack("<HH2sH", 0x0002, 0x0013, b"SH", len(ver)) + ver
+    if source_aet:
+        aet = _even(source_aet.strip().encode("ascii", "replace"), b" ")
+        body += struct.pack("<HH2sH", 0x0002, 0x0016, b"AE", len(aet)) + aet
+    group_len = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + group_len + body
+
+
+def dataset_offset(data: bytes | memoryview) -> int:
+    """Where the data set starts in a Part 10 byte string (after preamble and File Meta Information)."""
+    mv = memoryview(data)
+    off = 132 if bytes(mv[128:132]) == b"DICM" else (4 if bytes(mv[:4]) == b"DICM" else 0)
+    while off + 8 <= len(mv):
+        group, elem = struct.unpack_from("<HH", mv, off)
+        if group != 0x0002:
+            break
+        vr = bytes(mv[off + 4 : off + 6])
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"):
+            (length,) = struct.unpack_from("<I", mv, off + 8)
+            off += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", mv, off + 6)
+            off += 8 + length
+    return min(off, len(mv))
+
+
+def read_header(data: bytes | memoryview, tags: Iterable[int] | None = None) -> Dataset:
+    """Parse a Part 10 byte string up to the pixel data. Raises on unparsable input."""
+    fp = io.BytesIO(data)
+    return dcmread(fp, stop_before_pixels=True, specific_tags=list(tags) if tags is not None else None)
+
+
+def read_meta_and_header(data: bytes | memoryview) -> Dataset:
+    return read_header(data, INDEX_TAGS)
+
+
+def as_text(ds: Dataset, tag: int) -> str | None:
+    """The value of ``tag`` as its DICOM string form (multi-values joined by backslash), or None if absent."""
+    elem = ds.get(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None or value == "":
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join("" if v is None else str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("latin-1").rstrip("\0 ")
+    return str(value)
+
+
+def index_values(ds: Dataset) -> dict[str, dict[str, object]]:
+    """Column values per level for the index, from a parsed header."""
+    out: dict[str, dict[str, object]] = {"PATIENT": {}, "STUDY": {}, "SERIES": {}, "IMAGE": {}}
+    for attr in ATTRIBUTES.values():
+        if attr.computed:
+            continue
+        v = as_text(ds, attr.tag)
+        if v is None:
+            continue
+        if attr.vr == "US":
+            try:
+                out[attr.level][attr.column] = int(v.split("\\")[0]) if v else None
+            except ValueError:
+                out[attr.level][attr.column] = None
+            continue
+        if attr.vr in ("DA", "TM"):
+            v = v.replace(":", "") if attr.vr == "TM" else v.replace(".", "")
+        out[attr.level][attr.column] = v
+        if attr.vr == "PN" and attr.column in ("patient_name", "referring_physician_name"):
+            out[attr.level][attr.column + "_norm"] = v.upper()
+    seq = ds.get(0x00400275)
+    if seq is not None and seq.VR == "SQ" and len(seq.value):
+        item = seq.value[0]
+        for attr in REQUEST_ATTRIBUTES.values():
+            v = as_text(item, attr.tag)
+            if v:
+                out["SERIES"][attr.column] = v
+    return out
+
+
+def is_valid_uid(value: str | None) -> bool:
+    return bool(value) and UID(value).is_valid  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+"""PS3.4 C.2.2.2 attribute matching compiled to SQL: single value, universal, wildcard, range, list of UIDs.
+
+One place decides what a query string means; C-FIND and QIDO-RS both come through here (via services.query).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import and_, literal, or_
+from sqlalchemy.sql.elements import ColumnElement
+
+WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
+RANGE_VRS = {"DA", "TM", "DT"}
+# Stored as backslash-joined multi-values: a query value matches if any stored value matches.
+MULTI_VALUED_COLUMNS = {"modalities_in_study", "sop_classes_in_study", "other_patient_names"}
+
+
+class MatchError(ValueError):
+    """A query value that is not valid for its attribute (bad range, wildcard in a UID...)."""
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def wildcard_to_like(value: str) -> str:
+    return _like_escape(value).replace("*", "%").replace("?", "_")
+
+
+def _normalize_date(v: str, keyword: str) -> str:
+    v = v.strip().replace(".", "").replace("-", "")
+    if v and (not v.isdigit() or len(v) != 8):
+        raise MatchError(f"{keyword}: {v!r} is not a DA value (YYYYMMDD)")
+    return v
+
+
+def _normalize_time(v: str, keyword: str, upper: bool) -> str:
+    v = v.strip().replace(":", "")
+    head = v.split(".")[0]
+    if v and (not head.isdigit() or len(head) not in (2, 4, 6)):
+        raise MatchError(f"{keyword}: {v!r} is not a TM value (HHMMSS.FFFFFF)")
+    if upper and v and "." not in v:
+        # "12" as an upper bound means up to 12:59:59.999999
+        v = head + "9" * (6 - len(head)) + ".999999"
+    return v
+
+
+def _range(col: ColumnElement, vr: str, keyword: str, value: str) -> ColumnElement:
+    lo, _, hi = value.partition("-")
+    if vr == "DA":
+        lo, hi = _normalize_date(lo, keyword), _normalize_date(hi, keyword)
+    elif vr == "TM":
+        lo, hi = _normalize_time(lo, keyword, False), _normalize_time(hi, keyword, True)
+    lo, hi = lo.strip(), hi.strip()
+    if not lo and not hi:
+        raise MatchError(f"{keyword}: empty range {value!r}")
+    conds: list[ColumnElement] = [col.is_not(None), col != ""]
+    if lo:
+        conds.append(col >= lo)
+    if hi:
+        conds.append(col <= hi)
+    return and_(*conds)
+
+
+def compile_match(
+    col: ColumnElement,
+    vr: str,
+    keyword: str,
+    value: str,
+    *,
+    column_name: str = "",
+    norm_col: ColumnElement | None = None,
+    fuzzy: bool = False,
+    case_insensitive_pn: bool = True,
+) -> ColumnElement | None:
+    """SQL condition for one matching key, or None for universal matching."""
+    value = value.strip() if vr != "PN" else value.strip(" ")
+    if value == "" or value == "*":
+        return None
+    multi = column_name in MULTI_VALUED_COLUMNS
+
+    if vr == "PN" and norm_col is not None and case_insensitive_pn:
+        col, value = norm_col, value.upper()
+
+    if vr == "UI":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if any(("*" in u or "?" in u) for u in uids):
+            raise MatchError(f"{keyword}: wildcards are not allowed in UIDs")
+        if multi:
+            return or_(*[_multi_contains(col, u) for u in uids])
+        return col == uids[0] if len(uids) == 1 else col.in_(uids)
+
+    if vr in RANGE_VRS and "-" in value:
+        return _range(col, vr, keyword, value)
+    if vr == "DA":
+        return col == _normalize_date(value, keyword)
+    if vr == "TM":
+        return col == _normalize_time(value, keyword, False)
+
+    values = value.split("\\") if "\\" in value and vr != "PN" else [value]
+    conds = [_one(col, vr, v, multi, fuzzy and vr == "PN") for v in values if v != ""]
+    return conds[0] if len(conds) == 1 else or_(*conds)
+
+
+def _multi_contains(col: ColumnElement, v: str, like: bool = False) -> ColumnElement:
+    wrapped = literal("\\") + col + literal("\\")
+    pattern = "%\\\\" + (v if like else _like_escape(v)) + "\\\\%"
+    return wrapped.like(pattern, escape="\\")
+
+
+def _one(col: ColumnElement, vr: str, v: str, multi: bool, fuzzy: bool) -> ColumnElement:
+    has_wild = vr in WILDCARD_VRS and ("*" in v or "?" in v)
+    if fuzzy:
+        # PS3.18 fuzzymatching for PN: the value matches the start of any name component
+        p = wildcard_to_like(v.rstrip("*")) + "%"
+        return or_(col.like(p, escape="\\"), col.like("%^" + p, escape="\\"), col.like("% " + p, escape="\\"))
+    if multi:
+        return _multi_contains(col, wildcard_to_like(v), like=True) if has_wild else _multi_contains(col, v)
+    if has_wild:
+        return col.like(wildcard_to_like(v), escape="\\")
+    return col == v

@@ -1,0 +1,113 @@
+"""The query compiler: a protocol-free Query becomes one SQL statement over the joined level tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, exists, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from ..services.types import Query
+from .matching import compile_match
+from .schema import ATTRIBUTES, LEVELS, REQUEST_ATTRIBUTES, Attribute, instances, patients, series, studies
+
+# Columns the services need besides the DICOM attributes (blob of a representative instance, department scope).
+_JOIN = {
+    "PATIENT": patients,
+    "STUDY": studies.join(patients, studies.c.patient_fk == patients.c.id),
+    "SERIES": series.join(studies, series.c.study_fk == studies.c.id).join(patients, studies.c.patient_fk == patients.c.id),
+    "IMAGE": instances.join(series, instances.c.series_fk == series.c.id)
+    .join(studies, series.c.study_fk == studies.c.id)
+    .join(patients, studies.c.patient_fk == patients.c.id),
+}
+_TABLE = {"PATIENT": patients, "STUDY": studies, "SERIES": series, "IMAGE": instances}
+_DEPTH = {lvl: i for i, lvl in enumerate(LEVELS)}
+
+
+@dataclass
+class CompiledQuery:
+    statement: Select[Any]
+    attributes: list[Attribute]  # indexed attributes selected, in column order after the id
+
+
+def attributes_for(level: str) -> list[Attribute]:
+    """Indexed attributes visible at a level (the level's own and those above it)."""
+    return [a for a in ATTRIBUTES.values() if _DEPTH[a.level] <= _DEPTH[level]]
+
+
+def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElement | None:
+    table = _TABLE[attr.level]
+    col = table.c[attr.column]
+    norm = table.c.get(attr.column + "_norm")
+    return compile_match(col, attr.vr, attr.keyword, value, column_name=attr.column, norm_col=norm,
+                         fuzzy=q.fuzzy, case_insensitive_pn=pn_ci)
+
+
+def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: bool = True) -> CompiledQuery:
+    level = q.level
+    base = _TABLE[level]
+    cols: list[Any] = [base.c.id]
+    for a in select_attrs:
+        cols.append(_TABLE[a.level].c[a.column].label(f"{a.level}_{a.column}"))
+    stmt = select(*cols).select_from(_JOIN[level])
+    conds: list[ColumnElement] = []
+    lower: dict[str, list[ColumnElement]] = {}
+    for keyword, value in q.filters.items():
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None:
+            continue
+        c = _condition(attr, value, q, pn_case_insensitive)
+        if c is None:
+            continue
+        if _DEPTH[attr.level] > _DEPTH[level]:
+            lower.setdefault(attr.level, []).append(c)
+        else:
+            conds.append(c)
+    for keyword, value in q.sequence_filters.items():
+        attr = REQUEST_ATTRIBUTES.get(keyword)
+        if attr is None:
+            continue
+        c = _condition(attr, value, q, pn_case_insensitive)
+        if c is None:
+            continue
+        if _DEPTH["SERIES"] > _DEPTH[level]:
+            lower.setdefault("SERIES", []).append(c)
+        else:
+            conds.append(c)
+    # keys of a lower level (a relational query): the entity matches if any of its children match
+    for lvl, lconds in lower.items():
+        conds.append(_exists_below(level, lvl, lconds))
+    if q.departments is not None:
+        if level == "PATIENT":
+            conds.append(exists(select(studies.c.id).where(studies.c.patient_fk == patients.c.id,
+                                                          studies.c.department.in_(q.departments))))
+        else:
+            conds.append(studies.c.department.in_(q.departments))
+    if conds:
+        stmt = stmt.where(and_(*conds))
+    stmt = stmt.order_by(base.c.id)
+    if q.limit is not None:
+        stmt = stmt.limit(q.limit)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
+    return CompiledQuery(stmt, select_attrs)
+
+
+def _exists_below(level: str, lower_level: str, conds: list[ColumnElement]) -> ColumnElement:
+    chain = LEVELS[_DEPTH[level] + 1 : _DEPTH[lower_level] + 1]
+    fk = {"STUDY": studies.c.patient_fk, "SERIES": series.c.study_fk, "IMAGE": instances.c.series_fk}
+    parent = _TABLE[level]
+    # inner select walks down from the child of `level` to `lower_level`
+    frm: Any = _TABLE[chain[0]]
+    for prev, nxt in zip(chain, chain[1:], strict=False):
+        frm = frm.join(_TABLE[nxt], fk[nxt] == _TABLE[prev].c.id)
+    return exists(select(_TABLE[chain[0]].c.id).select_from(frm).where(fk[chain[0]] == parent.c.id, *conds))
+
+
+def rows(conn: Any, cq: CompiledQuery) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (entity id, {keyword: stored value}) for each match."""
+    keys = [a.keyword for a in cq.attributes]
+    for r in conn.execute(cq.statement):
+        yield r[0], dict(zip(keys, r[1:], strict=True))

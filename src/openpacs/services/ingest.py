@@ -1,0 +1,238 @@
+"""The one ingest path: C-STORE, STOW-RS, folder import and retrieve-from-remote all end here.
+
+A store is acknowledged only after its blob is durable (file fsync + directory fsync) and its index row committed.
+Concurrent stores share the directory fsyncs and the index transaction: the committer thread takes whatever is
+queued when it finishes the previous batch (group commit), so more load means bigger batches, not weaker durability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..dicom.header import as_text, dataset_offset, file_meta_bytes, index_values, is_valid_uid, read_meta_and_header
+from ..index.db import Index, NewInstance, WriteResult
+from ..storage import BlobStore
+from .types import Source, Status, StoreOutcome
+
+log = logging.getLogger("openpacs.ingest")
+
+MAX_BATCH = 256
+
+
+class IngestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Pending:
+    item: NewInstance
+    future: Future[WriteResult]
+
+
+class IngestService:
+    def __init__(self, settings: Settings, store: BlobStore, index: Index) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._closed = False
+        self._committer = threading.Thread(target=self._commit_loop, name="ingest-committer", daemon=True)
+        self._committer.start()
+
+    # -- entry points ----------------------------------------------------------------------------------------
+    def store_dataset(
+        self,
+        chunks: Sequence[bytes | memoryview],
+        transfer_syntax_uid: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        source: Source,
+    ) -> StoreOutcome:
+        """A data set received over the network (no file meta): prefix the File Meta Information and ingest."""
+        if not is_valid_uid(sop_instance_uid) or not is_valid_uid(sop_class_uid):
+            return self._fail(Status.CANNOT_UNDERSTAND, "invalid Affected SOP Class/Instance UID in the command",
+                              sop_class_uid, sop_instance_uid, source)
+        meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source.calling_aet)
+        return self._ingest([meta, *chunks], source, sop_class_uid, sop_instance_uid, digest=_sha256(chunks))
+
+    def store_file(self, data: bytes | memoryview, source: Source, expected_study_uid: str | None = None) -> StoreOutcome:
+        """A Part 10 file (import, STOW-RS). Stored as given, preamble and meta included."""
+        return self._ingest([data], source, None, None, expected_study_uid)  # digest after parsing the meta
+
+    def delete(self, level: str, uid: str, source: Source) -> int:
+        keys = self.index.delete(level, [uid])
+        for k in keys:
+            self.store.delete(k)
+        if keys:
+            log.info("deleted %s %s (%d instances) for %s", level, uid, len(keys), source.user or source.calling_aet)
+        return len(keys)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._committer.join(timeout=60)
+
+    # -- the path --------------------------------------------------------------------------------------------
+    def _fail(self, status: int, message: str, cls: str | None, sop: str | None, source: Source) -> StoreOutcome:
+        log.warning("store rejected (0x%04X) from %s %s: %s [SOP %s]", status, source.protocol,
+                    source.calling_aet or source.address, message, sop or "?")
+        return StoreOutcome(status=status, message=message, sop_class_uid=cls or "", sop_instance_uid=sop or "")
+
+    def _ingest(
+        self,
+        chunks: list[bytes | memoryview],
+        source: Source,
+        command_class: str | None,
+        command_instance: str | None,
+        expected_study_uid: str | None = None,
+        digest: str | None = None,
+    ) -> StoreOutcome:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            ds = read_meta_and_header(data)
+        except Exception as e:  # pydicom raises many kinds on garbage
+            return self._fail(Status.CANNOT_UNDERSTAND, f"unparsable data set: {e}", command_class, command_instance, source)
+        try:
+            meta = ds.file_meta
+            ts = str(meta.get("TransferSyntaxUID", "") or "")
+            sop = as_text(ds, 0x00080018) or ""
+            cls = as_text(ds, 0x00080016) or ""
+            study = as_text(ds, 0x0020000D) or ""
+            series_uid = as_text(ds, 0x0020000E) or ""
+        except Exception as e:
+            return self._fail(Status.CANNOT_UNDERSTAND, f"unparsable data set: {e}", command_class, command_instance, source)
+        if not ts:
+            return self._fail(Status.CANNOT_UNDERSTAND, "no transfer syntax in file meta", cls, sop, source)
+        for name, value in (("SOP Instance UID", sop), ("SOP Class UID", cls), ("Study Instance UID", study),
+                            ("Series Instance UID", series_uid)):
+            if not value:
+                return self._fail(Status.DATASET_MISMATCH, f"missing {name}", cls, sop, source)
+            if not is_valid_uid(value):
+                return self._fail(Status.DATASET_MISMATCH, f"invalid {name} {value!r}", cls, sop, source)
+        if command_class is not None and cls != command_class:
+            return self._fail(Status.DATASET_MISMATCH, f"SOP Class UID {cls} differs from the command's {command_class}",
+                              cls, sop, source)
+        if command_instance is not None and sop != command_instance:
+            return self._fail(Status.DATASET_MISMATCH,
+                              f"SOP Instance UID {sop} differs from the command's {command_instance}", cls, sop, source)
+        # A File Meta that disagrees with its data set is common in the wild (edited files); the data set wins.
+        if expected_study_uid is not None and study != expected_study_uid:
+            return StoreOutcome(status=0x0110, message=f"instance belongs to study {study}, not {expected_study_uid}",
+                                sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study)
+        outcome = StoreOutcome(status=Status.SUCCESS, sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study)
+
+        if digest is None:
+            digest = _sha256([memoryview(data)[dataset_offset(data):]])
+        policy = self.settings.duplicate_policy
+        existing = self.index.find_instance(sop)
+        if existing is not None:
+            if digest == existing.sha256:
+                outcome.duplicate = True
+                return outcome
+            if policy == "keep-first":
+                return self._duplicate_kept(outcome, source)
+            if policy == "reject":
+                return self._fail(Status.DUPLICATE_REJECTED, "duplicate SOP Instance UID with different content",
+                                  cls, sop, source)
+        try:
+            values = index_values(ds)
+        except Exception as e:
+            return self._fail(Status.CANNOT_UNDERSTAND, f"unreadable attribute: {e}", cls, sop, source)
+        try:
+            blob = self.store.put(chunks)
+        except OSError as e:
+            return self._fail(Status.OUT_OF_RESOURCES, f"storage write failed: {e}", cls, sop, source)
+        item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
+                           transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
+                           replace=policy == "overwrite")
+        try:
+            result = self._commit(item)
+        except Exception as e:
+            self.store.delete(blob.key)
+            log.exception("index write failed for %s", sop)
+            return self._fail(Status.OUT_OF_RESOURCES, f"index write failed: {e}", cls, sop, source)
+        if result.inserted:
+            return outcome
+        if result.replaced:
+            self.store.delete(result.existing_blob_key)
+            return outcome
+        # lost a race with a concurrent store of the same instance
+        self.store.delete(blob.key)
+        if result.existing_sha256 == digest:
+            outcome.duplicate = True
+            return outcome
+        if policy == "reject":
+            return self._fail(Status.DUPLICATE_REJECTED, "duplicate SOP Instance UID with different content", cls, sop, source)
+        return self._duplicate_kept(outcome, source)
+
+    def _duplicate_kept(self, outcome: StoreOutcome, source: Source) -> StoreOutcome:
+        outcome.status = Status.WARNING_DUPLICATE
+        outcome.message = "duplicate SOP Instance UID with different content: the first instance was kept"
+        log.warning("%s from %s: %s", outcome.sop_instance_uid, source.calling_aet or source.address, outcome.message)
+        return outcome
+
+    # -- group commit ----------------------------------------------------------------------------------------
+    def _commit(self, item: NewInstance) -> WriteResult:
+        if self._closed:
+            raise RuntimeError("ingest service is closed")
+        fut: Future[WriteResult] = Future()
+        self._queue.put(_Pending(item, fut))
+        return fut.result()
+
+    def _commit_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit_batch(batch)
+            if stop:
+                return
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            self.store.sync_pending()
+        except Exception as e:
+            for p in batch:
+                p.future.set_exception(e)
+            return
+        try:
+            results = self.index.write_batch([p.item for p in batch])
+        except Exception:
+            # one bad item must not fail its neighbours: index them one by one
+            for p in batch:
+                try:
+                    p.future.set_result(self.index.write_batch([p.item])[0])
+                except Exception as e:
+                    p.future.set_exception(e)
+        else:
+            for p, r in zip(batch, results, strict=True):
+                p.future.set_result(r)
+
+
+def _sha256(chunks: Sequence[bytes | memoryview]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()

@@ -1,0 +1,266 @@
+"""The one query engine: C-FIND, QIDO-RS, the console and the REST API all come here.
+
+Indexed attributes are matched in SQL (index.query); keys the index does not hold are matched and returned from the
+stored header of the entity's first instance, so every attribute of the data set is queryable, just slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.sequence import Sequence as DicomSequence
+from sqlalchemy import select
+
+from ..config import Settings
+from ..dicom.header import as_text, read_header
+from ..index.db import Index
+from ..index.matching import MatchError
+from ..index.query import attributes_for, compile_query, rows
+from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
+from ..storage import BlobStore
+from .types import Level, Query, Status
+
+log = logging.getLogger("openpacs.query")
+
+LEVEL_OF_MODEL = {"PATIENT": ("PATIENT", "STUDY", "SERIES", "IMAGE"), "STUDY": ("STUDY", "SERIES", "IMAGE")}
+IGNORED_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+REQUEST_ATTRIBUTES_SEQUENCE = "RequestAttributesSequence"
+
+
+class QueryError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def keyword_of(key: str) -> str:
+    """A keyword from a keyword or an 8-hex-digit tag ('00100010' -> 'PatientName'); private tags stay hex."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+        kw = keyword_for_tag(int(key, 16))
+        return kw or key.upper()
+    if tag_for_keyword(key) is None:
+        raise QueryError(Status.CANNOT_UNDERSTAND, f"unknown attribute {key!r}")
+    return key
+
+
+@lru_cache(maxsize=4096)
+def _tag_vr(key: str) -> tuple[int, str]:
+    tag = int(key, 16) if re.fullmatch(r"[0-9A-F]{8}", key) else tag_for_keyword(key)
+    if tag is None:
+        raise QueryError(Status.CANNOT_UNDERSTAND, f"unknown attribute {key!r}")
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "UN"
+    return tag, vr.split(" or ")[0]
+
+
+def _wild_regex(value: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value) + r"\Z", re.S)
+
+
+def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True) -> bool:
+    """PS3.4 matching of one key against a value read from a stored header (keys the index does not hold)."""
+    query = query.strip()
+    if query in ("", "*"):
+        return True
+    if stored is None:
+        return False
+    values = stored.split("\\") if stored else [""]
+    if vr == "PN" and pn_ci:
+        query, values = query.upper(), [v.upper() for v in values]
+    alternatives = query.split("\\") if vr != "PN" else [query]
+    for alt in alternatives:
+        if vr in ("DA", "TM", "DT") and "-" in alt:
+            lo, _, hi = alt.partition("-")
+            if any(v and (not lo or v >= lo) and (not hi or v <= hi + ("\uffff" if vr != "DA" else "")) for v in values):
+                return True
+        elif "*" in alt or "?" in alt:
+            rx = _wild_regex(alt)
+            if any(rx.match(v) for v in values):
+                return True
+        elif alt in values:
+            return True
+    return False
+
+
+class QueryService:
+    def __init__(self, settings: Settings, store: BlobStore, index: Index) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+
+    # -- building queries ------------------------------------------------------------------------------------
+    def from_identifier(self, identifier: Dataset, model: str) -> Query:
+        """A C-FIND identifier (PS3.4 C.4.1) as a Query; raises QueryError with the status to answer."""
+        level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        if level not in LEVEL_OF_MODEL.get(model, ()):
+            raise QueryError(Status.IDENTIFIER_MISMATCH,
+                             f"Query/Retrieve Level {level!r} is not valid for the {model.title()} Root model")
+        q = Query(level=level, patient_root=model == "PATIENT")  # type: ignore[arg-type]
+        q.return_keys.append("QueryRetrieveLevel")
+        for elem in identifier:
+            kw = elem.keyword or f"{elem.tag:08X}"
+            if kw in IGNORED_KEYS or elem.tag.group == 0x0002:
+                continue
+            if elem.VR == "SQ":
+                if kw == REQUEST_ATTRIBUTES_SEQUENCE and elem.value:
+                    for sub in elem.value[0]:
+                        v = as_text(elem.value[0], sub.tag) or ""
+                        if sub.keyword in REQUEST_ATTRIBUTES and v:
+                            q.sequence_filters[sub.keyword] = v
+                q.return_keys.append(kw)
+                continue
+            try:
+                value = as_text(identifier, elem.tag) or ""
+            except Exception as e:
+                raise QueryError(Status.CANNOT_UNDERSTAND, f"unreadable value for {kw}: {e}") from e
+            q.filters[kw] = value
+        return q
+
+    # -- running queries -------------------------------------------------------------------------------------
+    def find(self, query: Query, cancelled: Callable[[], bool] | None = None) -> Iterator[Dataset]:
+        """Matching entities as Datasets holding the requested keys (plus the level's defaults for include_all)."""
+        level = query.level
+        visible = attributes_for(level)
+        requested: list[str] = []
+        for k in [*query.filters.keys(), *query.return_keys]:
+            if k not in requested:
+                requested.append(k)
+        if query.include_all:
+            for a in visible:
+                if a.keyword not in requested:
+                    requested.append(a.keyword)
+        # which requested keys live in the index at this level, which must come from a stored header
+        indexed = {a.keyword: a for a in visible}
+        header_keys = [k for k in requested if k not in indexed and k not in ("QueryRetrieveLevel", REQUEST_ATTRIBUTES_SEQUENCE)]
+        header_filters = {k: v for k, v in query.filters.items() if k in header_keys and v.strip() not in ("", "*")}
+        for k in query.filters:
+            if k in ATTRIBUTES and k not in indexed and ATTRIBUTES[k].computed is False:
+                # a key of a lower level: matched in SQL through EXISTS, returned from a representative header
+                header_filters.pop(k, None)
+        select_attrs = [indexed[k] for k in requested if k in indexed]
+        select_attrs_all = list(select_attrs)
+        if REQUEST_ATTRIBUTES_SEQUENCE in requested and level in ("SERIES", "IMAGE"):
+            select_attrs_all += list(REQUEST_ATTRIBUTES.values())
+        sql_query = query
+        if header_filters and (query.limit is not None or query.offset):
+            # paging must count only entities that also pass the in-memory filters
+            sql_query = Query(**{**query.__dict__, "limit": None, "offset": 0})
+        try:
+            cq = compile_query(sql_query, select_attrs_all, self.settings.pn_case_insensitive)
+        except MatchError as e:
+            raise QueryError(Status.IDENTIFIER_MISMATCH, str(e)) from e
+        skipped = 0
+        produced = 0
+        with self.index.engine.connect() as conn:
+            result_rows = list(rows(conn, cq)) if header_keys else None
+            iterator = iter(result_rows) if result_rows is not None else rows(conn, cq)
+            blob_of = self._representative_blobs(conn, level, [r[0] for r in result_rows]) if result_rows else {}
+            for entity_id, values in iterator:
+                if cancelled is not None and cancelled():
+                    return
+                header = None
+                if header_keys:
+                    key = blob_of.get(entity_id)
+                    header = self._header(key, header_keys) if key else Dataset()
+                    if header_filters and not all(
+                        match_in_memory(_tag_vr(k)[1], v, as_text(header, _tag_vr(k)[0]), self.settings.pn_case_insensitive)
+                        for k, v in header_filters.items()
+                    ):
+                        continue
+                    if sql_query is not query:
+                        if skipped < query.offset:
+                            skipped += 1
+                            continue
+                        if query.limit is not None and produced >= query.limit:
+                            return
+                produced += 1
+                yield self._dataset(query, requested, indexed, values, header)
+
+    def _representative_blobs(self, conn: Any, level: str, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        out: dict[int, str] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            if level == "IMAGE":
+                stmt = select(instances.c.id, instances.c.blob_key).where(instances.c.id.in_(chunk))
+            elif level == "SERIES":
+                stmt = select(instances.c.series_fk, instances.c.blob_key).where(instances.c.series_fk.in_(chunk))
+            elif level == "STUDY":
+                stmt = (select(series.c.study_fk, instances.c.blob_key)
+                        .select_from(instances.join(series, instances.c.series_fk == series.c.id))
+                        .where(series.c.study_fk.in_(chunk)))
+            else:
+                stmt = (select(studies.c.patient_fk, instances.c.blob_key)
+                        .select_from(instances.join(series, instances.c.series_fk == series.c.id)
+                                     .join(studies, series.c.study_fk == studies.c.id))
+                        .where(studies.c.patient_fk.in_(chunk)))
+            for eid, key in conn.execute(stmt):
+                out.setdefault(eid, key)
+        return out
+
+    def _header(self, blob_key: str, keys: list[str]) -> Dataset:
+        try:
+            data = self.store.read(blob_key, 0, 1 << 20)
+            return read_header(data, [_tag_vr(k)[0] for k in keys] + [0x00080005])
+        except Exception as e:  # a damaged blob must not fail a whole query
+            log.warning("cannot read header of blob %s: %s", blob_key, e)
+            return Dataset()
+
+    def _dataset(self, query: Query, requested: list[str], indexed: dict[str, Any], values: dict[str, Any],
+                 header: Dataset | None) -> Dataset:
+        ds = Dataset()
+        non_ascii = False
+        for k in requested:
+            if k == "QueryRetrieveLevel":
+                ds.QueryRetrieveLevel = query.level
+                continue
+            if k == REQUEST_ATTRIBUTES_SEQUENCE:
+                ds.RequestAttributesSequence = self._request_attributes(values, query)
+                continue
+            tag, vr = _tag_vr(k)
+            if k in indexed:
+                v = values.get(k)
+                if v is None:
+                    v = None
+                elif vr in ("IS", "US", "UL", "SS", "SL"):
+                    v = int(v) if str(v).lstrip("-").isdigit() else (None if v == "" else v)
+                else:
+                    v = str(v)
+                    if not v.isascii():
+                        non_ascii = True
+                if isinstance(v, str) and "\\" in v and vr in ("CS", "UI", "LO", "SH", "PN", "DS", "IS"):
+                    ds.add(DataElement(tag, vr, v.split("\\")))
+                else:
+                    ds.add(DataElement(tag, vr, v))
+            elif header is not None and tag in header:
+                elem = header[tag]
+                ds.add(elem)
+                if isinstance(elem.value, str) and not elem.value.isascii():
+                    non_ascii = True
+            else:
+                ds.add(DataElement(tag, vr, None if vr != "SQ" else DicomSequence()))
+        if non_ascii:
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        return ds
+
+    def _request_attributes(self, values: dict[str, Any], query: Query) -> DicomSequence:
+        if query.level not in ("SERIES", "IMAGE"):
+            return DicomSequence()
+        item = Dataset()
+        for kw in REQUEST_ATTRIBUTES:
+            item.add(DataElement(tag_for_keyword(kw), "SH", values.get(kw) or None))
+        return DicomSequence([item])
+
+    def count(self, query: Query) -> int:
+        return sum(1 for _ in self.find(query))

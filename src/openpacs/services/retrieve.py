@@ -1,0 +1,106 @@
+"""Retrieve: which stored instances a C-MOVE / C-GET / WADO request names, and their bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydicom import Dataset
+from sqlalchemy import select
+
+from ..config import Settings
+from ..dicom.header import as_text, dataset_offset
+from ..index.db import Index
+from ..index.matching import MatchError
+from ..index.query import _JOIN
+from ..index.schema import instances, patients, series, studies
+from ..storage import BlobStore
+from .query import LEVEL_OF_MODEL, QueryError
+from .types import InstanceRef, Status
+
+_UNIQUE = {
+    "PATIENT": ("PatientID", patients.c.patient_id),
+    "STUDY": ("StudyInstanceUID", studies.c.study_instance_uid),
+    "SERIES": ("SeriesInstanceUID", series.c.series_instance_uid),
+    "IMAGE": ("SOPInstanceUID", instances.c.sop_instance_uid),
+}
+_ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+class RetrieveService:
+    def __init__(self, settings: Settings, store: BlobStore, index: Index) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+
+    def _select(self):  # type: ignore[no-untyped-def]
+        return select(
+            studies.c.study_instance_uid, series.c.series_instance_uid, instances.c.sop_instance_uid,
+            instances.c.sop_class_uid, instances.c.transfer_syntax_uid, instances.c.blob_key, instances.c.size_bytes,
+            instances.c.sha256,
+        ).select_from(_JOIN["IMAGE"])
+
+    def _refs(self, stmt) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
+        stmt = stmt.order_by(studies.c.id, series.c.id, instances.c.id)
+        with self.index.engine.connect() as conn:
+            return [InstanceRef(*r) for r in conn.execute(stmt)]
+
+    def resolve(self, identifier: Dataset, model: str, departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
+        """Instances named by a C-MOVE/C-GET identifier: unique keys at the level and above (PS3.4 C.4.2.2.1)."""
+        level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+        if level not in LEVEL_OF_MODEL.get(model, ()):
+            raise QueryError(Status.IDENTIFIER_MISMATCH, f"Query/Retrieve Level {level!r} invalid for {model} Root")
+        stmt = self._select()
+        constrained = False
+        for lvl in _ORDER[: _ORDER.index(level) + 1]:
+            keyword, col = _UNIQUE[lvl]
+            value = (as_text(identifier, _tag(keyword)) or "").strip()
+            if not value:
+                if lvl == level:
+                    raise QueryError(Status.IDENTIFIER_MISMATCH, f"{keyword} is required at the {level} level")
+                continue
+            if "*" in value or "?" in value:
+                raise QueryError(Status.IDENTIFIER_MISMATCH, f"{keyword}: wildcards are not allowed in a retrieve")
+            values = [v.strip() for v in value.split("\\") if v.strip()]
+            if lvl == "PATIENT" and len(values) > 1:
+                raise QueryError(Status.IDENTIFIER_MISMATCH, "PatientID takes a single value")
+            stmt = stmt.where(col.in_(values))
+            constrained = True
+        if not constrained:
+            raise QueryError(Status.IDENTIFIER_MISMATCH, "no unique key in the identifier")
+        if departments is not None:
+            stmt = stmt.where(studies.c.department.in_(departments))
+        try:
+            return self._refs(stmt)
+        except MatchError as e:
+            raise QueryError(Status.IDENTIFIER_MISMATCH, str(e)) from e
+
+    def list_instances(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
+                       departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
+        stmt = self._select().where(studies.c.study_instance_uid == study_uid)
+        if series_uid is not None:
+            stmt = stmt.where(series.c.series_instance_uid == series_uid)
+        if sop_uid is not None:
+            stmt = stmt.where(instances.c.sop_instance_uid == sop_uid)
+        if departments is not None:
+            stmt = stmt.where(studies.c.department.in_(departments))
+        return self._refs(stmt)
+
+    def read_file(self, ref: InstanceRef) -> bytes:
+        """The Part 10 file exactly as stored."""
+        return self.store.read(ref.blob_key)
+
+    def stream_file(self, ref: InstanceRef, chunk: int = 1 << 20) -> Iterator[bytes]:
+        return self.store.stream(ref.blob_key, chunk=chunk)
+
+    def read_dataset(self, ref: InstanceRef) -> tuple[memoryview, str]:
+        """The data set without File Meta Information (what a C-STORE sub-operation sends), and its syntax."""
+        data = self.store.read(ref.blob_key)
+        return memoryview(data)[dataset_offset(data):], ref.transfer_syntax_uid
+
+
+def _tag(keyword: str) -> int:
+    from pydicom.datadict import tag_for_keyword
+
+    t = tag_for_keyword(keyword)
+    assert t is not None
+    return t

@@ -1,0 +1,51 @@
+"""Integration fixtures: the OpenPACS server (SQLite and PostgreSQL index) on free ports, plus a DCMTK storescp known
+to the server as the C-MOVE destination DESTSCP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import dcmtk
+from helpers.server import OpenPACSServer
+
+BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
+
+
+def make_server(request, base: Path, backend: str, **kwargs) -> OpenPACSServer:
+    """A not-yet-started server on `backend`; PostgreSQL gets a fresh database of the session cluster."""
+    index_url = None
+    if backend == "postgresql":
+        index_url = request.getfixturevalue("pg_cluster").create_database()
+    return OpenPACSServer(base / "data", index_url=index_url, **kwargs)
+
+
+def stop_cleanly(server: OpenPACSServer) -> None:
+    if server.proc is None or not server.running:
+        if server.proc is not None and server.proc.returncode not in (0, None) and server.starts:
+            raise AssertionError(f"server died with {server.proc.returncode}:\n{server.log_tail()}")
+        return
+    code = server.stop()
+    assert code == 0, f"openpacs serve exited with {code} on SIGTERM:\n{server.log_tail()}"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def storescp(require_dcmtk, tmp_path_factory):
+    scp = dcmtk.StoreSCP(tmp_path_factory.mktemp("destscp") / "received", aet="DESTSCP").start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def server(request, backend, storescp, require_dcmtk, tmp_path_factory) -> OpenPACSServer:
+    """One running server per test module and backend, with DESTSCP (the storescp fixture) as a C-MOVE destination."""
+    base = tmp_path_factory.mktemp(f"openpacs-{backend}")
+    srv = make_server(request, base, backend, remote_aes={"DESTSCP": ("DESTSCP", "127.0.0.1", storescp.port)})
+    srv.start()
+    yield srv
+    stop_cleanly(srv)
