@@ -293,3 +293,48 @@ def build_query_dataset(directory: Path, prefix: str = "") -> QueryDataSet:
                     inst.path = write_part10(ds, directory / f"{inst.uid}.dcm")
                     files.append(inst.path)
     return QueryDataSet(patients, files)
+
+
+@dataclass
+class ConformanceFile:
+    name: str
+    description: str
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    study_uid: str
+    series_uid: str
+
+
+def prepare_conformance_files(directory: Path) -> list[ConformanceFile]:
+    """The CONFORMANCE_FILES plus a synthetic RTSTRUCT. Files are used as shipped unless they repeat another file's SOP
+    Instance UID or lack Study/Series/SOP UIDs: those are rewritten (same transfer syntax) with fresh UIDs."""
+    out: list[ConformanceFile] = []
+    seen: set[str] = set()
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [(n, d, Path(testdata_file(n))) for n, d in CONFORMANCE_FILES]
+    entries.append(("rtstruct (synthetic)", "RT structure set", write_rtstruct(directory / "rtstruct.dcm")))
+    for name, desc, path in entries:
+        ds = pydicom.dcmread(path)
+        changed = False
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(kw):
+                setattr(ds, kw, generate_uid())
+                changed = True
+        if not ds.get("PatientID"):
+            ds.PatientID = "CONF-" + name.split(".")[0][:40]
+            changed = True
+        if not ds.get("SOPInstanceUID") or str(ds.SOPInstanceUID) in seen:
+            ds.SOPInstanceUID = generate_uid()
+            changed = True
+        if changed:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = directory / f"rewritten-{name}"
+            ds.save_as(path, enforce_file_format=True)
+            ds = pydicom.dcmread(path)
+        seen.add(str(ds.SOPInstanceUID))
+        out.append(ConformanceFile(name, desc, path, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                   str(ds.file_meta.TransferSyntaxUID), str(ds.StudyInstanceUID),
+                                   str(ds.SeriesInstanceUID)))
+    return out
