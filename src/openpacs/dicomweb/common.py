@@ -1,0 +1,184 @@
+"""Shared DICOMweb plumbing: content negotiation, error responses, URLs, the request's Source, and the rights hook."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..services.types import Source
+from .multipart import parse_media_type
+
+log = logging.getLogger("openpacs.dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+JSON = "application/json"
+
+
+class DicomWebError(Exception):
+    """Raised by route helpers; turned into an error response by :func:`error_response`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def warning_header(text: str) -> str:
+    """An RFC 7234 Warning header value (299 = miscellaneous persistent warning), as PS3.18 8.3.5.1 uses."""
+    clean = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
+    return f'299 openpacs "{clean[:900]}"'
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """A readable error: JSON body ``{"error": ..., "status": ...}`` plus the reason in a Warning header."""
+    h = {"Warning": warning_header(message)}
+    if headers:
+        h.update(headers)
+    return JSONResponse({"status": status, "error": message}, status_code=status, headers=h)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Content negotiation (RFC 9110 12.5.1 with PS3.18 8.7: the ``accept`` query parameter overrides the header)
+
+
+def parse_accept(value: str) -> list[tuple[str, dict[str, str], float]]:
+    """``Accept`` as (media range, parameters, q) in the client's order; unparsable q counts as 1."""
+    out: list[tuple[str, dict[str, str], float]] = []
+    for item in _split_commas(value):
+        media, params = parse_media_type(item)
+        if not media:
+            continue
+        q = 1.0
+        if "q" in params:
+            try:
+                q = float(params.pop("q"))
+            except ValueError:
+                q = 1.0
+        out.append((media, params, q))
+    return out
+
+
+def _split_commas(value: str) -> Iterable[str]:
+    """Split on commas outside quoted strings (a ``type="a,b"`` parameter must not be cut)."""
+    buf: list[str] = []
+    quoted = False
+    for c in value:
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            yield "".join(buf)
+            buf = []
+        else:
+            buf.append(c)
+    if buf:
+        yield "".join(buf)
+
+
+def accept_values(request: Request) -> str:
+    q = request.query_params.getlist("accept")
+    if q:
+        return ",".join(q)
+    return request.headers.get("accept", "") or "*/*"
+
+
+def negotiate(request: Request, offered: list[str]) -> str | None:
+    """The first of ``offered`` (server preference) acceptable with the highest q; None if nothing is."""
+    ranges = parse_accept(accept_values(request))
+    if not ranges:
+        return offered[0]
+    best: tuple[float, int] | None = None
+    choice: str | None = None
+    for i, media in enumerate(offered):
+        mtype, msub = media.split("/", 1)
+        q_for: float | None = None
+        specificity = -1
+        for rng, _params, q in ranges:
+            rtype, _, rsub = rng.partition("/")
+            if rng == media:
+                spec = 2
+            elif rtype == mtype and rsub == "*":
+                spec = 1
+            elif rng == "*/*" or rng == "*":
+                spec = 0
+            else:
+                continue
+            if spec > specificity:
+                specificity, q_for = spec, q
+        if q_for is None or q_for <= 0:
+            continue
+        key = (q_for, -i)
+        if best is None or key > best:
+            best, choice = key, media
+    return choice
+
+
+def negotiate_json(request: Request) -> str:
+    """application/dicom+json (default) or application/json; else 406."""
+    choice = negotiate(request, [DICOM_JSON, JSON])
+    if choice is None:
+        raise DicomWebError(
+            406, f"none of the accepted media types ({accept_values(request)}) can be produced; use {DICOM_JSON}"
+        )
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# URLs and request context
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def check_uid(uid: str) -> str:
+    """A UID from a resource path: digits and dots only, so it can never act as a wildcard or a list."""
+    if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+        raise DicomWebError(400, f"invalid UID {uid[:80]!r} in the resource path")
+    return uid
+
+
+def service_root(request: Request) -> str:
+    """The absolute URL of the DICOMweb root this request came through, without a trailing slash.
+
+    ``root_path`` holds the mount point (``/dicom-web``) and any proxy prefix; ``base_url`` does not (Starlette keeps
+    the application's root there)."""
+    url = request.url
+    return f"{url.scheme}://{url.netloc}{request.scope.get('root_path', '')}".rstrip("/")
+
+
+def study_url(root: str, study: str) -> str:
+    return f"{root}/studies/{study}"
+
+
+def series_url(root: str, study: str, series: str) -> str:
+    return f"{root}/studies/{study}/series/{series}"
+
+
+def instance_url(root: str, study: str, series: str, sop: str) -> str:
+    return f"{root}/studies/{study}/series/{series}/instances/{sop}"
+
+
+def request_source(request: Request) -> Source:
+    client = request.client
+    user = ""
+    scope_user = request.scope.get("user")
+    if scope_user is not None and getattr(scope_user, "is_authenticated", False):
+        user = str(getattr(scope_user, "display_name", "") or getattr(scope_user, "identity", "") or "")
+    return Source(protocol="DICOMWEB", address=f"{client.host}:{client.port}" if client else "", user=user)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rights: the security issue replaces these hooks with real checks (roles, departments, audit).
+
+
+def authorize_delete(request: Request, level: str, uid: str) -> None:
+    """Hook: may this request delete this entity? Raise DicomWebError(403, ...) to refuse. Permits all for now."""
+    return None
+
+
+def authorize_store(request: Request) -> None:
+    """Hook: may this request store (STOW-RS)? Raise DicomWebError(403, ...) to refuse. Permits all for now."""
+    return None

@@ -1,0 +1,266 @@
+"""QIDO-RS (PS3.18 10.6): search parameters become a services.types.Query for the one query engine; results become
+DICOM JSON with RetrieveURLs. No matching happens here.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..context import Context
+from ..dicom.json import dataset_to_json, dumps
+from ..services.query import QueryError, keyword_of
+from ..services.types import Level, Query
+from .common import DicomWebError, check_uid, error_response, log, negotiate_json, service_root, warning_header
+
+# PS3.18 Table 10.6.1-5: attributes every result carries at each level (and the levels above for the "all" resources).
+# InstanceAvailability and RetrieveURL are added here; TimezoneOffsetFromUTC is not kept by the index.
+STUDY_DEFAULTS = [
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDescription",  # not in the table, but every viewer's study list shows it
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+]
+SERIES_DEFAULTS = [
+    "Modality",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "RequestAttributesSequence",
+    "StudyInstanceUID",  # to build the RetrieveURL
+]
+INSTANCE_DEFAULTS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "NumberOfFrames",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+]
+
+# The parameters of PS3.18 8.3.4 that are not attribute matches.
+RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "accept", "charset", "emptyresultstatus"}
+SEQUENCE_KEYS = {"RequestAttributesSequence"}
+# PS3.18 8.3.4.4.1 / Table 14.4.3-1: no matching results is 204 (No Content). CP-2473 proposes 200 with an empty
+# payload; the ``emptyresultstatus=200`` parameter (ours) gives that to clients that need it now.
+EMPTY_RESULT_STATUS = 204
+MAX_LIMIT = 10_000  # one response never holds more than this; the Warning header says when results were cut
+
+_TAG_RE = re.compile(r"[0-9A-Fa-f]{8}")
+_INT_RE = re.compile(r"\d{1,9}")
+
+
+def _keyword(key: str) -> str:
+    try:
+        return keyword_of(key)
+    except QueryError as e:
+        raise DicomWebError(
+            400, f"unknown attribute {key!r} in the query (use a DICOM keyword or 8-hex-digit tag)"
+        ) from e
+
+
+def _int_param(name: str, value: str) -> int:
+    if not _INT_RE.fullmatch(value.strip()):
+        raise DicomWebError(400, f"{name} must be a non-negative integer, not {value!r}")
+    return int(value)
+
+
+def _vr(keyword: str) -> str:
+    tag = int(keyword, 16) if _TAG_RE.fullmatch(keyword) else tag_for_keyword(keyword)
+    try:
+        return dictionary_VR(tag).split(" or ")[0] if tag is not None else "UN"
+    except KeyError:
+        return "UN"
+
+
+def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Query, list[str], int | None]:
+    """Query, warnings for the Warning header, and the server-side cap applied (None if the client set a limit)."""
+    q = Query(level=level)
+    warnings: list[str] = []
+    seen: dict[str, str] = {}
+    includes: list[str] = []
+    for raw_key, value in request.query_params.multi_items():
+        key = raw_key.strip()
+        lkey = key.lower()
+        if lkey in RESERVED:
+            if lkey == "limit":
+                q.limit = _int_param("limit", value)
+            elif lkey == "offset":
+                q.offset = _int_param("offset", value)
+            elif lkey == "fuzzymatching":
+                v = value.strip().lower()
+                if v not in ("true", "false"):
+                    raise DicomWebError(400, f"fuzzymatching must be true or false, not {value!r}")
+                q.fuzzy = v == "true"
+            elif lkey == "includefield":
+                includes += [f.strip() for f in value.split(",") if f.strip()]
+            continue
+        if not key:
+            raise DicomWebError(400, "empty query parameter name")
+        if "." in key:  # a sequence attribute path: only RequestAttributesSequence items are matched
+            seq, _, sub = key.partition(".")
+            seq_kw, sub_kw = _keyword(seq), _keyword(sub)
+            if seq_kw in SEQUENCE_KEYS and "." not in sub:
+                q.sequence_filters[sub_kw] = value
+                if seq_kw not in q.return_keys:
+                    q.return_keys.append(seq_kw)
+            else:
+                warnings.append(f"matching on {key} is not supported and was ignored")
+            continue
+        kw = _keyword(key)
+        if kw in seen:
+            if _vr(kw) != "UI":
+                raise DicomWebError(400, f"{key} given more than once (only UID attributes take a list)")
+            value = seen[kw] + "\\" + value
+        seen[kw] = value
+    for k, v in seen.items():
+        if _vr(k) == "SQ":
+            if k not in q.return_keys:
+                q.return_keys.append(k)
+            if v:
+                warnings.append(f"matching on the sequence {k} is not supported and was ignored")
+            continue
+        q.filters[k] = v
+    for k, v in path.items():  # the resource path wins over any same key in the query
+        q.filters[k] = v
+    for f in includes:
+        if f.lower() == "all":
+            q.include_all = True
+            continue
+        if "." in f:
+            seq = _keyword(f.partition(".")[0])
+            if seq not in q.return_keys:
+                q.return_keys.append(seq)
+            continue
+        kw = _keyword(f)
+        if kw not in q.return_keys and kw not in q.filters:
+            q.return_keys.append(kw)
+    for k in _defaults(level, path):
+        if k not in q.return_keys and k not in q.filters:
+            q.return_keys.append(k)
+    cap: int | None = None
+    if q.limit is None or q.limit > MAX_LIMIT:
+        if q.limit is not None:
+            warnings.append(f"limit reduced to the maximum of {MAX_LIMIT}")
+        cap = MAX_LIMIT
+        q.limit = MAX_LIMIT + 1  # one more tells whether results were cut
+    return q, warnings, cap
+
+
+def _defaults(level: Level, path: dict[str, str]) -> list[str]:
+    if level == "STUDY":
+        return STUDY_DEFAULTS
+    if level == "SERIES":
+        return SERIES_DEFAULTS if "StudyInstanceUID" in path else STUDY_DEFAULTS + SERIES_DEFAULTS
+    if "SeriesInstanceUID" in path:
+        return INSTANCE_DEFAULTS
+    if "StudyInstanceUID" in path:
+        return SERIES_DEFAULTS + INSTANCE_DEFAULTS
+    return STUDY_DEFAULTS + SERIES_DEFAULTS + INSTANCE_DEFAULTS
+
+
+_AVAILABILITY = 0x00080056
+_RETRIEVE_URL = 0x00081190
+
+
+def _complete(ds: Dataset, level: Level, root: str) -> None:
+    """Add InstanceAvailability and RetrieveURL (PS3.18 Table 10.6.1-5)."""
+    study = ds.get("StudyInstanceUID", "")
+    if level == "STUDY":
+        url = f"{root}/studies/{study}"
+    elif level == "SERIES":
+        url = f"{root}/studies/{study}/series/{ds.get('SeriesInstanceUID', '')}"
+    else:
+        url = (
+            f"{root}/studies/{study}/series/{ds.get('SeriesInstanceUID', '')}/instances/{ds.get('SOPInstanceUID', '')}"
+        )
+    if level != "SERIES":
+        ds.add(DataElement(_AVAILABILITY, "CS", "ONLINE"))
+    ds.add(DataElement(_RETRIEVE_URL, "UR", url))
+
+
+def run_search(ctx: Context, q: Query, level: Level, root: str, cap: int | None) -> tuple[list[dict[str, Any]], bool]:
+    out: list[dict[str, Any]] = []
+    more = False
+    for ds in ctx.query.find(q):
+        if cap is not None and len(out) >= cap:
+            more = True
+            break
+        _complete(ds, level, root)
+        out.append(dataset_to_json(ds))
+    return out, more
+
+
+def _handler(level: Level, path_keys: dict[str, str]):  # type: ignore[no-untyped-def]
+    async def search(request: Request) -> Response:
+        t0 = time.perf_counter()
+        ctx: Context = request.app.state.ctx
+        try:
+            media = negotiate_json(request)
+            path = {kw: check_uid(request.path_params[p]) for p, kw in path_keys.items()}
+            q, warnings, cap = build_query(request, level, path)
+            results, more = await run_in_threadpool(run_search, ctx, q, level, service_root(request), cap)
+        except DicomWebError as e:
+            return error_response(e.status, e.message, e.headers)
+        except QueryError as e:
+            return error_response(400, e.message)
+        headers: dict[str, str] = {}
+        if more:
+            warnings.append("there are additional results that can be requested (use limit and offset)")
+        if warnings:
+            headers["Warning"] = ", ".join(warning_header(w) for w in warnings)
+        log.debug(
+            "QIDO %s %s -> %d results in %.1f ms",
+            level,
+            request.url.query,
+            len(results),
+            (time.perf_counter() - t0) * 1000,
+        )
+        if not results:
+            status = EMPTY_RESULT_STATUS
+            if request.query_params.get("emptyresultstatus") == "200":
+                status = 200
+            if status == 204:
+                return Response(status_code=204, headers=headers)
+            return Response(b"[]", status_code=200, media_type=media, headers=headers)
+        return Response(dumps(results), media_type=media, headers=headers)
+
+    return search
+
+
+def routes(ctx: Context) -> list[Route]:
+    study = {"study": "StudyInstanceUID"}
+    study_series = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
+    return [
+        Route("/studies", _handler("STUDY", {}), methods=["GET"]),
+        Route("/series", _handler("SERIES", {}), methods=["GET"]),
+        Route("/instances", _handler("IMAGE", {}), methods=["GET"]),
+        Route("/studies/{study}/series", _handler("SERIES", study), methods=["GET"]),
+        Route("/studies/{study}/instances", _handler("IMAGE", study), methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances", _handler("IMAGE", study_series), methods=["GET"]),
+    ]

@@ -1,0 +1,307 @@
+"""STOW-RS (PS3.18 10.5) through the one ingest path, and DELETE of studies / series / instances.
+
+The request body is parsed as it streams in; each part is handed to ``ingest.store_file`` in a worker thread as soon as
+it is complete, several at once (ingest group-commits concurrent stores), under a bound on parts and bytes in flight.
+The answer is sent only when every part's store has returned, i.e. is durable.
+
+Response status (PS3.18 Table 10.5.3-1): 200 all stored; 202 some stored with failures or warnings; 409 none stored;
+400 unparsable request; 413 over a size limit; 415 unsupported media type or content coding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..context import Context
+from ..dicom.json import dumps
+from ..services.query import QueryError
+from ..services.types import Query, StoreOutcome
+from . import multipart as mp
+from .common import (
+    DICOM_JSON,
+    DicomWebError,
+    authorize_delete,
+    authorize_store,
+    check_uid,
+    error_response,
+    instance_url,
+    negotiate_json,
+    request_source,
+    service_root,
+    study_url,
+    warning_header,
+)
+from .multipart import MultipartError, MultipartParser, decoded_body, iter_parts, parse_media_type
+
+log = logging.getLogger("openpacs.dicomweb.stow")
+
+# Parts stored concurrently by one request, and the bytes they may hold (a part larger than the budget runs alone).
+STORE_CONCURRENCY = 8
+INFLIGHT_BYTES = 256 << 20
+
+PROCESSING_FAILURE = 0x0110
+CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700
+
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_RETRIEVE_URL = "00081190"
+_REFERENCED_SOP_CLASS = "00081150"
+_REFERENCED_SOP_INSTANCE = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+
+
+@dataclass
+class PartResult:
+    index: int
+    outcome: StoreOutcome
+
+
+class _Budget:
+    """At most ``count`` stores and ``limit`` bytes in flight."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        self.count, self.limit = count, limit
+        self.n = 0
+        self.used = 0
+        self.cond = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.n == 0 or (self.n < self.count and self.used + size <= self.limit))
+            self.n += 1
+            self.used += size
+
+    async def release(self, size: int) -> None:
+        async with self.cond:
+            self.n -= 1
+            self.used -= size
+            self.cond.notify_all()
+
+
+def _limits(ctx: Context) -> tuple[int, int]:
+    s = ctx.settings
+    return (
+        int(getattr(s, "stow_max_part_bytes", 0) or mp.MAX_PART_BYTES),
+        int(getattr(s, "stow_max_body_bytes", 0) or mp.MAX_BODY_BYTES),
+    )
+
+
+def _store(ctx: Context, data: bytes, source: Any, study: str | None) -> StoreOutcome:
+    try:
+        return ctx.ingest.store_file(data, source, expected_study_uid=study)
+    except OSError as e:
+        status = OUT_OF_RESOURCES if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM) else PROCESSING_FAILURE
+        log.exception("STOW store failed")
+        return StoreOutcome(status=status, message=str(e))
+    except Exception as e:  # a bug must fail this part, not the request or the server
+        log.exception("STOW store failed")
+        return StoreOutcome(status=PROCESSING_FAILURE, message=f"{type(e).__name__}: {e}")
+
+
+async def _receive(
+    request: Request, ctx: Context, study: str | None
+) -> tuple[list[StoreOutcome], MultipartError | None]:
+    """Store every part; returns outcomes in part order and the framing error that ended the body early, if any."""
+    media, params = parse_media_type(request.headers.get("content-type"))
+    if media != "multipart/related":
+        raise MultipartError(
+            415, f'STOW-RS takes multipart/related; type="application/dicom", not {media or "nothing"!r}'
+        )
+    root_type = params.get("type", "").strip().lower()
+    if root_type not in ("", "application/dicom"):
+        raise MultipartError(415, f"multipart/related type {root_type!r} is not supported (use application/dicom)")
+    max_part, max_body = _limits(ctx)
+    parser = MultipartParser(params.get("boundary", ""), max_part_bytes=max_part)
+    mp.check_content_length(request.headers.get("content-length"), max_body)
+    body = decoded_body(request.stream(), request.headers.get("content-encoding"), max_body)
+
+    source = request_source(request)
+    outcomes: list[StoreOutcome | None] = []
+    budget = _Budget(STORE_CONCURRENCY, INFLIGHT_BYTES)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def store(i: int, data: bytes) -> None:
+        try:
+            outcomes[i] = await run_in_threadpool(_store, ctx, data, source, study)
+        finally:
+            await budget.release(len(data))
+
+    error: MultipartError | None = None
+    try:
+        async for part in iter_parts(body, parser):
+            i = len(outcomes)
+            outcomes.append(None)
+            ptype = parse_media_type(part.content_type)[0] if part.content_type else "application/dicom"
+            if ptype != "application/dicom":
+                outcomes[i] = StoreOutcome(
+                    status=CANNOT_UNDERSTAND, message=f"part media type {ptype!r} is not application/dicom"
+                )
+                continue
+            data = part.content
+            del part
+            await budget.acquire(len(data))
+            t = asyncio.create_task(store(i, data))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+    except MultipartError as e:
+        error = e
+    except ClientDisconnect:
+        error = MultipartError(400, "client disconnected before the end of the request body")
+    finally:
+        if tasks:  # every started store finishes (they are durable writes) before we answer
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+    done = [o for o in outcomes if o is not None]
+    return done, error
+
+
+def _series_of(ctx: Context, outcomes: list[StoreOutcome]) -> dict[str, str]:
+    """SOP Instance UID -> Series Instance UID for the RetrieveURLs (StoreOutcome does not carry the series)."""
+    want = [o.sop_instance_uid for o in outcomes if o.ok and o.sop_instance_uid]
+    out: dict[str, str] = {}
+    for i in range(0, len(want), 500):
+        q = Query(
+            level="IMAGE",
+            filters={"SOPInstanceUID": "\\".join(want[i : i + 500])},
+            return_keys=["SeriesInstanceUID", "StudyInstanceUID"],
+        )
+        try:
+            for ds in ctx.query.find(q):
+                out[str(ds.SOPInstanceUID)] = str(ds.get("SeriesInstanceUID", ""))
+        except QueryError:
+            log.exception("looking up series of stored instances")
+    return out
+
+
+def _response_body(ctx: Context, root: str, outcomes: list[StoreOutcome]) -> tuple[dict[str, Any], int, int]:
+    """DICOM JSON response data set, and the number stored and failed."""
+    series_of = _series_of(ctx, outcomes)
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    studies: set[str] = set()
+    for o in outcomes:
+        item: dict[str, Any] = {
+            _REFERENCED_SOP_CLASS: {"vr": "UI", "Value": [o.sop_class_uid]} if o.sop_class_uid else {"vr": "UI"},
+            _REFERENCED_SOP_INSTANCE: {"vr": "UI", "Value": [o.sop_instance_uid]}
+            if o.sop_instance_uid
+            else {"vr": "UI"},
+        }
+        if o.ok:
+            studies.add(o.study_instance_uid)
+            series = getattr(o, "series_instance_uid", "") or series_of.get(o.sop_instance_uid, "")
+            if series:
+                item[_RETRIEVE_URL] = {
+                    "vr": "UR",
+                    "Value": [instance_url(root, o.study_instance_uid, series, o.sop_instance_uid)],
+                }
+            if o.status != 0:
+                item[_WARNING_REASON] = {"vr": "US", "Value": [o.status]}
+            referenced.append(item)
+        else:
+            item[_FAILURE_REASON] = {"vr": "US", "Value": [o.status]}
+            failed.append(item)
+    body: dict[str, Any] = {}
+    if len(studies) == 1:
+        body[_RETRIEVE_URL] = {"vr": "UR", "Value": [study_url(root, next(iter(studies)))]}
+    if failed:
+        body[_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        body[_REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": referenced}
+    return dict(sorted(body.items())), len(referenced), len(failed)
+
+
+def _warnings(outcomes: list[StoreOutcome]) -> str:
+    notes = [
+        f"{o.sop_instance_uid or 'part'}: 0x{o.status:04X} {o.message}" for o in outcomes if o.status != 0 and o.message
+    ]
+    if len(notes) > 5:
+        notes = notes[:5] + [f"... and {len(notes) - 5} more"]
+    return ", ".join(warning_header(n) for n in notes)
+
+
+async def stow(request: Request) -> Response:
+    ctx: Context = request.app.state.ctx
+    try:
+        authorize_store(request)
+        media = negotiate_json(request)
+        study = check_uid(request.path_params["study"]) if "study" in request.path_params else None
+        outcomes, error = await _receive(request, ctx, study)
+    except DicomWebError as e:
+        return error_response(e.status, e.message, e.headers)
+    except MultipartError as e:
+        return error_response(e.status, e.message)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    root = service_root(request)
+    body, stored, failed = await run_in_threadpool(_response_body, ctx, root, outcomes)
+    headers: dict[str, str] = {}
+    if error is not None:
+        log.warning("STOW-RS from %s: %s (%d parts stored before it)", request.client, error.message, stored)
+        if not stored and not failed:
+            return error_response(error.status, error.message)
+        headers["Warning"] = warning_header(error.message + f"; {stored} instance(s) were stored before the error")
+        return Response(dumps(body), status_code=error.status, media_type=media, headers=headers)
+    w = _warnings(outcomes)
+    if w:
+        headers["Warning"] = w
+    if stored == 0:
+        status = 409
+    elif failed or any(o.status != 0 for o in outcomes):
+        status = 202
+    else:
+        status = 200
+    return Response(dumps(body), status_code=status, media_type=media if media else DICOM_JSON, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DELETE
+
+
+def _exists(ctx: Context, level: str, filters: dict[str, str]) -> bool:
+    q = Query(level=level, filters=filters, limit=1)  # type: ignore[arg-type]
+    return any(True for _ in ctx.query.find(q))
+
+
+async def delete(request: Request) -> Response:
+    ctx: Context = request.app.state.ctx
+    p = request.path_params
+    try:
+        study = check_uid(p["study"])
+        filters = {"StudyInstanceUID": study}
+        level, uid = "STUDY", study
+        if "series" in p:
+            filters["SeriesInstanceUID"] = level_uid = check_uid(p["series"])
+            level, uid = "SERIES", level_uid
+        if "instance" in p:
+            filters["SOPInstanceUID"] = level_uid = check_uid(p["instance"])
+            level, uid = "IMAGE", level_uid
+        authorize_delete(request, level, uid)
+        if level != "STUDY" and not await run_in_threadpool(_exists, ctx, level, filters):
+            return error_response(404, f"no {level.lower()} {uid} in study {study}")
+        n = await run_in_threadpool(ctx.ingest.delete, level, uid, request_source(request))
+    except DicomWebError as e:
+        return error_response(e.status, e.message, e.headers)
+    if n == 0:
+        return error_response(404, f"no {level.lower()} {uid}")
+    log.info("DELETE %s %s: %d instance(s) removed", level, uid, n)
+    return Response(status_code=204)
+
+
+def routes(ctx: Context) -> list[Route]:
+    return [
+        Route("/studies", stow, methods=["POST"]),
+        Route("/studies/{study}", stow, methods=["POST"]),
+        Route("/studies/{study}", delete, methods=["DELETE"]),
+        Route("/studies/{study}/series/{series}", delete, methods=["DELETE"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", delete, methods=["DELETE"]),
+    ]
