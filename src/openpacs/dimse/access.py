@@ -1,0 +1,71 @@
+"""Who may associate and what they may do: the one place the security work extends."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+
+from ..config import RemoteAE, Settings
+from . import pdu
+
+OPERATIONS = ("echo", "store", "find", "move", "get")
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses a configured host name stands for (cached; a literal address stands for itself)."""
+    out = {host}
+    try:
+        ipaddress.ip_address(host)
+        return frozenset(out)
+    except ValueError:
+        pass
+    try:
+        for info in socket.getaddrinfo(host, None):
+            out.add(str(info[4][0]))
+    except OSError:
+        pass
+    return frozenset(out)
+
+
+def _normal(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def known_peer(settings: Settings, calling_aet: str, address: str) -> RemoteAE | None:
+    """The configured remote AE with this title whose host matches the connection's source address."""
+    source = _normal(address)
+    for remote in settings.remote_aes.values():
+        if remote.aet.strip() == calling_aet and source in {_normal(a) for a in _addresses(remote.host)}:
+            return remote
+    return None
+
+
+def check_association(
+    settings: Settings, calling_aet: str, called_aet: str, address: str
+) -> tuple[tuple[int, int, int], str] | None:
+    """None to accept, else ((result, source, reason), why) for the A-ASSOCIATE-RJ."""
+    if settings.check_called_aet and called_aet != settings.aet.strip():
+        return (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_USER, pdu.RJ_USER_CALLED_AE_NOT_RECOGNIZED), (
+            f"called AE {called_aet!r} is not {settings.aet!r}"
+        )
+    if not settings.dicom_accept_unknown and known_peer(settings, calling_aet, address) is None:
+        return (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_USER, pdu.RJ_USER_CALLING_AE_NOT_RECOGNIZED), (
+            f"calling AE {calling_aet!r} from {address} is not a configured remote AE"
+        )
+    return None
+
+
+def allowed_operations(settings: Settings, calling_aet: str, address: str) -> frozenset[str]:
+    """DIMSE operations this peer may perform (checked per request; a refusal answers 0x0124)."""
+    if settings.dicom_accept_unknown:
+        return frozenset(OPERATIONS)
+    remote = known_peer(settings, calling_aet, address)
+    return frozenset(remote.allow) if remote else frozenset()

@@ -1,0 +1,537 @@
+"""DIMSE-C operations as SCP: translate requests to the protocol-free services and their answers back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset
+from pynetdicom.dsutils import decode, encode
+
+from ..dicom.header import dataset_offset
+from ..services.types import InstanceRef, Status, StoreOutcome
+from . import commands
+from .association import AssociationClosed, status_kind
+from .commands import Command
+from .negotiation import EXPLICIT_VR_LE, IMPLICIT_VR_LE, NATIVE_SYNTAXES, AcceptedContext
+
+if TYPE_CHECKING:
+    from .association import Association
+
+log = logging.getLogger("openpacs.dimse")
+
+UNRECOGNIZED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES_SUBOPS = 0xA702
+
+_REQUEST_OF_SERVICE = {
+    "echo": commands.C_ECHO_RQ,
+    "store": commands.C_STORE_RQ,
+    "find": commands.C_FIND_RQ,
+    "move": commands.C_MOVE_RQ,
+    "get": commands.C_GET_RQ,
+}
+
+try:  # the shared transcoder; a small pydicom fallback covers the native syntaxes when it is absent
+    from ..dicom import transcode as _transcode
+except ImportError:  # pragma: no cover
+    _transcode = None  # type: ignore[assignment]
+
+
+def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[bytes | memoryview] | None) -> None:
+    ctx = assoc.contexts[context_id]
+    field = cmd.field
+    if _REQUEST_OF_SERVICE.get(ctx.service) != field:
+        log.warning("DIMSE 0x%04X from %s on a %s context refused", field, assoc._who(), ctx.abstract_syntax)
+        _final(
+            assoc,
+            context_id,
+            cmd,
+            (field | 0x8000) & 0xFFFF,
+            UNRECOGNIZED_OPERATION,
+            comment="operation not supported on this presentation context",
+        )
+        return
+    if ctx.service not in assoc.allowed:
+        log.warning("%s from %s refused: not authorized", ctx.service.upper(), assoc._who())
+        _final(
+            assoc,
+            context_id,
+            cmd,
+            field | 0x8000,
+            Status.NOT_AUTHORIZED,
+            comment=f"{ctx.service} not allowed for this AE",
+        )
+        return
+    if field == commands.C_STORE_RQ:
+        _c_store(assoc, ctx, cmd, chunks or [])
+    elif field == commands.C_ECHO_RQ:
+        _final(assoc, context_id, cmd, commands.C_ECHO_RSP, Status.SUCCESS)
+    else:
+        coro = {commands.C_FIND_RQ: c_find, commands.C_GET_RQ: c_get, commands.C_MOVE_RQ: c_move}[field]
+        task = asyncio.ensure_future(_guard(assoc, ctx, cmd, coro(assoc, ctx, cmd, chunks or [])))
+        assoc.track(task)
+
+
+def _final(
+    assoc: Association,
+    context_id: int,
+    cmd: Command,
+    rsp_field: int,
+    status: int,
+    *,
+    comment: str = "",
+    extra: dict[int, Any] | None = None,
+    identifier: bytes | None = None,
+) -> None:
+    assoc.send_command(
+        context_id,
+        commands.response(rsp_field, cmd, status, dataset=identifier is not None, comment=comment, extra=extra),
+    )
+    if identifier is not None:
+        assoc.send_dataset(context_id, identifier)
+    assoc.operation_done(cmd.message_id)
+
+
+async def _guard(assoc: Association, ctx: AcceptedContext, cmd: Command, coro: Any) -> None:
+    """Run an operation; whatever it raises becomes a failure status, never a dead association."""
+    rsp_field = cmd.field | 0x8000
+    try:
+        await coro
+    except AssociationClosed:
+        assoc.operation_done(cmd.message_id)
+    except Exception as exc:
+        log.exception(
+            "%s from %s failed", {0x20: "C-FIND", 0x21: "C-MOVE", 0x10: "C-GET"}.get(cmd.field, "DIMSE"), assoc._who()
+        )
+        if assoc.state == "Sta6" or assoc.state == "Sta13":
+            _final(assoc, ctx.context_id, cmd, rsp_field, 0xC000, comment=str(exc)[:64])
+        else:
+            assoc.operation_done(cmd.message_id)
+
+
+# ---- C-STORE ---------------------------------------------------------------------------------------------------
+
+
+def _c_store(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]) -> None:
+    sop_class = cmd.get(commands.AFFECTED_SOP_CLASS_UID, "")
+    sop_instance = cmd.get(commands.AFFECTED_SOP_INSTANCE_UID, "")
+    if sop_class != ctx.abstract_syntax:
+        log.warning(
+            "C-STORE from %s refused: SOP class %s on a %s context", assoc._who(), sop_class, ctx.abstract_syntax
+        )
+        _final(
+            assoc,
+            ctx.context_id,
+            cmd,
+            commands.C_STORE_RSP,
+            SOP_CLASS_NOT_SUPPORTED,
+            comment="SOP class differs from the presentation context",
+        )
+        return
+    endpoint = assoc.endpoint
+    fut = assoc.loop.run_in_executor(
+        endpoint.executor,
+        endpoint.ctx.ingest.store_dataset,
+        chunks,
+        ctx.transfer_syntax,
+        sop_class,
+        sop_instance,
+        assoc.source,
+    )
+    endpoint.stores_started()
+
+    def done(f: asyncio.Future[StoreOutcome]) -> None:
+        endpoint.stores_finished()
+        exc = f.exception()
+        if exc is not None:
+            log.error("C-STORE %s from %s failed: %r", sop_instance, assoc._who(), exc, exc_info=exc)
+            status, message = PROCESSING_FAILURE, f"processing failure: {exc}"
+        else:
+            outcome = f.result()
+            status, message = outcome.status, outcome.message
+            if not outcome.ok:
+                log.warning("C-STORE %s from %s failed: status 0x%04X %s", sop_instance, assoc._who(), status, message)
+        if assoc.state in ("Sta6",):
+            _final(assoc, ctx.context_id, cmd, commands.C_STORE_RSP, status, comment=message)
+        else:
+            assoc.operation_done(cmd.message_id)
+
+    assoc.track(fut, done)
+
+
+# ---- C-FIND ----------------------------------------------------------------------------------------------------
+
+
+def _decode_identifier(ctx: AcceptedContext, chunks: list[bytes | memoryview]) -> Dataset:
+    return decode(BytesIO(b"".join(chunks)), ctx.implicit, ctx.little_endian, ctx.deflated)
+
+
+def _encode_identifier(ctx: AcceptedContext, ds: Dataset) -> bytes:
+    raw = encode(ds, ctx.implicit, ctx.little_endian, ctx.deflated)
+    if raw is None:
+        raise ValueError("identifier could not be encoded")
+    return raw
+
+
+def _query_error() -> type[Exception]:
+    from ..services.query import QueryError
+
+    return QueryError
+
+
+async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]) -> None:
+    QueryError = _query_error()
+    loop = assoc.loop
+    services = assoc.endpoint.ctx
+    mid = cmd.message_id
+    try:
+        identifier = _decode_identifier(ctx, chunks)
+    except Exception as exc:
+        _final(
+            assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.CANNOT_UNDERSTAND, comment=f"bad identifier: {exc}"
+        )
+        return
+    try:
+        query = services.query.from_identifier(identifier, ctx.model)
+    except QueryError as exc:
+        log.info("C-FIND from %s refused: 0x%04X %s", assoc._who(), exc.status, exc.message)
+        _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, exc.status, comment=exc.message)
+        return
+
+    results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    put: Callable[[tuple[str, Any]], None] = lambda item: loop.call_soon_threadsafe(results.put_nowait, item)  # noqa: E731
+
+    def cancelled() -> bool:
+        return assoc.is_cancelled(mid)
+
+    def work() -> None:
+        try:
+            for ds in services.query.find(query, cancelled):
+                if cancelled():
+                    break
+                put(("match", _encode_identifier(ctx, ds)))
+            put(("end", None))
+        except QueryError as exc:
+            put(("error", exc))
+        except BaseException as exc:  # noqa: BLE001 - reported as a failure status
+            put(("crash", exc))
+
+    assoc.track(loop.run_in_executor(assoc.endpoint.executor, work))
+    pending = {commands.AFFECTED_SOP_CLASS_UID: ctx.abstract_syntax}
+    while True:
+        kind, value = await results.get()
+        if kind == "match":
+            if assoc.is_cancelled(mid):
+                continue
+            assoc.send_command(
+                ctx.context_id, commands.response(commands.C_FIND_RSP, cmd, Status.PENDING, dataset=True, extra=pending)
+            )
+            assoc.send_dataset(ctx.context_id, value)
+            await assoc.drain()
+            continue
+        if kind == "error":
+            _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, value.status, comment=value.message)
+        elif kind == "crash":
+            log.error("C-FIND from %s failed: %r", assoc._who(), value, exc_info=value)
+            _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, 0xC001, comment=f"unable to process: {value}")
+        elif assoc.is_cancelled(mid):
+            _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.CANCEL)
+        else:
+            _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.SUCCESS)
+        return
+
+
+# ---- C-GET / C-MOVE sub-operations --------------------------------------------------------------------------------
+
+
+def _can_convert(source_ts: str, target_ts: str) -> bool:
+    if source_ts == target_ts:
+        return True
+    if _transcode is not None:
+        try:
+            return bool(_transcode.can_transcode(source_ts, target_ts))
+        except Exception:  # noqa: BLE001
+            return False
+    return source_ts in NATIVE_SYNTAXES and target_ts in NATIVE_SYNTAXES
+
+
+def _convert(file_bytes: bytes, source_ts: str, target_ts: str) -> memoryview:
+    """The data set of a Part 10 file, in ``target_ts``."""
+    if source_ts == target_ts:
+        view = memoryview(file_bytes)
+        return view[dataset_offset(view) :]
+    if _transcode is not None:
+        out = _transcode.transcode(file_bytes, target_ts)
+        view = memoryview(out)
+        return view[dataset_offset(view) :]
+    from pydicom import dcmread  # pragma: no cover - fallback for native syntaxes only
+
+    ds = dcmread(BytesIO(file_bytes))
+    raw = encode(ds, target_ts == IMPLICIT_VR_LE, target_ts != "1.2.840.10008.1.2.2", target_ts.endswith(".99"))
+    if raw is None:
+        raise ValueError("could not encode the data set")
+    return memoryview(raw)
+
+
+def choose_context(
+    contexts: dict[int, AcceptedContext], ref: InstanceRef, *, need_peer_scp: bool
+) -> AcceptedContext | None:
+    """The accepted context to send ``ref`` on: its stored syntax if accepted, else one we can convert to."""
+    candidates = [
+        c for c in contexts.values() if c.abstract_syntax == ref.sop_class_uid and (c.peer_is_scp or not need_peer_scp)
+    ]
+    for c in candidates:
+        if c.transfer_syntax == ref.transfer_syntax_uid:
+            return c
+    for c in candidates:
+        if _can_convert(ref.transfer_syntax_uid, c.transfer_syntax):
+            return c
+    return None
+
+
+class SubOperations:
+    """Counts and failed UIDs of a C-GET/C-MOVE, and the responses that report them."""
+
+    def __init__(self, total: int) -> None:
+        self.remaining = total
+        self.completed = 0
+        self.failed = 0
+        self.warning = 0
+        self.failed_uids: list[str] = []
+
+    def record(self, kind: str, uid: str) -> None:
+        self.remaining -= 1
+        if kind == "success":
+            self.completed += 1
+        elif kind == "warning":
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(uid)
+
+    def counts(self, with_remaining: bool) -> dict[int, Any]:
+        out = {commands.COMPLETED: self.completed, commands.FAILED: self.failed, commands.WARNING: self.warning}
+        if with_remaining:
+            out[commands.REMAINING] = self.remaining
+        return out
+
+    def final_status(self, cancelled: bool) -> int:
+        if cancelled:
+            return Status.CANCEL
+        if self.failed == 0 and self.warning == 0:
+            return Status.SUCCESS
+        if self.completed == 0 and self.warning == 0:
+            return OUT_OF_RESOURCES_SUBOPS
+        return Status.SUBOPS_FAILURES
+
+
+def _failed_identifier(ctx: AcceptedContext, subops: SubOperations) -> bytes | None:
+    if not subops.failed_uids:
+        return None
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = subops.failed_uids
+    return _encode_identifier(ctx, ds)
+
+
+async def _resolve(
+    assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]
+) -> list[InstanceRef] | None:
+    QueryError = _query_error()
+    rsp_field = cmd.field | 0x8000
+    try:
+        identifier = _decode_identifier(ctx, chunks)
+    except Exception as exc:
+        _final(assoc, ctx.context_id, cmd, rsp_field, Status.CANNOT_UNDERSTAND, comment=f"bad identifier: {exc}")
+        return None
+    try:
+        return await assoc.loop.run_in_executor(
+            assoc.endpoint.executor, assoc.endpoint.ctx.retrieve.resolve, identifier, ctx.model
+        )
+    except QueryError as exc:
+        log.info("retrieve from %s refused: 0x%04X %s", assoc._who(), exc.status, exc.message)
+        _final(assoc, ctx.context_id, cmd, rsp_field, exc.status, comment=exc.message)
+        return None
+
+
+async def _run_suboperations(
+    assoc: Association,
+    ctx: AcceptedContext,
+    cmd: Command,
+    refs: list[InstanceRef],
+    target: Association,
+    originator: tuple[str, int] | None,
+) -> None:
+    """Send every instance with C-STORE on ``target``, reporting progress to the requestor of ``cmd``."""
+    loop = assoc.loop
+    endpoint = assoc.endpoint
+    rsp_field = cmd.field | 0x8000
+    mid = cmd.message_id
+    subops = SubOperations(len(refs))
+
+    def read(ref: InstanceRef) -> asyncio.Future[bytes]:
+        return loop.run_in_executor(endpoint.executor, endpoint.ctx.retrieve.read_file, ref)
+
+    cancelled = False
+    prefetch = read(refs[0]) if refs else None
+    for i, ref in enumerate(refs):
+        if assoc.is_cancelled(mid):
+            cancelled = True
+            if prefetch is not None:
+                prefetch.cancel()
+            break
+        assert prefetch is not None
+        current = prefetch
+        prefetch = read(refs[i + 1]) if i + 1 < len(refs) else None
+        kind = "failure"
+        try:
+            data = await current
+            chosen = choose_context(target.contexts, ref, need_peer_scp=target is assoc)
+            if chosen is None:
+                log.warning(
+                    "sub-operation for %s: no accepted context for %s in %s",
+                    ref.sop_instance_uid,
+                    ref.sop_class_uid,
+                    ref.transfer_syntax_uid,
+                )
+            else:
+                if chosen.transfer_syntax == ref.transfer_syntax_uid:
+                    dataset = _convert(data, ref.transfer_syntax_uid, chosen.transfer_syntax)
+                else:
+                    dataset = await loop.run_in_executor(
+                        endpoint.executor, _convert, data, ref.transfer_syntax_uid, chosen.transfer_syntax
+                    )
+                rsp = await asyncio.wait_for(
+                    target.send_c_store(
+                        chosen.context_id, ref.sop_class_uid, ref.sop_instance_uid, dataset, originator
+                    ),
+                    timeout=assoc.settings.dimse_timeout,
+                )
+                kind = status_kind(rsp.get(commands.STATUS, 0xC000))
+                if kind == "failure":
+                    log.warning(
+                        "C-STORE sub-operation %s refused by %s: 0x%04X",
+                        ref.sop_instance_uid,
+                        target._who(),
+                        rsp.get(commands.STATUS, 0xC000),
+                    )
+        except AssociationClosed:
+            if target is assoc:
+                raise
+            log.warning("sub-association to %s closed during sub-operation %s", target._who(), ref.sop_instance_uid)
+        except TimeoutError:
+            log.warning(
+                "C-STORE sub-operation %s: no response from %s within %.0fs",
+                ref.sop_instance_uid,
+                target._who(),
+                assoc.settings.dimse_timeout,
+            )
+            target.abort("DIMSE timeout waiting for C-STORE-RSP")
+            if target is assoc:
+                raise AssociationClosed("DIMSE timeout") from None
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
+            log.warning("sub-operation %s failed: %r", ref.sop_instance_uid, exc)
+        subops.record(kind, ref.sop_instance_uid)
+        if subops.remaining:
+            assoc.send_command(
+                ctx.context_id, commands.response(rsp_field, cmd, Status.PENDING, extra=subops.counts(True))
+            )
+            await assoc.drain()
+    if cancelled:
+        # sub-operations not started count as remaining, and are reported as such with the cancel status
+        _final(
+            assoc,
+            ctx.context_id,
+            cmd,
+            rsp_field,
+            Status.CANCEL,
+            extra=subops.counts(True),
+            identifier=_failed_identifier(ctx, subops),
+        )
+        return
+    status = subops.final_status(False)
+    if status != Status.SUCCESS:
+        log.warning(
+            "%s from %s finished with status 0x%04X: %d completed, %d failed, %d warning",
+            "C-GET" if cmd.field == commands.C_GET_RQ else "C-MOVE",
+            assoc._who(),
+            status,
+            subops.completed,
+            subops.failed,
+            subops.warning,
+        )
+    _final(
+        assoc,
+        ctx.context_id,
+        cmd,
+        rsp_field,
+        status,
+        extra=subops.counts(False),
+        identifier=_failed_identifier(ctx, subops),
+    )
+
+
+async def c_get(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]) -> None:
+    refs = await _resolve(assoc, ctx, cmd, chunks)
+    if refs is None:
+        return
+    await _run_suboperations(assoc, ctx, cmd, refs, assoc, None)
+
+
+async def c_move(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]) -> None:
+    from .scu import open_association
+
+    destination = cmd.get(commands.MOVE_DESTINATION, "")
+    remote = next((r for r in assoc.settings.remote_aes.values() if r.aet.strip() == destination), None)
+    if remote is None:
+        log.warning("C-MOVE from %s refused: move destination %r unknown", assoc._who(), destination)
+        _final(
+            assoc,
+            ctx.context_id,
+            cmd,
+            commands.C_MOVE_RSP,
+            Status.MOVE_DESTINATION_UNKNOWN,
+            comment=f"move destination {destination!r} unknown",
+        )
+        return
+    refs = await _resolve(assoc, ctx, cmd, chunks)
+    if refs is None:
+        return
+    if not refs:
+        _final(assoc, ctx.context_id, cmd, commands.C_MOVE_RSP, Status.SUCCESS, extra=SubOperations(0).counts(False))
+        return
+    wanted: dict[str, set[str]] = {}
+    for ref in refs:
+        wanted.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax_uid)
+    try:
+        target = await open_association(assoc.endpoint, remote.host, remote.port, remote.aet, wanted)
+    except Exception as exc:  # noqa: BLE001
+        log.warning(
+            "C-MOVE from %s: cannot associate with %s at %s:%s: %s",
+            assoc._who(),
+            remote.aet,
+            remote.host,
+            remote.port,
+            exc,
+        )
+        _final(
+            assoc,
+            ctx.context_id,
+            cmd,
+            commands.C_MOVE_RSP,
+            Status.MOVE_DESTINATION_UNKNOWN,
+            comment=f"cannot associate with {remote.aet}"[:64],
+        )
+        return
+    try:
+        await _run_suboperations(assoc, ctx, cmd, refs, target, (assoc.calling_aet, cmd.message_id))
+    finally:
+        await target.release()
+
+
+# Used by scu.open_association to propose contexts for the stored syntaxes.
+FALLBACK_SYNTAXES = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)

@@ -1,0 +1,66 @@
+"""Requestor associations we open ourselves: the C-MOVE sub-association to a move destination.
+
+Uses the same event-driven ``Association`` as the server, so sub-operations send stored bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from ..dicom.header import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from . import pdu
+from .association import Association
+from .negotiation import EXPLICIT_VR_LE, IMPLICIT_VR_LE, AcceptedContext
+
+if TYPE_CHECKING:
+    from .server import Endpoint
+
+MAX_CONTEXTS = 128
+
+
+def propose(wanted: dict[str, set[str]]) -> list[pdu.PresentationContextRQ]:
+    """One context per (SOP class, stored syntax), plus a native-syntax fallback per class; odd IDs, at most 128."""
+    out: list[pdu.PresentationContextRQ] = []
+    for sop_class in sorted(wanted):
+        syntaxes = sorted(wanted[sop_class])
+        groups = [[ts] for ts in syntaxes if ts not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)]
+        groups.append([EXPLICIT_VR_LE, IMPLICIT_VR_LE])
+        for group in groups:
+            out.append(pdu.PresentationContextRQ(0, sop_class, group))
+    out = out[:MAX_CONTEXTS]
+    for i, pc in enumerate(out):
+        pc.context_id = 2 * i + 1
+    return out
+
+
+async def open_association(
+    endpoint: Endpoint, host: str, port: int, called_aet: str, wanted: dict[str, set[str]]
+) -> Association:
+    settings = endpoint.settings
+    contexts = propose(wanted)
+    rq = pdu.AssociateRQ(
+        protocol_version=1,
+        called_aet=called_aet,
+        calling_aet=settings.aet,
+        application_context=pdu.APPLICATION_CONTEXT,
+        contexts=contexts,
+        user=pdu.UserInformation(
+            max_length=settings.max_pdu if settings.max_pdu > 0 else 0,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        ),
+    )
+    proposed = {
+        pc.context_id: AcceptedContext(
+            pc.context_id, pc.abstract_syntax, "", "store", "", peer_is_scu=False, peer_is_scp=True
+        )
+        for pc in contexts
+    }
+    loop = endpoint.loop
+    _, assoc = await asyncio.wait_for(
+        loop.create_connection(lambda: Association(endpoint, requestor=(rq, proposed)), host, port),
+        timeout=settings.network_timeout,
+    )
+    await asyncio.wait_for(assoc.established, timeout=settings.artim_timeout + 1)
+    return assoc

@@ -1,0 +1,293 @@
+"""The DIMSE listener: one accepting process handing connections to itself and to worker processes.
+
+The serving process accepts every connection and passes it (SCM_RIGHTS over a SOCK_SEQPACKET pair) to the least
+loaded process, itself included. That spreads associations evenly over the cores (SO_REUSEPORT hashing leaves one
+process with 3 of 4 associations far too often) and keeps one exact count for ``max_associations``. Each worker
+builds its own Context (``build_context(settings, migrate=False)``) and its own thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..config import Settings
+from .association import Association
+
+log = logging.getLogger("openpacs.dimse")
+
+EXECUTOR_THREADS = 16
+SHUTDOWN_GRACE = 30.0
+
+
+class Endpoint:
+    """What associations in one process share: settings, services, the thread pool, the live set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: Any,
+        loop: asyncio.AbstractEventLoop,
+        executor: ThreadPoolExecutor,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.loop = loop
+        self.executor = executor
+        self.associations: set[Association] = set()
+        self._on_closed = on_closed
+        self._stores = 0
+        self._stores_idle = asyncio.Event()
+        self._stores_idle.set()
+
+    def protocol(self, reject_limit: bool = False) -> Association:
+        return Association(self, reject_limit=reject_limit)
+
+    def association_opened(self, assoc: Association) -> None:
+        if assoc._requestor is None:
+            self.associations.add(assoc)
+
+    def association_closed(self, assoc: Association) -> None:
+        if assoc in self.associations:
+            self.associations.discard(assoc)
+            if self._on_closed is not None:
+                self._on_closed()
+
+    def stores_started(self) -> None:
+        self._stores += 1
+        self._stores_idle.clear()
+
+    def stores_finished(self) -> None:
+        self._stores -= 1
+        if self._stores <= 0:
+            self._stores_idle.set()
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Let in-flight C-STOREs finish (bounded), then abort what is still open."""
+        try:
+            await asyncio.wait_for(self._stores_idle.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("shutdown: %d C-STORE(s) still in progress after %.0fs", self._stores, grace)
+        for assoc in list(self.associations):
+            assoc.abort("server shutting down")
+        for assoc in list(self.associations):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(assoc.closed), timeout=2)
+
+    def adopt(self, sock: socket.socket, reject_limit: bool = False) -> None:
+        """Serve an accepted connection in this process."""
+        sock.setblocking(False)
+
+        async def connect() -> None:
+            try:
+                await self.loop.connect_accepted_socket(lambda: self.protocol(reject_limit), sock)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not serve connection: %r", exc)
+                sock.close()
+                if self._on_closed is not None:
+                    self._on_closed()
+
+        self.loop.create_task(connect())
+
+
+class _Worker:
+    def __init__(self, index: int, process: Any, ctrl: socket.socket) -> None:
+        self.index = index
+        self.process = process
+        self.ctrl = ctrl
+        self.ready = False
+        self.alive = True
+        self.load = 0
+
+
+class _Dispatcher:
+    def __init__(self, settings: Settings, endpoint: Endpoint, lsock: socket.socket) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.lsock = lsock
+        self.local_load = 0
+        self.workers: list[_Worker] = []
+        self._turn = 0
+
+    def local_closed(self) -> None:
+        self.local_load = max(0, self.local_load - 1)
+
+    def total(self) -> int:
+        return self.local_load + sum(w.load for w in self.workers if w.alive)
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            self.dispatch(conn)
+
+    def dispatch(self, conn: socket.socket) -> None:
+        if self.total() >= self.settings.max_associations:
+            self.local_load += 1
+            self.endpoint.adopt(conn, reject_limit=True)
+            return
+        ready = [w for w in self.workers if w.alive and w.ready]
+        self._turn += 1
+        # least loaded first; ties rotate so that the serving process does not always take the first one
+        choices: list[tuple[int, int, _Worker | None]] = [(self.local_load, self._turn % (len(ready) + 1), None)]
+        choices += [(w.load, (self._turn + i + 1) % (len(ready) + 1), w) for i, w in enumerate(ready)]
+        _, _, target = min(choices, key=lambda c: (c[0], c[1]))
+        if target is not None:
+            try:
+                socket.send_fds(target.ctrl, [b"C"], [conn.fileno()])
+                target.load += 1
+                conn.close()
+                return
+            except OSError as exc:
+                log.warning("could not hand a connection to DIMSE worker %d: %s", target.index, exc)
+        self.local_load += 1
+        self.endpoint.adopt(conn)
+
+    def on_worker_message(self, worker: _Worker) -> None:
+        while True:
+            try:
+                msg = worker.ctrl.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                if worker.alive:
+                    log.warning("DIMSE worker %d exited", worker.index)
+                worker.alive = False
+                worker.load = 0
+                asyncio.get_running_loop().remove_reader(worker.ctrl)
+                return
+            if msg == b"R":
+                worker.ready = True
+            elif msg == b"D":
+                worker.load = max(0, worker.load - 1)
+
+
+def _listen(settings: Settings) -> socket.socket:
+    host = settings.dicom_host or None
+    infos = socket.getaddrinfo(host, settings.dicom_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    """Serve DICOM on (dicom_host, dicom_port) until ``stop`` is set; runs ``worker_count - 1`` worker processes."""
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
+    lsock = _listen(settings)
+    endpoint = Endpoint(settings, ctx, loop, executor)
+    dispatcher = _Dispatcher(settings, endpoint, lsock)
+    endpoint._on_closed = dispatcher.local_closed
+    mp = multiprocessing.get_context("spawn")
+    for index in range(1, settings.worker_count):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = mp.Process(
+            target=_worker_main, args=(settings, child, index), name=f"openpacs-dimse-{index}", daemon=True
+        )
+        proc.start()
+        child.close()
+        parent.setblocking(False)
+        worker = _Worker(index, proc, parent)
+        dispatcher.workers.append(worker)
+        loop.add_reader(parent, dispatcher.on_worker_message, worker)
+    loop.add_reader(lsock, dispatcher.accept)
+    log.info(
+        "DIMSE listening on %s:%d as %s (%d process%s)",
+        settings.dicom_host,
+        settings.dicom_port,
+        settings.aet,
+        settings.worker_count,
+        "es" if settings.worker_count > 1 else "",
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(lsock)
+        lsock.close()
+        for w in dispatcher.workers:
+            with contextlib.suppress(OSError):
+                w.ctrl.send(b"S")
+        await endpoint.shutdown(min(SHUTDOWN_GRACE, settings.dimse_timeout))
+        for w in dispatcher.workers:
+            await loop.run_in_executor(None, w.process.join, SHUTDOWN_GRACE + 5)
+            if w.process.is_alive():
+                log.warning("DIMSE worker %d did not stop; killing it", w.index)
+                w.process.kill()
+            if w.alive:
+                loop.remove_reader(w.ctrl)
+            w.ctrl.close()
+        executor.shutdown(wait=False)
+
+
+def _worker_main(settings: Settings, ctrl: socket.socket, index: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when we stop
+    logging.basicConfig(
+        level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s %(name)s[dimse-{index}:%(process)d] %(message)s",
+    )
+    try:
+        asyncio.run(_worker(settings, ctrl))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _worker(settings: Settings, ctrl: socket.socket) -> None:
+    from ..context import build_context
+
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
+    ctx = await loop.run_in_executor(executor, lambda: build_context(settings, migrate=False))
+    ctrl.setblocking(False)
+
+    def closed() -> None:
+        with contextlib.suppress(OSError):
+            ctrl.send(b"D")
+
+    endpoint = Endpoint(settings, ctx, loop, executor, on_closed=closed)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def on_ctrl() -> None:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(ctrl, 64, 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                msg, fds = b"", []
+            for fd in fds:
+                endpoint.adopt(socket.socket(fileno=fd))
+            if not msg or msg == b"S":
+                stop.set()
+                loop.remove_reader(ctrl)
+                return
+
+    loop.add_reader(ctrl, on_ctrl)
+    ctrl.send(b"R")
+    await stop.wait()
+    await endpoint.shutdown(min(SHUTDOWN_GRACE, settings.dimse_timeout))
+    await loop.run_in_executor(None, ctx.close)
+    executor.shutdown(wait=False)
+    os._exit(0)  # skip interpreter teardown of daemon threads (the committer) after a clean close
