@@ -5,7 +5,7 @@ One place decides what a query string means; C-FIND and QIDO-RS both come throug
 
 from __future__ import annotations
 
-from sqlalchemy import and_, literal, or_
+from sqlalchemy import Integer, and_, func, literal, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
@@ -78,8 +78,19 @@ def compile_match(
         return None
     multi = column_name in MULTI_VALUED_COLUMNS
 
-    if vr == "PN" and norm_col is not None and case_insensitive_pn:
-        col, value = norm_col, value.upper()
+    if vr == "PN" and case_insensitive_pn:
+        # the *_norm column (upper-cased at ingest, indexed) when the level keeps one, UPPER() otherwise
+        col, value = (norm_col if norm_col is not None else func.upper(col)), value.upper()
+
+    if isinstance(getattr(col, "type", None), Integer):
+        # counts and US attributes live in INTEGER columns: compare numbers (PostgreSQL has no integer = varchar)
+        try:
+            numbers = [int(v) for v in value.split("\\") if v.strip()]
+        except ValueError:
+            raise MatchError(f"{keyword}: {value!r} is not a number") from None
+        if not numbers:
+            return None
+        return col == numbers[0] if len(numbers) == 1 else col.in_(numbers)
 
     if vr == "UI":
         uids = [u.strip() for u in value.split("\\") if u.strip()]

@@ -38,6 +38,13 @@ def attributes_for(level: str) -> list[Attribute]:
 
 
 def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElement | None:
+    if attr.keyword == "ModalitiesInStudy":
+        # Matched against the series' Modality, not the stored "CT\\MR" list: a LIKE wildcard on the list would
+        # span values ("C*R" matching "CT\\MR"). Any series of the study matching any query value is a match.
+        cond = compile_match(series.c.modality, "CS", attr.keyword, value)
+        if cond is None:
+            return None
+        return exists(select(series.c.id).where(series.c.study_fk == studies.c.id, cond))
     table = _TABLE[attr.level]
     col = table.c[attr.column]
     norm = table.c.get(attr.column + "_norm")

@@ -144,8 +144,9 @@ class QueryService:
         header_keys = [k for k in requested if k not in indexed and k not in ("QueryRetrieveLevel", REQUEST_ATTRIBUTES_SEQUENCE)]
         header_filters = {k: v for k, v in query.filters.items() if k in header_keys and v.strip() not in ("", "*")}
         for k in query.filters:
-            if k in ATTRIBUTES and k not in indexed and ATTRIBUTES[k].computed is False:
-                # a key of a lower level: matched in SQL through EXISTS, returned from a representative header
+            if k in ATTRIBUTES and k not in indexed:
+                # a key of a lower level (computed counts too): matched in SQL through EXISTS, returned from a
+                # representative header
                 header_filters.pop(k, None)
         select_attrs = [indexed[k] for k in requested if k in indexed]
         select_attrs_all = list(select_attrs)
