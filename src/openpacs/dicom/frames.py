@@ -27,8 +27,17 @@ from pydicom.uid import (
 from .transcode import NATIVE, TranscodeError, can_decode, transcode_dataset
 
 PIXEL_DATA = 0x7FE00010
-_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
-                 "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
 
 
 class FrameError(ValueError):
@@ -116,7 +125,7 @@ class FrameReader:
             start = (number - 1) * length
             if self.transfer_syntax == DeflatedExplicitVRLittleEndian or self._raw.value is not None:
                 value = self.ds.PixelData
-                return bytes(value[start:start + length]), ExplicitVRLittleEndian
+                return bytes(value[start : start + length]), ExplicitVRLittleEndian
             self._fp.seek(self._raw.value_tell + start)
             data = self._fp.read(length)
             if len(data) != length:
@@ -130,8 +139,9 @@ class FrameReader:
             ext = (bytes(self.ds.ExtendedOffsetTable), bytes(self.ds.ExtendedOffsetTableLengths))
         try:
             if self._raw.value is not None:
-                return get_frame(bytes(self._raw.value), index, extended_offsets=ext,
-                                 number_of_frames=self.number_of_frames)
+                return get_frame(
+                    bytes(self._raw.value), index, extended_offsets=ext, number_of_frames=self.number_of_frames
+                )
             self._fp.seek(self._raw.value_tell)
             return get_frame(self._fp, index, extended_offsets=ext, number_of_frames=self.number_of_frames)
         except ValueError as exc:

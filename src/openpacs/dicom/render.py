@@ -189,8 +189,10 @@ def _voi_lut_sequence(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     try:
         from pydicom.pixels import apply_voi_lut
 
-        mapped = np.asarray(apply_voi_lut(np.asarray(modality_lut(arr, ds)).astype(np.int64), ds, index=0,
-                                          prefer_lut=True), dtype=np.float64)
+        mapped = np.asarray(
+            apply_voi_lut(np.asarray(modality_lut(arr, ds)).astype(np.int64), ds, index=0, prefer_lut=True),
+            dtype=np.float64,
+        )
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
         top = float((1 << bits) - 1) if 8 <= bits <= 16 else float(mapped.max() or 1)
@@ -225,8 +227,11 @@ def _apply_viewport(image: Image.Image, viewport: Viewport | None) -> Image.Imag
     scale = min(viewport.width / image.width, viewport.height / image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if size != image.size:
-        image = image.resize(size, Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.BICUBIC,
-                             reducing_gap=2.0 if scale < 0.5 else None)
+        image = image.resize(
+            size,
+            Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.BICUBIC,
+            reducing_gap=2.0 if scale < 0.5 else None,
+        )
     return image
 
 

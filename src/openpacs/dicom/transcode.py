@@ -132,8 +132,9 @@ def write_part10(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ts = UID(ds.file_meta.TransferSyntaxUID)
     ds.file_meta.pop("FileMetaInformationGroupLength", None)
-    pydicom.dcmwrite(buf, ds, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
-                     enforce_file_format=True)
+    pydicom.dcmwrite(
+        buf, ds, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian, enforce_file_format=True
+    )
     return buf.getvalue()
 
 

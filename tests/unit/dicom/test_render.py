@@ -82,7 +82,9 @@ def test_monochrome1_is_inverted() -> None:
         img = np.asarray(_img(render_frame(r, 1, RenderParams("image/png", window=w, viewport=Viewport(200, 200)))))
     # the brightest stored values must render dark
     assert img.shape[0] <= 200 and img.shape[1] <= 200
-    small = np.asarray(Image.fromarray(((raw - raw.min()) / np.ptp(raw) * 255).astype(np.uint8)).resize(img.shape[::-1]))
+    small = np.asarray(
+        Image.fromarray(((raw - raw.min()) / np.ptp(raw) * 255).astype(np.uint8)).resize(img.shape[::-1])
+    )
     assert np.corrcoef(small.ravel(), img.ravel())[0, 1] < -0.9
 
 

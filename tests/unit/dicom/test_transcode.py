@@ -43,8 +43,15 @@ SOURCES = [
     "image_dfl.dcm",  # deflated
     "693_J2KR.dcm",
 ]
-TARGETS = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLSLossless,
-           JPEG2000Lossless, RLELossless, HTJ2KLossless]
+TARGETS = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+    HTJ2KLossless,
+]
 
 
 def _read(data: bytes) -> pydicom.FileDataset:

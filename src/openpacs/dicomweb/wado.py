@@ -1,0 +1,939 @@
+"""WADO-RS (PS3.18 10.4) and WADO-URI (PS3.18 9): retrieve instances, metadata, frames, bulk data, rendered images.
+
+Instance retrieval streams: instances are read one batch at a time in a worker thread (the next batch is read while the
+current one is on the wire) and a study never sits in memory. When the stored syntax is acceptable the stored bytes go
+out as they are (the fast path: large pread()s straight into the response, exact Content-Length, no parsing); only the
+128-byte preamble is zeroed, so that a served file can never be a PE/ELF polyglot. Otherwise each instance is
+transcoded on its own (dicom.transcode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..dicom import transcode as tc
+from ..dicom.frames import FrameError, FrameReader
+from ..dicom.render import (
+    RenderError,
+    RenderParams,
+    Viewport,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+    render_frame,
+)
+from ..services.types import InstanceRef
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+OCTET = "application/octet-stream"
+DICOM_JSON = "application/dicom+json"
+
+# Compressed frame media types (PS3.18 Table 8.7.3-2) and what we produce for each when the client names no syntax.
+TS_MEDIA: dict[str, str] = {
+    JPEGBaseline8Bit: "image/jpeg",
+    JPEGExtended12Bit: "image/jpeg",
+    JPEGLossless: "image/jpeg",
+    JPEGLosslessSV1: "image/jpeg",
+    JPEGLSLossless: "image/jls",
+    JPEGLSNearLossless: "image/jls",
+    JPEG2000Lossless: "image/jp2",
+    JPEG2000: "image/jp2",
+    HTJ2KLossless: "image/jphc",
+    HTJ2KLosslessRPCL: "image/jphc",
+    HTJ2K: "image/jphc",
+    RLELossless: "image/dicom-rle",
+}
+MEDIA_ALIASES = {
+    "image/x-jls": "image/jls",
+    "image/x-dicom-rle": "image/dicom-rle",
+    "image/jpx": "image/jp2",
+    "image/jph": "image/jphc",
+}
+MEDIA_DEFAULT_TS: dict[str, str] = {
+    "image/jls": JPEGLSLossless,
+    "image/jp2": JPEG2000Lossless,
+    "image/jphc": HTJ2KLossless,
+    "image/dicom-rle": RLELossless,
+    OCTET: ExplicitVRLittleEndian,
+}
+RENDERED_MEDIA = ("image/jpeg", "image/png", "image/gif")
+
+BATCH_BYTES = 4 << 20  # one worker-thread read per ~4 MB of response
+SMALL_PIECE = 256 << 10  # file reads below this are coalesced with part headers into one write
+BULK_THRESHOLD = 1024  # binary values larger than this become BulkDataURIs in /metadata
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error_response(exc: HTTPError) -> Response:
+    return PlainTextResponse(exc.message + "\n", status_code=exc.status)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accept header
+
+
+@dataclass
+class MediaRange:
+    type: str
+    params: dict[str, str] = field(default_factory=dict)
+    q: float = 1.0
+
+    @property
+    def multipart(self) -> bool:
+        return self.type in ("multipart/related", "multipart/*")
+
+    @property
+    def inner(self) -> str:
+        """The media type of the parts (``type`` parameter) or the type itself for a single part."""
+        if self.multipart:
+            return _norm_media(self.params.get("type", ""))
+        return self.type
+
+
+def _norm_media(value: str) -> str:
+    v = value.strip().strip('"').lower()
+    return MEDIA_ALIASES.get(v, v)
+
+
+def _split_outside_quotes(value: str, sep: str = ",") -> list[str]:
+    out, buf, quoted, escaped = [], [], False, False
+    for ch in value:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+            continue
+        if ch == "\\" and quoted:
+            escaped = True
+            buf.append(ch)
+            continue
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            out.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    out.append("".join(buf))
+    return [s for s in (x.strip() for x in out) if s]
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """Media ranges of an Accept header, most preferred first (q=0 dropped). An empty header accepts anything."""
+    from .multipart import parse_media_type
+
+    if not header or not header.strip():
+        return [MediaRange("*/*")]
+    ranges: list[MediaRange] = []
+    for item in _split_outside_quotes(header):
+        media, params = parse_media_type(item)
+        if not media:
+            continue
+        try:
+            q = float(params.pop("q", "1") or 1)
+        except ValueError:
+            q = 1.0
+        if q <= 0:
+            continue
+        if "type" in params:
+            params["type"] = _norm_media(params["type"])
+        ranges.append(MediaRange(_norm_media(media), params, q))
+    ranges.sort(key=lambda r: -r.q)  # stable: equal q keeps the client's order
+    return ranges
+
+
+def _ts_param(r: MediaRange) -> str | None:
+    ts = r.params.get("transfer-syntax")
+    return ts.strip() if ts else None
+
+
+def dicom_syntax_choices(accept: list[MediaRange]) -> list[str]:
+    """Acceptable transfer syntaxes for application/dicom parts, preferred first ('*' = as stored)."""
+    choices: list[str] = []
+    for r in accept:
+        if r.multipart:
+            inner = r.inner or DICOM
+        elif r.type in (DICOM, "*/*", "application/*"):
+            inner = DICOM
+        else:
+            continue
+        if inner not in (DICOM, "*/*", "application/*"):
+            continue
+        ts = _ts_param(r)
+        if ts is None:
+            ts = ExplicitVRLittleEndian  # the default, also for wildcards (PS3.18 8.7.3.5.2)
+        if ts not in choices:
+            choices.append(ts)
+    return choices
+
+
+def choose_syntax(stored: str, choices: list[str]) -> str | None:
+    for c in choices:
+        if c == "*" or c == stored:
+            return stored
+        if tc.can_transcode(stored, c):
+            return c
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Instance streaming
+
+
+def zero_preamble(data: bytes) -> bytes:
+    if len(data) >= 132 and data[128:132] == b"DICM" and data[:128].strip(b"\0"):
+        return bytes(128) + data[128:]
+    return data
+
+
+def _part_head(boundary: bytes, content_type: str, length: int | None) -> bytes:
+    head = b"--" + boundary + b"\r\nContent-Type: " + content_type.encode("latin-1")
+    if length is not None:
+        head += b"\r\nContent-Length: " + str(length).encode()
+    return head + b"\r\n\r\n"
+
+
+class _StoredStream:
+    """Reads stored files for the fast path in batches of about BATCH_BYTES (called in a worker thread)."""
+
+    def __init__(self, items: list[tuple[bytes, str, int]], tail: bytes) -> None:
+        self.items = items  # (part head, local path, file size)
+        self.tail = tail
+        self.i = 0
+        self.fd: int | None = None
+        self.pos = 0
+        self.size = 0
+        self.done = False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def next_batch(self) -> list[bytes]:
+        out: list[bytes] = []
+        small = bytearray()
+        total = 0
+        while total < BATCH_BYTES and not self.done:
+            if self.fd is None:
+                if self.i >= len(self.items):
+                    small += self.tail
+                    self.done = True
+                    break
+                head, path, size = self.items[self.i]
+                self.i += 1
+                self.fd = os.open(path, os.O_RDONLY)
+                self.size, self.pos = size, 0
+                first = os.pread(self.fd, 132, 0)
+                if len(first) < 132:
+                    self.close()
+                    raise OSError(f"stored file {path} shorter than its recorded size")
+                small += head
+                if first[128:132] == b"DICM":
+                    small += bytes(128) + b"DICM"
+                else:
+                    small += first
+                self.pos = 132
+                total += len(head) + 132
+            want = min(self.size - self.pos, max(BATCH_BYTES - total, SMALL_PIECE))
+            if want > 0:
+                data = os.pread(self.fd, want, self.pos)
+                if len(data) != want:
+                    self.close()
+                    raise OSError("stored file changed size while being served")
+                self.pos += want
+                total += want
+                if want < SMALL_PIECE:
+                    small += data
+                else:
+                    if small:
+                        out.append(bytes(small))
+                        small = bytearray()
+                    out.append(data)
+            if self.pos >= self.size:
+                self.close()
+                small += b"\r\n"
+        if small:
+            out.append(bytes(small))
+        return out
+
+
+async def _prefetching(
+    read: Callable[[], list[bytes]], done: Callable[[], bool], cleanup: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """Yield batches from ``read`` (run in a thread), reading the next batch while the current one is sent."""
+    loop = asyncio.get_running_loop()
+    try:
+        pending = loop.run_in_executor(None, read)
+        while True:
+            batch = await pending
+            finished = done()
+            if not finished:
+                pending = loop.run_in_executor(None, read)
+            for piece in batch:
+                yield piece
+            if finished:
+                break
+    finally:
+        await run_in_threadpool(cleanup)
+
+
+@dataclass
+class _Plan:
+    ref: InstanceRef
+    target: str
+    path: str | None
+
+
+class WadoRS:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+
+    async def _instances(self, study: str, series: str | None = None, sop: str | None = None) -> list[InstanceRef]:
+        refs = await run_in_threadpool(self.ctx.retrieve.list_instances, study, series, sop)
+        if not refs:
+            what = "instance" if sop else "series" if series else "study"
+            raise HTTPError(404, f"{what} not found")
+        return list(refs)
+
+    async def _one(self, request: Request) -> InstanceRef:
+        p = request.path_params
+        refs = await self._instances(p["study"], p["series"], p["instance"])
+        return refs[0]
+
+    def _local_path(self, ref: InstanceRef) -> str | None:
+        try:
+            return self.ctx.store.path(ref.blob_key)
+        except Exception:
+            return None
+
+    def _read(self, ref: InstanceRef) -> bytes:
+        return bytes(self.ctx.retrieve.read_file(ref))
+
+    def _reader(self, ref: InstanceRef) -> FrameReader:
+        path = self._local_path(ref)
+        if path is not None and os.path.exists(path):
+            return FrameReader(path)
+        return FrameReader(self._read(ref))
+
+    @staticmethod
+    def base_url(request: Request) -> str:
+        """The absolute DICOMweb root for BulkDataURIs, as the client addressed us.
+
+        Some clients (dicomweb-client) send ``Host`` without the port; when that host is the address we listen on,
+        the port of the listening socket is the one they used."""
+        root = request.scope.get("root_path", "")
+        netloc = request.url.netloc
+        server = request.scope.get("server")
+        host = request.headers.get("host", "")
+        if server and host and ":" not in host.rsplit("]", 1)[-1] and host.strip("[]") == str(server[0]):
+            default = 443 if request.url.scheme == "https" else 80
+            if int(server[1]) != default:
+                netloc = f"{host}:{server[1]}"
+        return f"{request.url.scheme}://{netloc}{root}"
+
+    # -- study / series / instance ------------------------------------------------------------------------------------
+
+    async def retrieve(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+            choices = dicom_syntax_choices(parse_accept(request.headers.get("accept")))
+            if not choices:
+                raise HTTPError(406, 'acceptable: multipart/related; type="application/dicom"[; transfer-syntax=UID|*]')
+            plans: list[_Plan] = []
+            for ref in refs:
+                target = choose_syntax(ref.transfer_syntax_uid, choices)
+                if target is None:
+                    raise HTTPError(
+                        406,
+                        f"instance {ref.sop_instance_uid} is stored in {ref.transfer_syntax_uid} and "
+                        f"cannot be converted to any acceptable transfer syntax ({', '.join(choices)})",
+                    )
+                plans.append(_Plan(ref, target, None))
+        except HTTPError as e:
+            return _error_response(e)
+        return await self._send_instances(plans, choices)
+
+    async def _send_instances(self, plans: list[_Plan], choices: list[str]) -> Response:
+        from .multipart import new_boundary, related_content_type
+
+        boundary = new_boundary()
+        bnd = boundary.encode()
+        tail = b"--" + bnd + b"--\r\n"
+        fast = all(p.target == p.ref.transfer_syntax_uid for p in plans)
+        if fast:
+            items = await run_in_threadpool(self._stat_all, plans, bnd)
+            if items is not None:
+                length = sum(len(h) + size + 2 for h, _, size in items) + len(tail)
+                stream = _StoredStream(items, tail)
+                body = _prefetching(stream.next_batch, lambda: stream.done, stream.close)
+                syntaxes = {p.target for p in plans}
+                return StreamingResponse(
+                    body,
+                    headers={"Content-Length": str(length)},
+                    media_type=related_content_type(boundary, DICOM, syntaxes.pop() if len(syntaxes) == 1 else None),
+                )
+        return StreamingResponse(
+            self._generic_stream(plans, choices, bnd, tail), media_type=related_content_type(boundary, DICOM)
+        )
+
+    def _stat_all(self, plans: list[_Plan], bnd: bytes) -> list[tuple[bytes, str, int]] | None:
+        items = []
+        for p in plans:
+            path = self._local_path(p.ref)
+            if path is None:
+                return None
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return None
+            ctype = f"{DICOM}; transfer-syntax={p.target}"
+            items.append((_part_head(bnd, ctype, size), path, size))
+        return items
+
+    def _instance_bytes(self, plan: _Plan, choices: list[str]) -> tuple[bytes, str]:
+        data = self._read(plan.ref)
+        stored = plan.ref.transfer_syntax_uid
+        if plan.target == stored:
+            return zero_preamble(data), stored
+        tried = [plan.target] + [c for c in choices if c not in ("*", plan.target)]
+        for ts in tried:
+            try:
+                return zero_preamble(tc.transcode(data, ts)), ts
+            except tc.TranscodeError as e:
+                log.info("WADO-RS: %s to %s failed: %s", plan.ref.sop_instance_uid, ts, e)
+        if "*" in choices:
+            return zero_preamble(data), stored
+        raise tc.TranscodeError(f"{plan.ref.sop_instance_uid}: no acceptable transfer syntax can hold this instance")
+
+    async def _generic_stream(
+        self, plans: list[_Plan], choices: list[str], bnd: bytes, tail: bytes
+    ) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(None, self._instance_bytes, plans[0], choices) if plans else None
+        for i in range(len(plans)):
+            assert pending is not None
+            data, ts = await pending
+            pending = (
+                loop.run_in_executor(None, self._instance_bytes, plans[i + 1], choices) if i + 1 < len(plans) else None
+            )
+            yield _part_head(bnd, f"{DICOM}; transfer-syntax={ts}", len(data))
+            yield data
+            yield b"\r\n"
+        yield tail
+
+    # -- metadata -----------------------------------------------------------------------------------------------------
+
+    def _instance_metadata(self, ref: InstanceRef, base: str) -> bytes:
+        from ..dicom import json as dj
+
+        path = self._local_path(ref)
+        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
+        ds = pydicom.dcmread(src, defer_size=BULK_THRESHOLD, force=True)
+        _placeholder_deferred(ds)
+        prefix = (
+            f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
+            f"/instances/{ref.sop_instance_uid}/bulkdata/"
+        )
+
+        def bulk_uri(tag_path: tuple[int, ...]) -> str:
+            return prefix + dj.bulk_path_str(tag_path)
+
+        obj = dj.dataset_to_json(ds, bulk_uri, BULK_THRESHOLD)
+        return dj.dumps(obj)
+
+    async def metadata(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            accept = parse_accept(request.headers.get("accept"))
+            if not any(r.type in (DICOM_JSON, "application/json", "*/*", "application/*") for r in accept):
+                raise HTTPError(406, "metadata is available as application/dicom+json")
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+        except HTTPError as e:
+            return _error_response(e)
+        base = self.base_url(request)
+
+        async def body() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
+            yield b"["
+            pending = loop.run_in_executor(None, self._instance_metadata, refs[0], base)
+            for i in range(len(refs)):
+                data = await pending
+                if i + 1 < len(refs):
+                    pending = loop.run_in_executor(None, self._instance_metadata, refs[i + 1], base)
+                yield (b"," + data) if i else data
+            yield b"]"
+
+        return StreamingResponse(body(), media_type=DICOM_JSON)
+
+    # -- frames -------------------------------------------------------------------------------------------------------
+
+    async def frames(self, request: Request) -> Response:
+        try:
+            numbers = parse_frame_list(request.path_params["frames"])
+            ref = await self._one(request)
+            accept = parse_accept(request.headers.get("accept"))
+            result = await run_in_threadpool(self._frames_sync, ref, numbers, accept)
+        except HTTPError as e:
+            return _error_response(e)
+        return result
+
+    def _frames_sync(self, ref: InstanceRef, numbers: list[int], accept: list[MediaRange]) -> Response:
+        with self._reader(ref) as reader:
+            if not reader.has_pixels:
+                raise HTTPError(404, "instance has no pixel data")
+            for n in numbers:
+                if n > reader.number_of_frames:
+                    raise HTTPError(404, f"frame {n} does not exist (instance has {reader.number_of_frames})")
+            choice = choose_frame_media(accept, str(reader.transfer_syntax), single=len(numbers) == 1)
+            if choice is None:
+                raise HTTPError(
+                    406,
+                    "no acceptable media type for these frames (try multipart/related; "
+                    'type="application/octet-stream"; transfer-syntax=*)',
+                )
+            media, ts, multipart = choice
+            parts = []
+            for n in numbers:
+                try:
+                    parts.append(reader.frame_as(n, ts))
+                except (tc.TranscodeError, FrameError) as e:
+                    raise HTTPError(406 if isinstance(e, tc.TranscodeError) else 404, str(e)) from e
+        ctype = f"{media}; transfer-syntax={ts}"
+        if not multipart:
+            return Response(parts[0], media_type=media, headers={"Content-Type": ctype})
+        return _multipart_response([(ctype, p) for p in parts], media, ts)
+
+    # -- bulk data ----------------------------------------------------------------------------------------------------
+
+    async def bulkdata(self, request: Request) -> Response:
+        try:
+            ref = await self._one(request)
+            tag_path = parse_bulk_path(request.path_params["path"])
+            accept = parse_accept(request.headers.get("accept"))
+            return await run_in_threadpool(self._bulk_sync, ref, tag_path, accept, request.headers.get("range"))
+        except HTTPError as e:
+            return _error_response(e)
+
+    def _bulk_sync(
+        self, ref: InstanceRef, tag_path: list[int], accept: list[MediaRange], range_header: str | None
+    ) -> Response:
+        if tag_path == [0x7FE00010]:
+            with self._reader(ref) as reader:
+                if not reader.has_pixels:
+                    raise HTTPError(404, "no pixel data")
+                frame_numbers = list(range(1, reader.number_of_frames + 1))
+                if reader.is_native:
+                    choice = choose_frame_media(accept, ExplicitVRLittleEndian, single=True)
+                    if choice is None:
+                        raise HTTPError(406, "pixel data is available as application/octet-stream")
+                    if choice[1] == ExplicitVRLittleEndian:
+                        data = b"".join(reader.stored_frame(n)[0] for n in frame_numbers)
+                        return _bulk_response(data, accept, range_header)
+                choice = choose_frame_media(accept, str(reader.transfer_syntax), single=False)
+                if choice is None:
+                    raise HTTPError(406, "no acceptable media type for this pixel data")
+                media, ts, _ = choice
+                try:
+                    parts = [reader.frame_as(n, ts) for n in frame_numbers]
+                except tc.TranscodeError as e:
+                    raise HTTPError(406, str(e)) from e
+                if media == OCTET and tc.is_native(ts):
+                    return _bulk_response(b"".join(parts), accept, range_header)
+                return _multipart_response([(f"{media}; transfer-syntax={ts}", p) for p in parts], media, ts)
+        path = self._local_path(ref)
+        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
+        ds = pydicom.dcmread(src, force=True)
+        value = _walk(ds, tag_path)
+        return _bulk_response(value, accept, range_header)
+
+    # -- rendered / thumbnail ------------------------------------------------------------------------------------------
+
+    async def rendered(self, request: Request) -> Response:
+        return await self._render(request, thumbnail=False)
+
+    async def thumbnail(self, request: Request) -> Response:
+        return await self._render(request, thumbnail=True)
+
+    async def _render(self, request: Request, thumbnail: bool) -> Response:
+        p = request.path_params
+        try:
+            params, multipart = rendered_params(request, thumbnail)
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+            image_refs = refs
+            frames: list[int] | None = parse_frame_list(p["frames"]) if "frames" in p else None
+            if thumbnail or (not multipart and "instance" not in p):
+                # one representative image: the middle instance of the first series
+                first_series = [r for r in refs if r.series_instance_uid == refs[0].series_instance_uid]
+                image_refs = [first_series[(len(first_series) - 1) // 2]] if "instance" not in p else refs[:1]
+            result = await run_in_threadpool(self._render_sync, image_refs, frames, params, multipart, thumbnail)
+        except HTTPError as e:
+            return _error_response(e)
+        return result
+
+    def _render_sync(
+        self, refs: list[InstanceRef], frames: list[int] | None, params: RenderParams, multipart: bool, thumbnail: bool
+    ) -> Response:
+        images: list[bytes] = []
+        for ref in refs:
+            try:
+                with self._reader(ref) as reader:
+                    if not reader.has_pixels:
+                        if len(refs) == 1:
+                            raise HTTPError(406 if not thumbnail else 404, "instance has no pixel data to render")
+                        continue
+                    n_frames = reader.number_of_frames
+                    wanted = frames or (
+                        [(n_frames + 1) // 2] if thumbnail else list(range(1, n_frames + 1)) if multipart else [1]
+                    )
+                    for n in wanted:
+                        if n > n_frames:
+                            raise HTTPError(404, f"frame {n} does not exist (instance has {n_frames})")
+                        images.append(render_frame(reader, n, params))
+                        if not multipart:
+                            break
+            except (tc.TranscodeError, ValueError) as e:
+                if isinstance(e, HTTPError | RenderError):
+                    raise
+                raise HTTPError(406, f"cannot render {ref.sop_instance_uid}: {e}") from e
+            if images and not multipart:
+                break
+        if not images:
+            raise HTTPError(404, "nothing to render")
+        if not multipart:
+            return Response(images[0], media_type=params.media_type)
+        return _multipart_response([(params.media_type, im) for im in images], params.media_type, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter parsing and negotiation helpers
+
+
+def parse_frame_list(value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise HTTPError(400, "frame numbers must be positive integers separated by commas") from exc
+    if not numbers or any(n < 1 for n in numbers) or len(numbers) > 10_000:
+        raise HTTPError(400, "frame numbers must be positive integers (1-based) separated by commas")
+    return numbers
+
+
+def parse_bulk_path(value: str) -> list[int]:
+    parts = [p for p in value.strip("/").split("/") if p]
+    if not parts or len(parts) % 2 == 0:
+        raise HTTPError(400, "bad bulk data path")
+    out = []
+    try:
+        for i, p in enumerate(parts):
+            out.append(int(p, 16) if i % 2 == 0 else int(p))
+    except ValueError as exc:
+        raise HTTPError(400, "bad bulk data path") from exc
+    return out
+
+
+def _walk(ds: Dataset, path: list[int]) -> bytes:
+    cur: Any = ds
+    for i in range(0, len(path) - 1, 2):
+        tag, idx = path[i], path[i + 1]
+        if tag not in cur or cur[tag].VR != "SQ" or idx >= len(cur[tag].value):
+            raise HTTPError(404, "bulk data not found")
+        cur = cur[tag].value[idx]
+    tag = path[-1]
+    if tag not in cur:
+        raise HTTPError(404, "bulk data not found")
+    value = cur[tag].value
+    if isinstance(value, str):
+        return value.encode("latin-1")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raise HTTPError(404, "not a bulk data element")
+
+
+def _placeholder_deferred(ds: Dataset) -> None:
+    """Replace deferred (unread) large values by a placeholder of the same size class, so that /metadata never reads
+    pixel data: the JSON encoder only needs to know that the value is larger than the bulk threshold."""
+    placeholder = bytes(BULK_THRESHOLD + 1)
+    bits = ds.get("BitsAllocated", 16) if 0x00280100 in ds else 16
+    for tag, elem in list(ds._dict.items()):
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            vr = elem.VR
+            if vr is None or " or " in str(vr):
+                dvr = dictionary_VR(Tag(tag)) if _in_dictionary(tag) else "UN"
+                vr = dvr if " or " not in dvr else ("OB" if elem.length == 0xFFFFFFFF or int(bits or 16) <= 8 else "OW")
+            if elem.length == 0xFFFFFFFF:
+                vr = "OB"
+            if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "UN"):
+                ds._dict[tag] = DataElement(tag, vr, placeholder)
+            else:
+                _ = ds[tag]  # a large text value: read it
+
+
+def _in_dictionary(tag: int) -> bool:
+    from pydicom.datadict import dictionary_has_tag
+
+    return dictionary_has_tag(tag)
+
+
+def choose_frame_media(accept: list[MediaRange], stored: str, single: bool) -> tuple[str, str, bool] | None:
+    """(media type, transfer syntax, multipart) for frames stored in ``stored``, or None (406)."""
+    stored_media = OCTET if tc.is_native(stored) else TS_MEDIA.get(stored, OCTET)
+    native_stored = tc.is_native(stored)
+    for r in accept:
+        if r.multipart:
+            inner, multipart = (r.inner or OCTET), True
+        elif r.type in ("*/*",):
+            inner, multipart = "*/*", True
+        else:
+            inner, multipart = r.type, False
+            if not single:
+                continue
+        ts = _ts_param(r)
+        if inner in ("*/*", "image/*", "application/*") and (ts is None or ts == "*"):
+            if inner == "application/*" and not native_stored:
+                return OCTET, (ExplicitVRLittleEndian if tc.can_decode(stored) else stored), multipart
+            if inner == "image/*" and native_stored:
+                continue
+            return stored_media, (ExplicitVRLittleEndian if native_stored else stored), multipart
+        if inner == OCTET:
+            if ts == "*":
+                return OCTET, (ExplicitVRLittleEndian if native_stored else stored), multipart
+            target = ts or ExplicitVRLittleEndian
+            if target in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+                target = ExplicitVRLittleEndian  # frame bytes are the same for every native syntax
+            if target == stored or (native_stored and tc.is_native(target)) or tc.can_transcode(stored, target):
+                return OCTET, target, multipart
+            continue
+        if inner.startswith("image/"):
+            if ts == "*" or ts is None:
+                if stored_media == inner:
+                    return inner, stored, multipart
+                target = MEDIA_DEFAULT_TS.get(inner)
+                if target and tc.can_transcode(stored, target):
+                    return inner, target, multipart
+                continue
+            if TS_MEDIA.get(ts) != inner:
+                continue
+            if ts == stored or tc.can_transcode(stored, ts):
+                return inner, ts, multipart
+    return None
+
+
+def rendered_params(request: Request, thumbnail: bool) -> tuple[RenderParams, bool]:
+    q = request.query_params
+    accept = parse_accept(request.headers.get("accept"))
+    media, multipart = None, False
+    for r in accept:
+        inner = r.inner if r.multipart else r.type
+        if inner in ("*/*", "image/*", "") or inner in RENDERED_MEDIA:
+            media = "image/jpeg" if inner in ("*/*", "image/*", "") else inner
+            multipart = r.multipart
+            break
+    if media is None:
+        raise HTTPError(406, "rendered images are available as image/jpeg, image/png or image/gif")
+    try:
+        window = parse_window(q["window"]) if q.get("window") else None
+        viewport = parse_viewport(q["viewport"]) if q.get("viewport") else (Viewport(128, 128) if thumbnail else None)
+        quality = parse_quality(q["quality"]) if q.get("quality") else 90
+    except RenderError as e:
+        raise HTTPError(400, str(e)) from e
+    return RenderParams(media, window, viewport, quality), multipart and not thumbnail
+
+
+def _multipart_response(parts: list[tuple[str, bytes]], type_: str, ts: str | None) -> Response:
+    from .multipart import new_boundary, related_content_type
+
+    boundary = new_boundary()
+    b = boundary.encode()
+    body = bytearray()
+    for ctype, data in parts:
+        body += _part_head(b, ctype, len(data))
+        body += data
+        body += b"\r\n"
+    body += b"--" + b + b"--\r\n"
+    return Response(bytes(body), headers={"Content-Type": related_content_type(boundary, type_, ts)})
+
+
+def _bulk_response(data: bytes, accept: list[MediaRange], range_header: str | None) -> Response:
+    if range_header:
+        data = _apply_range(data, range_header)
+    for r in accept:
+        inner = r.inner if r.multipart else r.type
+        if inner in (OCTET, "*/*", "application/*", ""):
+            if r.multipart or r.type == "*/*":
+                return _multipart_response([(OCTET, data)], OCTET, None)
+            return Response(data, media_type=OCTET)
+    raise HTTPError(406, "bulk data is available as application/octet-stream")
+
+
+def _apply_range(data: bytes, header: str) -> bytes:
+    h = header.strip().lower()
+    if not h.startswith("bytes=") or "," in h:
+        raise HTTPError(400, "only a single bytes= range is supported")
+    start_s, _, end_s = h[6:].partition("-")
+    try:
+        if start_s == "":
+            n = int(end_s)
+            return data[-n:] if n else b""
+        start = int(start_s)
+        end = int(end_s) if end_s else len(data) - 1
+    except ValueError as exc:
+        raise HTTPError(400, "bad Range header") from exc
+    if start > end or start >= len(data):
+        raise HTTPError(416, "range not satisfiable")
+    return data[start : end + 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# WADO-URI
+
+
+class WadoURI:
+    def __init__(self, rs: WadoRS) -> None:
+        self.rs = rs
+
+    async def endpoint(self, request: Request) -> Response:
+        try:
+            return await self._handle(request)
+        except HTTPError as e:
+            return _error_response(e)
+
+    async def _handle(self, request: Request) -> Response:
+        q = request.query_params
+        if q.get("requestType") != "WADO":
+            raise HTTPError(400, "requestType=WADO is required")
+        study, series, sop = q.get("studyUID"), q.get("seriesUID"), q.get("objectUID")
+        if not (study and series and sop):
+            raise HTTPError(400, "studyUID, seriesUID and objectUID are required")
+        refs = await self.rs._instances(study, series, sop)
+        ref = refs[0]
+        requested = [_norm_media(c) for c in _split_outside_quotes(q.get("contentType", ""))]
+        is_image = ref.transfer_syntax_uid and await run_in_threadpool(self._has_pixels, ref)
+        if not requested:
+            requested = ["image/jpeg"] if is_image else [DICOM]
+        for media in requested:
+            if media in (DICOM, "application/*", "*/*"):
+                return await self._dicom(ref, q.get("transferSyntax"))
+            if media in RENDERED_MEDIA or media == "image/*":
+                if not is_image:
+                    continue
+                return await self._rendered(ref, "image/jpeg" if media == "image/*" else media, q)
+        raise HTTPError(406, f"contentType {q.get('contentType', '')!r} not available for this object")
+
+    def _has_pixels(self, ref: InstanceRef) -> bool:
+        with self.rs._reader(ref) as reader:
+            return reader.has_pixels
+
+    async def _dicom(self, ref: InstanceRef, ts: str | None) -> Response:
+        choices = [ts.strip()] if ts and ts.strip() else [ExplicitVRLittleEndian]
+        target = choose_syntax(ref.transfer_syntax_uid, choices)
+        if target is None:
+            raise HTTPError(406, f"cannot convert {ref.transfer_syntax_uid} to {choices[0]}")
+        plan = _Plan(ref, target, None)
+        try:
+            data, _ = await run_in_threadpool(self.rs._instance_bytes, plan, choices)
+        except tc.TranscodeError as e:
+            raise HTTPError(406, str(e)) from e
+        return Response(data, media_type=DICOM)
+
+    async def _rendered(self, ref: InstanceRef, media: str, q: Any) -> Response:
+        try:
+            window = None
+            if q.get("windowCenter") or q.get("windowWidth"):
+                if not (q.get("windowCenter") and q.get("windowWidth")):
+                    raise RenderError("windowCenter and windowWidth go together")
+                window = parse_window(f"{q['windowCenter']},{q['windowWidth']}")
+            viewport = None
+            if q.get("rows") or q.get("columns"):
+                rows = int(q.get("rows") or 8192)
+                cols = int(q.get("columns") or 8192)
+                viewport = parse_viewport(f"{cols},{rows}")
+            quality = parse_quality(q["imageQuality"]) if q.get("imageQuality") else 90
+            frame = int(q.get("frameNumber") or 1)
+            if frame < 1:
+                raise RenderError("frameNumber must be >= 1")
+        except (RenderError, ValueError) as e:
+            raise HTTPError(400, str(e)) from e
+        params = RenderParams(media, window, viewport, quality)
+        return await run_in_threadpool(self.rs._render_sync, [ref], [frame], params, False, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routes
+
+
+def routes(ctx: Any) -> list[Route]:
+    rs = WadoRS(ctx)
+    s, se, i = (
+        "/studies/{study}",
+        "/studies/{study}/series/{series}",
+        "/studies/{study}/series/{series}/instances/{instance}",
+    )
+    get = ["GET"]
+    return [
+        Route(s, rs.retrieve, methods=get),
+        Route(se, rs.retrieve, methods=get),
+        Route(i, rs.retrieve, methods=get),
+        Route(s + "/metadata", rs.metadata, methods=get),
+        Route(se + "/metadata", rs.metadata, methods=get),
+        Route(i + "/metadata", rs.metadata, methods=get),
+        Route(i + "/frames/{frames}", rs.frames, methods=get),
+        Route(i + "/bulkdata/{path:path}", rs.bulkdata, methods=get),
+        Route(s + "/rendered", rs.rendered, methods=get),
+        Route(se + "/rendered", rs.rendered, methods=get),
+        Route(i + "/rendered", rs.rendered, methods=get),
+        Route(i + "/frames/{frames}/rendered", rs.rendered, methods=get),
+        Route(s + "/thumbnail", rs.thumbnail, methods=get),
+        Route(se + "/thumbnail", rs.thumbnail, methods=get),
+        Route(i + "/thumbnail", rs.thumbnail, methods=get),
+        Route(i + "/frames/{frames}/thumbnail", rs.thumbnail, methods=get),
+        Route("/wado", WadoURI(rs).endpoint, methods=get),
+    ]
+
+
+def wado_uri_route(ctx: Any) -> Route:
+    """WADO-URI at the root of the HTTP port (``/wado``); the lead mounts it in web/app.py."""
+    return Route("/wado", WadoURI(WadoRS(ctx)).endpoint, methods=["GET"])

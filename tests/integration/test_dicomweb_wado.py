@@ -1,0 +1,464 @@
+"""WADO-RS / WADO-URI against the real ASGI app served by uvicorn on a free port, driven by dicomweb-client and
+requests: retrieval as stored and transcoded (pixel-exact), metadata with BulkDataURIs, frames, bulk data, rendered,
+thumbnails, and the error codes."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from helpers import dicomdata
+from helpers.ports import free_port
+from PIL import Image
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+warnings.filterwarnings("ignore", module="pydicom")
+
+FILES = {
+    "ct": "CT_small.dcm",
+    "mr": "MR_small.dcm",
+    "jls": "emri_small_jpeg_ls_lossless.dcm",  # multi-frame JPEG-LS
+    "rgb2": "SC_rgb_2frame.dcm",  # multi-frame RGB native
+    "us": "US1_UNCR.dcm",
+    "ybr": "examples_ybr_color.dcm",  # 30-frame JPEG baseline YBR
+    "j2k": "JPEG2000.dcm",
+    "pal": "OBXXXX1A.dcm",
+    "mono1": "RG1_UNCR.dcm",
+    "emri": "emri_small.dcm",  # native multi-frame (same SOP Instance UID as "jls": given a new one below)
+}
+
+
+def _load(key: str, name: str) -> bytes:
+    data = Path(dicomdata.testdata_file(name)).read_bytes()
+    if key != "emri":
+        return data
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+class Info:
+    def __init__(self, data: bytes) -> None:
+        self.bytes = data
+        self.ds = pydicom.dcmread(io.BytesIO(self.bytes))
+        self.study = self.ds.StudyInstanceUID
+        self.series = self.ds.SeriesInstanceUID
+        self.sop = self.ds.SOPInstanceUID
+        self.ts = str(self.ds.file_meta.TransferSyntaxUID)
+
+    @property
+    def url(self) -> str:
+        return f"/studies/{self.study}/series/{self.series}/instances/{self.sop}"
+
+    def pixels(self) -> np.ndarray:
+        return pydicom.dcmread(io.BytesIO(self.bytes)).pixel_array
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    import uvicorn
+
+    from openpacs.config import Settings
+    from openpacs.context import build_context
+    from openpacs.services.types import Source
+    from openpacs.web.app import build_app
+
+    data_dir = tmp_path_factory.mktemp("wado") / "data"
+    ctx = build_context(Settings(data_dir=data_dir))
+    infos = {}
+    for key, name in FILES.items():
+        info = Info(_load(key, name))
+        outcome = ctx.ingest.store_file(info.bytes, Source("TEST"))
+        assert outcome.ok, outcome
+        infos[key] = info
+    port = free_port()
+    config = uvicorn.Config(build_app(ctx), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}/dicom-web"
+    yield base, infos, ctx
+    server.should_exit = True
+    thread.join(10)
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=live[0])
+
+
+def _parts(resp: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    from openpacs.dicomweb.multipart import MultipartParser, parse_media_type
+
+    media, params = parse_media_type(resp.headers["content-type"])
+    assert media == "multipart/related"
+    parser = MultipartParser(params["boundary"])
+    parts = parser.feed(resp.content)
+    parser.close()
+    return [(p.headers, p.content) for p in parts]
+
+
+# ---------------------------------------------------------------------------------------------------------------- DICOM
+
+
+def test_retrieve_instance_as_stored_is_byte_identical_but_preamble(live, client) -> None:
+    _, infos, _ = live
+    for info in infos.values():
+        ds = client.retrieve_instance(info.study, info.series, info.sop, media_types=(("application/dicom", "*"),))
+        assert ds.SOPInstanceUID == info.sop
+        assert str(ds.file_meta.TransferSyntaxUID) == info.ts
+    # raw bytes: identical after the preamble, and the preamble zeroed
+    base, infos, _ = live
+    info = infos["ct"]
+    r = requests.get(
+        base + info.url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    )
+    assert r.status_code == 200
+    assert int(r.headers["content-length"]) == len(r.content)
+    [(headers, body)] = _parts(r)
+    assert body[:128] == bytes(128)
+    assert body[128:] == info.bytes[128:]
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={info.ts}"
+
+
+def test_hostile_preamble_is_zeroed(live) -> None:
+    base, _, ctx = live
+    from openpacs.services.types import Source
+
+    data = bytearray(Path(dicomdata.testdata_file("MR_small_implicit.dcm")).read_bytes())
+    ds = pydicom.dcmread(io.BytesIO(bytes(data)))
+    data[:4] = b"MZ\x90\x00"  # a PE header in the preamble
+    data[4:16] = b"\x7fELF" + bytes(8)
+    assert ctx.ingest.store_file(bytes(data), Source("TEST")).ok
+    url = f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for ts in ("*", ExplicitVRLittleEndian):
+        r = requests.get(url, headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={ts}'})
+        [(_, body)] = _parts(r)
+        assert body[:128] == bytes(128), ts
+    r = requests.get(
+        base + "/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": ds.StudyInstanceUID,
+            "seriesUID": ds.SeriesInstanceUID,
+            "objectUID": ds.SOPInstanceUID,
+            "contentType": "application/dicom",
+            "transferSyntax": ImplicitVRLittleEndian,
+        },
+    )
+    assert r.status_code == 200 and r.content[:128] == bytes(128)
+
+
+def test_retrieve_study_and_series(live, client) -> None:
+    _, infos, _ = live
+    info = infos["jls"]
+    series = client.retrieve_series(info.study, info.series, media_types=(("application/dicom", "*"),))
+    assert info.sop in [d.SOPInstanceUID for d in series]
+    study = client.retrieve_study(info.study, media_types=(("application/dicom", "*"),))
+    assert info.sop in {d.SOPInstanceUID for d in study}
+
+
+def test_default_syntax_is_explicit_little_endian(live) -> None:
+    base, infos, _ = live
+    for key in ("jls", "j2k", "ybr", "mr"):
+        info = infos[key]
+        for accept in ('multipart/related; type="application/dicom"', None):
+            r = requests.get(base + info.url, headers={"Accept": accept} if accept else {})
+            assert r.status_code == 200
+            ds = pydicom.dcmread(io.BytesIO(_parts(r)[0][1]))
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, key
+        assert ds.SOPInstanceUID == info.sop
+        if key != "ybr":  # lossless sources: pixel-exact
+            np.testing.assert_array_equal(ds.pixel_array, info.pixels())
+
+
+@pytest.mark.parametrize(
+    "target",
+    [JPEGLSLossless, JPEG2000Lossless, HTJ2KLossless, RLELossless, ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+)
+def test_lossless_transcoding_is_pixel_exact(live, target) -> None:
+    base, infos, _ = live
+    for key in ("ct", "mr", "jls", "rgb2", "us", "emri"):
+        info = infos[key]
+        r = requests.get(
+            base + info.url,
+            headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={target}'},
+        )
+        assert r.status_code == 200, (key, r.text)
+        [(headers, body)] = _parts(r)
+        assert headers["content-type"] == f"application/dicom; transfer-syntax={target}"
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == target
+        assert ds.SOPInstanceUID == info.sop
+        np.testing.assert_array_equal(ds.pixel_array, info.pixels(), err_msg=f"{key} -> {target}")
+
+
+def test_dicomweb_client_transcoded_retrieval(live, client) -> None:
+    _, infos, _ = live
+    info = infos["ct"]
+    ds = client.retrieve_instance(
+        info.study, info.series, info.sop, media_types=(("application/dicom", JPEGLSLossless),)
+    )
+    assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+    np.testing.assert_array_equal(ds.pixel_array, info.pixels())
+
+
+def test_accept_preference_and_406(live) -> None:
+    base, infos, _ = live
+    info = infos["ybr"]  # JPEG baseline: never re-encoded lossy, never transcoded to JPEG baseline from native
+    r = requests.get(
+        base + infos["ct"].url,
+        headers={"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={JPEGBaseline8Bit}'},
+    )
+    assert r.status_code == 406
+    r = requests.get(base + infos["ct"].url, headers={"Accept": "text/html"})
+    assert r.status_code == 406
+    # preference list: the first acceptable one wins
+    accept = (
+        f'multipart/related; type="application/dicom"; transfer-syntax={JPEGBaseline8Bit}, '
+        f'multipart/related; type="application/dicom"; transfer-syntax={JPEGLSLossless}; q=0.5'
+    )
+    r = requests.get(base + info.url, headers={"Accept": accept})
+    [(headers, _)] = _parts(r)
+    assert headers["content-type"].endswith(JPEGBaseline8Bit)
+    r = requests.get(base + infos["ct"].url, headers={"Accept": accept})
+    [(headers, _)] = _parts(r)
+    assert headers["content-type"].endswith(JPEGLSLossless)
+
+
+def test_unknown_uids_404(live) -> None:
+    base, infos, _ = live
+    info = infos["ct"]
+    for url in (
+        "/studies/1.2.3",
+        f"/studies/{info.study}/series/1.2.3",
+        f"/studies/{info.study}/series/{info.series}/instances/1.2.3",
+        f"/studies/{info.study}/series/{info.series}/instances/1.2.3/metadata",
+        f"/studies/{info.study}/series/{info.series}/instances/1.2.3/frames/1",
+        f"/studies/{info.study}/series/{info.series}/instances/1.2.3/rendered",
+        "/studies/1.2.3/metadata",
+        "/studies/1.2.3/thumbnail",
+    ):
+        assert requests.get(base + url).status_code == 404, url
+
+
+# ------------------------------------------------------------------------------------------------------------- metadata
+
+
+def test_metadata_and_bulkdata(live, client) -> None:
+    _, infos, _ = live
+    for key in ("ct", "jls", "rgb2"):
+        info = infos[key]
+        meta = client.retrieve_instance_metadata(info.study, info.series, info.sop)
+        assert meta["00080018"]["Value"] == [info.sop]
+        assert meta["00280010"]["Value"] == [int(info.ds.Rows)]
+        uri = meta["7FE00010"]["BulkDataURI"]
+        assert uri.startswith("http") and uri.endswith("/bulkdata/7FE00010")
+        if info.ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            [data] = client.retrieve_bulkdata(uri)
+            assert data == bytes(info.ds.PixelData)
+        else:
+            frames = client.retrieve_bulkdata(uri)
+            assert len(frames) == int(info.ds.get("NumberOfFrames", 1))
+    series_meta = client.retrieve_series_metadata(infos["mr"].study, infos["mr"].series)
+    assert [m["00080018"]["Value"][0] for m in series_meta] == [infos["mr"].sop]
+    study_meta = client.retrieve_study_metadata(infos["ct"].study)
+    assert infos["ct"].sop in {m["00080018"]["Value"][0] for m in study_meta}
+
+
+def test_bulkdata_of_other_binary_values(live) -> None:
+    base, infos, _ = live
+    info = infos["pal"]  # palette colour LUT data is OW bulk data
+    r = requests.get(base + info.url + "/metadata")
+    meta = r.json()[0]
+    uri = meta["00281201"].get("BulkDataURI")
+    if uri is None:  # small enough to be inline
+        return
+    r = requests.get(uri, headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 200 and r.content == bytes(info.ds[0x00281201].value)
+
+
+# --------------------------------------------------------------------------------------------------------------- frames
+
+
+def test_frames_native_and_compressed(live, client) -> None:
+    _, infos, _ = live
+    info = infos["emri"]  # native multi-frame
+    full = info.pixels()
+    frames = client.retrieve_instance_frames(info.study, info.series, info.sop, frame_numbers=[1, 5, 10])
+    assert len(frames) == 3
+    for n, data in zip([1, 5, 10], frames, strict=True):
+        np.testing.assert_array_equal(np.frombuffer(data, "<u2").reshape(full.shape[1:]), full[n - 1])
+
+    info = infos["jls"]
+    full = info.pixels()
+    frames = client.retrieve_instance_frames(
+        info.study, info.series, info.sop, frame_numbers=[2, 3], media_types=("image/jls",)
+    )
+    assert all(f[:2] == b"\xff\xd8" for f in frames)
+    # octet-stream of compressed data: decoded server-side
+    frames = client.retrieve_instance_frames(
+        info.study, info.series, info.sop, frame_numbers=[2], media_types=("application/octet-stream",)
+    )
+    np.testing.assert_array_equal(np.frombuffer(frames[0], "<u2").reshape(full.shape[1:]), full[1])
+
+
+def test_frames_transcoded_and_as_stored(live) -> None:
+    base, infos, _ = live
+    info = infos["ct"]
+    expected = info.pixels()
+    r = requests.get(base + info.url + "/frames/1", headers={"Accept": 'multipart/related; type="image/jls"'})
+    [(headers, body)] = _parts(r)
+    assert headers["content-type"] == f"image/jls; transfer-syntax={JPEGLSLossless}"
+    import jpeg_ls
+
+    np.testing.assert_array_equal(jpeg_ls.decode(np.frombuffer(body, np.uint8)).astype(expected.dtype), expected)
+    # OHIF style: octet-stream with transfer-syntax=* gives the stored bytes
+    info = infos["jls"]
+    r = requests.get(
+        base + info.url + "/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+    )
+    [(headers, body)] = _parts(r)
+    assert headers["content-type"] == f"application/octet-stream; transfer-syntax={JPEGLSLossless}"
+    assert body[:2] == b"\xff\xd8"
+    # single part
+    r = requests.get(base + infos["ct"].url + "/frames/1", headers={"Accept": "application/octet-stream"})
+    assert r.headers["content-type"].startswith("application/octet-stream")
+    assert r.content == bytes(infos["ct"].ds.PixelData)
+
+
+def test_frames_errors(live) -> None:
+    base, infos, _ = live
+    url = base + infos["ct"].url
+    assert requests.get(url + "/frames/2").status_code == 404
+    assert requests.get(url + "/frames/0").status_code == 400
+    assert requests.get(url + "/frames/a,b").status_code == 400
+    assert (
+        requests.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'}).status_code == 406
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------- rendered
+
+
+def _image(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def test_rendered(live, client) -> None:
+    base, infos, _ = live
+    info = infos["ct"]
+    data = client.retrieve_instance_rendered(info.study, info.series, info.sop, media_types=("image/png",))
+    im = _image(data)
+    assert im.format == "PNG" and im.size == (128, 128)
+    r = requests.get(
+        base + info.url + "/rendered",
+        params={"window": "40,400", "viewport": "64,64", "quality": "50"},
+        headers={"Accept": "image/jpeg"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert _image(r.content).size == (64, 64)
+    for bad in ({"window": "40"}, {"viewport": "0,0"}, {"quality": "1000"}):
+        assert requests.get(base + info.url + "/rendered", params=bad).status_code == 400, bad
+    assert requests.get(base + info.url + "/rendered", headers={"Accept": "video/mp4"}).status_code == 406
+    # frames and colour
+    ybr = infos["ybr"]
+    frame = client.retrieve_instance_frames_rendered(ybr.study, ybr.series, ybr.sop, frame_numbers=[15])
+    assert _image(frame).mode == "RGB"
+    # series and study level rendered give an image
+    r = requests.get(f"{base}/studies/{info.study}/series/{info.series}/rendered")
+    assert r.status_code == 200 and _image(r.content).format == "JPEG"
+    # MONOCHROME1 renders inverted: the brightest stored value is darkest
+    m1 = infos["mono1"]
+    r = requests.get(base + m1.url + "/rendered", headers={"Accept": "image/png"})
+    img = np.asarray(_image(r.content)).astype(int)
+    raw = m1.pixels()
+    assert img[raw == raw.max()].mean() < img[raw == raw.min()].mean()
+
+
+def test_thumbnails(live) -> None:
+    base, infos, _ = live
+    info = infos["ybr"]
+    for url in (
+        f"/studies/{info.study}/thumbnail",
+        f"/studies/{info.study}/series/{info.series}/thumbnail",
+        info.url + "/thumbnail",
+        info.url + "/frames/3/thumbnail",
+    ):
+        r = requests.get(base + url)
+        assert r.status_code == 200, url
+        assert max(_image(r.content).size) <= 128
+
+
+# ------------------------------------------------------------------------------------------------------------ WADO-URI
+
+
+def test_wado_uri(live) -> None:
+    base, infos, _ = live
+    info = infos["ct"]
+    q = {"requestType": "WADO", "studyUID": info.study, "seriesUID": info.series, "objectUID": info.sop}
+    r = requests.get(base + "/wado", params=q)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    r = requests.get(
+        base + "/wado",
+        params={
+            **q,
+            "contentType": "image/png",
+            "windowCenter": "40",
+            "windowWidth": "400",
+            "rows": "64",
+            "columns": "64",
+        },
+    )
+    assert r.status_code == 200 and _image(r.content).size == (64, 64)
+    r = requests.get(base + "/wado", params={**q, "contentType": "application/dicom"})
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    np.testing.assert_array_equal(ds.pixel_array, info.pixels())
+    r = requests.get(base + "/wado", params={**q, "contentType": "application/dicom", "transferSyntax": JPEGLSLossless})
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+    np.testing.assert_array_equal(ds.pixel_array, info.pixels())
+    ybr = infos["ybr"]
+    r = requests.get(
+        base + "/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": ybr.study,
+            "seriesUID": ybr.series,
+            "objectUID": ybr.sop,
+            "frameNumber": "7",
+        },
+    )
+    assert r.status_code == 200 and _image(r.content).mode == "RGB"
+    assert requests.get(base + "/wado", params={**q, "requestType": "X"}).status_code == 400
+    assert requests.get(base + "/wado", params={**q, "objectUID": "1.2.3"}).status_code == 404
+    assert requests.get(base + "/wado", params={**q, "contentType": "text/html"}).status_code == 406
+    assert requests.get(base + "/wado", params={**q, "windowCenter": "x", "windowWidth": "1"}).status_code == 400
