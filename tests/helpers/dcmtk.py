@@ -179,18 +179,23 @@ class RetrieveResult:
     def output(self) -> str:
         return self.result.output
 
+    def _last_response(self) -> str:
+        """The last incoming C-MOVE-RSP / C-GET-RSP as printed by DCMTK in debug mode (-d)."""
+        blocks = re.findall(r"Message Type\s*:\s*C-(?:MOVE|GET) RSP(.*?)END DIMSE MESSAGE", self.output, re.S)
+        return blocks[-1] if blocks else ""
+
     def final_counts(self) -> dict[str, int]:
-        """Sub-operation counters of the last C-GET/C-MOVE response as printed by DCMTK in debug mode."""
+        """Sub-operation counters of the final response; counters the response did not carry are absent."""
         counts: dict[str, int] = {}
         for name in ("Remaining", "Completed", "Failed", "Warning"):
-            found = re.findall(rf"Number of {name} Suboperations\s*:\s*(\d+)", self.output)
-            if found:
-                counts[name.lower()] = int(found[-1])
+            m = re.search(rf"{name} Suboperations\s*:\s*(\d+)", self._last_response())
+            if m:
+                counts[name.lower()] = int(m.group(1))
         return counts
 
     def final_status(self) -> int | None:
-        found = re.findall(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", self.output)
-        return int(found[-1], 16) if found else None
+        m = re.search(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", self._last_response())
+        return int(m.group(1), 16) if m else None
 
 
 def get(port: int, model: str, level: str, keys: dict[str, str], out_dir: Path, prefer: str | None = None,

@@ -170,12 +170,12 @@ class OpenPACSServer:
     def log_tail(self, chars: int = 20000) -> str:
         return self.log_text()[-chars:]
 
-    # files of the filesystem blob store: <data-dir>/blobs/xx/yy/<32 hex>
     def blob_files(self) -> list[Path]:
+        """Every file of the filesystem blob store (<data-dir>/blobs/...), partial writes in blobs/.tmp excepted."""
         root = self.data_dir / "blobs"
         if not root.exists():
             return []
-        return [p for p in root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*") if p.is_file()]
+        return [p for p in root.rglob("*") if p.is_file() and ".tmp" not in p.relative_to(root).parts]
 
     def tmp_files(self) -> list[Path]:
         root = self.data_dir / "blobs" / ".tmp"
@@ -188,3 +188,25 @@ class OpenPACSServer:
                 *self.index_args(), *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def make_server(request, base: Path, backend: str, **kwargs) -> OpenPACSServer:
+    """A not-yet-started server on `backend`; PostgreSQL gets a fresh database of the session cluster (pg_cluster)."""
+    index_url = None
+    if backend == "postgresql":
+        index_url = request.getfixturevalue("pg_cluster").create_database()
+    return OpenPACSServer(base / "data", index_url=index_url, **kwargs)
+
+
+def stop_cleanly(server: OpenPACSServer) -> None:
+    """SIGTERM; the server must exit 0. A server that already died is reported."""
+    if server.proc is None:
+        return
+    if not server.running:
+        code = server.proc.returncode
+        server._close()
+        if code != 0 and code != -9:
+            raise AssertionError(f"server had exited with {code}:\n{server.log_tail()}")
+        return
+    code = server.stop()
+    assert code == 0, f"openpacs serve exited with {code} on SIGTERM:\n{server.log_tail()}"

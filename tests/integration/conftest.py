@@ -7,26 +7,9 @@ from pathlib import Path
 
 import pytest
 from helpers import dcmtk
-from helpers.server import OpenPACSServer
+from helpers.server import OpenPACSServer, make_server, stop_cleanly
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
-
-
-def make_server(request, base: Path, backend: str, **kwargs) -> OpenPACSServer:
-    """A not-yet-started server on `backend`; PostgreSQL gets a fresh database of the session cluster."""
-    index_url = None
-    if backend == "postgresql":
-        index_url = request.getfixturevalue("pg_cluster").create_database()
-    return OpenPACSServer(base / "data", index_url=index_url, **kwargs)
-
-
-def stop_cleanly(server: OpenPACSServer) -> None:
-    if server.proc is None or not server.running:
-        if server.proc is not None and server.proc.returncode not in (0, None) and server.starts:
-            raise AssertionError(f"server died with {server.proc.returncode}:\n{server.log_tail()}")
-        return
-    code = server.stop()
-    assert code == 0, f"openpacs serve exited with {code} on SIGTERM:\n{server.log_tail()}"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -18,7 +18,7 @@ from helpers import dcmtk
 from helpers.dicomdata import dataset_bytes, small_image, write_part10
 from pydicom.uid import generate_uid
 
-from .conftest import make_server, stop_cleanly
+from helpers.server import make_server, stop_cleanly
 
 pytestmark = [pytest.mark.usefixtures("require_dcmtk"), pytest.mark.slow]
 
@@ -148,6 +148,27 @@ def wait_for_sweep(server, tmp: Path, context: str) -> None:
         time.sleep(0.5)
 
 
+def plant_orphans(server, cycle: int, rng: random.Random) -> list[Path]:
+    """While the server is down: an unreferenced blob beside a real one (same layout, fresh random name, old mtime)
+    and a partial write in blobs/.tmp, as a crash between blob write and commit leaves them."""
+    planted = []
+    blobs = server.blob_files()
+    if blobs:
+        model = rng.choice(blobs)
+        name = "".join(rng.choice("0123456789abcdef") for _ in model.name)
+        orphan = model.with_name(name)
+        orphan.write_bytes(model.read_bytes())
+        past = time.time() - 3600
+        os.utime(orphan, (past, past))
+        planted.append(orphan)
+    tmp_dir = server.data_dir / "blobs" / ".tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    partial = tmp_dir / "".join(rng.choice("0123456789abcdef") for _ in range(32))
+    partial.write_bytes(b"partial write")
+    planted.append(partial)
+    return planted
+
+
 def test_kill9_during_ingest(request, backend, tmp_path):
     seed = int(os.environ.get("OPENPACS_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
@@ -160,19 +181,14 @@ def test_kill9_during_ingest(request, backend, tmp_path):
             batches = make_batches(tmp_path / "src", cycle, rng)
             work = tmp_path / f"cycle{cycle}"
             work.mkdir()
-            # a planted orphan: a blob no index row references, and a partial write, as a crash leaves them
-            planted = srv.data_dir / "blobs" / "ab" / "cd" / f"abcd{cycle:02d}{'0' * 26}"
-            planted.parent.mkdir(parents=True, exist_ok=True)
-            planted.write_bytes(b"orphan")
-            (srv.data_dir / "blobs" / ".tmp").mkdir(parents=True, exist_ok=True)
-            (srv.data_dir / "blobs" / ".tmp" / f"{cycle:02d}{'e' * 30}").write_bytes(b"partial")
             what = ingest_and_kill(srv, batches, work, rng)
             history.extend(batches)
+            planted = plant_orphans(srv, cycle, rng)
             context = f"seed {seed}, cycle {cycle} ({what}), {backend}"
             srv.start()
             verify_batches(srv, batches, work, context)
             wait_for_sweep(srv, work, context)
-            assert not planted.exists(), f"{context}: planted orphan blob not removed"
+            assert not [p for p in planted if p.exists()], f"{context}: planted orphan blob / temp file not removed"
         # after all cycles: every acknowledged instance of every cycle is still there
         final = tmp_path / "final"
         final.mkdir()

@@ -15,7 +15,7 @@ from helpers import dcmtk, hostile
 from helpers.dicomdata import CT_IMAGE, MR_IMAGE, build_query_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .conftest import make_server, stop_cleanly
+from helpers.server import make_server, stop_cleanly
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 

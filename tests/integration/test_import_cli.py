@@ -16,7 +16,7 @@ from helpers import dcmtk
 from helpers.dicomdata import build_query_dataset, dataset_bytes, small_image, write_part10
 from pydicom.uid import generate_uid
 
-from .conftest import make_server, stop_cleanly
+from helpers.server import make_server, stop_cleanly
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 

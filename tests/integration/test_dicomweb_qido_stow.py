@@ -1,0 +1,523 @@
+"""QIDO-RS, STOW-RS and DELETE against the real server (`openpacs serve` on free ports), driven by dicomweb-client,
+requests and raw sockets: every QIDO level and matching rule, the STOW status matrix with its failure reasons, and
+hostile request bodies that must end in a clean 4xx while the server stays up."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import socket
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from helpers import dicomdata
+from helpers.server import OpenPACSServer, make_server, stop_cleanly
+from pydicom.dataset import FileMetaDataset
+
+warnings.filterwarnings("ignore", module="pydicom")
+
+MULTIPART = 'multipart/related; type="application/dicom"; boundary={b}'
+
+
+@pytest.fixture(scope="module")
+def srv(request, backend, tmp_path_factory) -> OpenPACSServer:
+    base = tmp_path_factory.mktemp(f"dicomweb-{backend}")
+    s = make_server(request, base, backend)
+    s.start()
+    yield s
+    stop_cleanly(s)
+
+
+@pytest.fixture(scope="module")
+def base(srv: OpenPACSServer) -> str:
+    return f"http://127.0.0.1:{srv.http_port}/dicom-web"
+
+
+@pytest.fixture(scope="module")
+def client(base: str) -> DICOMwebClient:
+    return DICOMwebClient(url=base)
+
+
+@pytest.fixture(scope="module")
+def data(client: DICOMwebClient, tmp_path_factory) -> tuple[dicomdata.QueryDataSet, pydicom.Dataset]:
+    """The synthetic query data set, stored through STOW-RS by dicomweb-client (one request)."""
+    qd = dicomdata.build_query_dataset(tmp_path_factory.mktemp("qido-files"), prefix="W")
+    response = client.store_instances([pydicom.dcmread(f) for f in qd.files])
+    return qd, response
+
+
+def multipart(parts: list[bytes], boundary: str = "stowtest") -> bytes:
+    out = b""
+    for p in parts:
+        out += b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+    return out + b"--" + boundary.encode() + b"--\r\n"
+
+
+def post(base: str, parts: list[bytes], path: str = "/studies", **headers: str) -> requests.Response:
+    h = {"Content-Type": MULTIPART.format(b="stowtest"), "Accept": "application/dicom+json"}
+    h.update(headers)
+    return requests.post(base + path, data=multipart(parts), headers=h, timeout=60)
+
+
+def new_instance(study: str | None = None, patient: str = "STOW1", **attrs: object) -> bytes:
+    ds = dicomdata.small_image()
+    ds.StudyInstanceUID = study or pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.PatientID = patient
+    ds.PatientName = "Stow^Test"
+    ds.Modality = "CT"
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def seq(body: dict, tag: str) -> list[dict]:
+    return body.get(tag, {}).get("Value", [])
+
+
+def val(item: dict, tag: str):
+    v = item.get(tag, {}).get("Value")
+    return v[0] if v else None
+
+
+def alive(srv: OpenPACSServer, base: str) -> None:
+    assert srv.running, srv.log_tail()
+    assert requests.get(f"http://127.0.0.1:{srv.http_port}/healthz", timeout=10).status_code == 200
+    assert requests.get(base + "/studies", params={"limit": "1"}, timeout=10).status_code in (200, 204)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# STOW-RS happy path (the data fixture) and QIDO-RS
+
+
+def test_stow_response_references_every_instance(data, base) -> None:
+    qd, response = data
+    refs = response.ReferencedSOPSequence
+    assert len(refs) == len(qd.files)
+    assert "FailedSOPSequence" not in response
+    by_uid = {i.uid: (st, se) for _, st, se, i in qd.instances()}
+    for item in refs:
+        st, se = by_uid[item.ReferencedSOPInstanceUID]
+        assert item.RetrieveURL == f"{base}/studies/{st.uid}/series/{se.uid}/instances/{item.ReferencedSOPInstanceUID}"
+        assert "WarningReason" not in item
+
+
+def test_search_all_levels(data, client) -> None:
+    qd, _ = data
+    studies = client.search_for_studies(search_filters={"PatientID": "WQP00*"})
+    assert {val(s, "0020000D") for s in studies} == {st.uid for _, st in qd.studies()}
+    series = client.search_for_series(search_filters={"PatientID": "WQP00*"})
+    assert {val(s, "0020000E") for s in series} == {se.uid for _, _, se in qd.series()}
+    instances = client.search_for_instances(search_filters={"PatientID": "WQP00*"})
+    assert {val(i, "00080018") for i in instances} == {i.uid for *_, i in qd.instances()}
+    p, st = qd.study("WACC101")
+    in_study = client.search_for_series(study_instance_uid=st.uid)
+    assert {val(s, "0020000E") for s in in_study} == {se.uid for se in st.series}
+    in_study_i = client.search_for_instances(study_instance_uid=st.uid)
+    assert {val(i, "00080018") for i in in_study_i} == {i.uid for i in st.instances}
+    se = st.series[1]
+    in_series = client.search_for_instances(study_instance_uid=st.uid, series_instance_uid=se.uid)
+    assert {val(i, "00080018") for i in in_series} == {i.uid for i in se.instances}
+
+
+def test_default_attributes_and_typing(data, client, base) -> None:
+    qd, _ = data
+    p, st = qd.study("WACC100")
+    (s,) = client.search_for_studies(search_filters={"AccessionNumber": "WACC100"})
+    for tag in (
+        "00080020",
+        "00080030",
+        "00080050",
+        "00080056",
+        "00080061",
+        "00080090",
+        "00081190",
+        "00100010",
+        "00100020",
+        "00100030",
+        "00100040",
+        "0020000D",
+        "00200010",
+        "00201206",
+        "00201208",
+    ):
+        assert tag in s, tag
+    assert s["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
+    assert s["00201206"] == {"vr": "IS", "Value": [2]}
+    assert s["00201208"] == {"vr": "IS", "Value": [5]}
+    assert s["00080056"]["Value"] == ["ONLINE"]
+    assert s["00081190"]["Value"] == [f"{base}/studies/{st.uid}"]
+    (se,) = client.search_for_series(study_instance_uid=st.uid, search_filters={"SeriesNumber": "1"})
+    for tag in ("00080060", "0008103E", "0020000E", "00200011", "00201209", "00081190"):
+        assert tag in se, tag
+    assert se["00200011"] == {"vr": "IS", "Value": [1]}
+    assert se["00081190"]["Value"] == [f"{base}/studies/{st.uid}/series/{st.series[0].uid}"]
+    inst = client.search_for_instances(study_instance_uid=st.uid, series_instance_uid=st.series[0].uid)
+    for i in inst:
+        for tag in ("00080016", "00080018", "00200013", "00280010", "00280011", "00280100", "00081190", "00080056"):
+            assert tag in i, tag
+        assert i["00280010"] == {"vr": "US", "Value": [8]}
+    all_series = client.search_for_series(search_filters={"AccessionNumber": "WACC100"})
+    assert all("00100020" in x and "00080050" in x for x in all_series)  # study attributes on /series
+
+
+def _accessions(results: list[dict]) -> set[str]:
+    return {val(r, "00080050") for r in results}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"PatientID": "WQP001"}, {"WACC100", "WACC101"}),  # single value
+        ({"PatientName": "Doe^John"}, {"WACC100", "WACC101"}),  # PN exact
+        ({"PatientName": "DOE^JOHN"}, {"WACC100", "WACC101"}),  # PN case-insensitive
+        ({"PatientName": "doe*"}, {"WACC100", "WACC101", "WACC200"}),  # wildcard *, case-insensitive
+        ({"PatientName": "Smith?on*"}, {"WACC400"}),  # wildcard ?
+        ({"AccessionNumber": "WXR*"}, {"WXR300"}),
+        ({"StudyDate": "20200101-20201231"}, {"WACC100", "WACC200"}),  # range
+        ({"StudyDate": "-20191231"}, {"WXR300"}),  # open start
+        ({"StudyDate": "20230101-"}, {"WACC400"}),  # open end
+        ({"StudyDate": "20200116"}, {"WACC200"}),
+        ({"StudyTime": "140000-150000"}, {"WACC101"}),  # time range vs fractional seconds
+        ({"ModalitiesInStudy": "MR"}, {"WACC101"}),
+        ({"Modality": "PT"}, {"WACC400"}),  # a series key at study level (relational)
+        ({"ReferringPhysicianName": "WELBY*"}, {"WACC100", "WACC200"}),
+        ({"PatientBirthDate": "19700101", "PatientSex": "M"}, {"WACC100", "WACC101"}),
+    ],
+)
+def test_matching_rules_studies(data, client, filters, expected) -> None:
+    results = client.search_for_studies(search_filters={**filters, "PatientID": filters.get("PatientID", "WQP*")})
+    assert _accessions(results) == expected
+
+
+def test_uid_list_matching(data, client, base) -> None:
+    qd, _ = data
+    a, b = qd.study("WACC100")[1].uid, qd.study("WACC301")[1].uid
+    # repeated parameter (what dicomweb-client sends for a list), comma- and backslash-separated lists
+    r1 = client.search_for_studies(search_filters={"StudyInstanceUID": [a, b]})
+    r2 = requests.get(f"{base}/studies?StudyInstanceUID={a},{b}", timeout=10).json()
+    r3 = requests.get(f"{base}/studies?StudyInstanceUID={a}%5C{b}", timeout=10).json()
+    for r in (r1, r2, r3):
+        assert {val(x, "0020000D") for x in r} == {a, b}
+    series = qd.study("WACC101")[1].series
+    rs = client.search_for_series(search_filters={"SeriesInstanceUID": [series[0].uid, series[2].uid]})
+    assert {val(x, "0020000E") for x in rs} == {series[0].uid, series[2].uid}
+
+
+def test_matching_rules_series_and_instances(data, client) -> None:
+    qd, _ = data
+    ct = client.search_for_series(search_filters={"Modality": "CT", "PatientID": "WQP*"})
+    assert {val(x, "0020000E") for x in ct} == {se.uid for _, _, se in qd.series() if se.modality == "CT"}
+    desc = client.search_for_series(search_filters={"SeriesDescription": "AXIAL*", "PatientID": "WQP*"})
+    assert {val(x, "0008103E") for x in desc} == {"AXIAL 5mm", "AXIAL 1mm"}
+    sr = client.search_for_instances(
+        search_filters={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.11", "PatientID": "WQP*"}
+    )
+    assert len(sr) == 1
+    inst2 = client.search_for_instances(search_filters={"InstanceNumber": "2", "Modality": "CT", "PatientID": "WQP*"})
+    assert len(inst2) == sum(1 for *_, se, i in qd.instances() if se.modality == "CT" and i.number == 2)
+
+
+def test_percent_decoding(data, base) -> None:
+    r = requests.get(f"{base}/studies?PatientName=DOE%5EJOHN*&PatientID=WQP*", timeout=10)
+    assert r.status_code == 200
+    assert _accessions(r.json()) == {"WACC100", "WACC101"}
+    r = requests.get(f"{base}/studies?PatientName=Doe%5Ejohn&PatientID=WQP%2A", timeout=10)
+    assert _accessions(r.json()) == {"WACC100", "WACC101"}
+
+
+def test_includefield(data, base) -> None:
+    q = {"AccessionNumber": "WACC100"}
+    plain = requests.get(f"{base}/studies", params=q, timeout=10).json()[0]
+    assert "00081030" in plain  # StudyDescription is a default here
+    r = requests.get(f"{base}/studies", params={**q, "includefield": "00080080,InstitutionName"}, timeout=10).json()[0]
+    assert "00080080" in r
+    r = requests.get(
+        f"{base}/studies", params=[*q.items(), ("includefield", "PatientAge"), ("includefield", "00101020")], timeout=10
+    ).json()[0]
+    assert "00101010" in r and "00101020" in r
+    r = requests.get(f"{base}/studies", params={**q, "includefield": "all"}, timeout=10).json()[0]
+    assert len(r) > len(plain)
+    r = requests.get(f"{base}/studies", params={**q, "includefield": "ProcedureCodeSequence"}, timeout=10).json()[0]
+    code = r["00081032"]["Value"][0]
+    assert code["00080100"]["Value"] == ["P-CT1"]  # from the stored header: not an indexed attribute
+
+
+def test_limit_offset(data, client) -> None:
+    qd, _ = data
+    seen: list[str] = []
+    for offset in range(0, 8, 2):
+        page = client.search_for_studies(search_filters={"PatientID": "WQP*"}, limit=2, offset=offset)
+        assert len(page) <= 2
+        seen += [val(s, "0020000D") for s in page]
+    assert len(seen) == len(set(seen)) == len(qd.studies())
+
+
+def test_fuzzymatching_accepted(data, client) -> None:
+    r = client.search_for_studies(search_filters={"PatientName": "Doe^John", "PatientID": "WQP*"}, fuzzymatching=True)
+    assert {"WACC100", "WACC101"} <= _accessions(r)
+
+
+def test_accept_negotiation(data, base) -> None:
+    q = {"AccessionNumber": "WACC100"}
+    for accept, media in [
+        (None, "application/dicom+json"),
+        ("application/json", "application/json"),
+        ("application/dicom+json, application/json", "application/dicom+json"),
+        ("*/*", "application/dicom+json"),
+        ("application/*;q=0.5, text/html", "application/dicom+json"),
+    ]:
+        h = {"Accept": accept} if accept else {}
+        r = requests.get(f"{base}/studies", params=q, headers=h, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media), (accept, r.headers)
+    r = requests.get(f"{base}/studies", params=q, headers={"Accept": "application/dicom+xml"}, timeout=10)
+    assert r.status_code == 406
+    r = requests.get(
+        f"{base}/studies", params={**q, "accept": "application/json"}, headers={"Accept": "text/html"}, timeout=10
+    )
+    assert r.status_code == 200
+
+
+def test_no_results_is_204(data, base) -> None:
+    r = requests.get(f"{base}/studies", params={"PatientID": "NOBODY"}, timeout=10)
+    assert r.status_code == 204 and r.content == b""
+    r = requests.get(f"{base}/studies", params={"PatientID": "NOBODY", "emptyresultstatus": "200"}, timeout=10)
+    assert r.status_code == 200 and r.json() == []
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("NotAnAttribute=1", "NotAnAttribute"),
+        ("limit=-1", "limit"),
+        ("limit=abc", "limit"),
+        ("offset=1.5", "offset"),
+        ("fuzzymatching=maybe", "fuzzymatching"),
+        ("includefield=Bogus", "Bogus"),
+        ("StudyDate=notadate", "StudyDate"),
+        ("PatientID=a&PatientID=b", "PatientID"),
+    ],
+)
+def test_bad_parameters_are_400_with_reason(data, base, query, needle) -> None:
+    r = requests.get(f"{base}/studies?{query}", timeout=10)
+    assert r.status_code == 400, r.text
+    assert needle.lower() in r.json()["error"].lower()
+    assert "Warning" in r.headers
+
+
+def test_bad_uid_in_path(data, base) -> None:
+    assert requests.get(f"{base}/studies/1.2.*/series", timeout=10).status_code == 400
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# STOW-RS status matrix
+
+
+def test_stow_200_into_study_url(base) -> None:
+    study = pydicom.uid.generate_uid()
+    r = post(base, [new_instance(study), new_instance(study)], path=f"/studies/{study}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["00081190"]["Value"] == [f"{base}/studies/{study}"]
+    assert len(seq(body, "00081199")) == 2
+
+
+def test_stow_202_partial(base) -> None:
+    good = new_instance()
+    r = post(base, [good, b"this is not DICOM at all" * 10])
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert len(seq(body, "00081199")) == 1
+    (failed,) = seq(body, "00081198")
+    assert val(failed, "00081197") == 0xC000
+
+
+def test_stow_409_none_stored_and_reasons(base) -> None:
+    study = pydicom.uid.generate_uid()
+    other = new_instance()  # another study than the URL's
+    bad_uid = new_instance(SOPInstanceUID="1.2.abc")
+    r = post(base, [other, b"\0" * 300, bad_uid], path=f"/studies/{study}")
+    assert r.status_code == 409, r.text
+    reasons = [val(f, "00081197") for f in seq(r.json(), "00081198")]
+    assert reasons == [0x0110, 0xC000, 0xA900]
+    assert not seq(r.json(), "00081199")
+    # the instance of the other study was not stored
+    sop = pydicom.dcmread(io.BytesIO(other)).SOPInstanceUID
+    assert requests.get(f"{base}/instances", params={"SOPInstanceUID": sop}, timeout=10).status_code == 204
+
+
+def test_stow_duplicates(base) -> None:
+    inst = new_instance()
+    assert post(base, [inst]).status_code == 200
+    r = post(base, [inst])  # identical: success, nothing new
+    assert r.status_code == 200 and len(seq(r.json(), "00081199")) == 1
+    ds = pydicom.dcmread(io.BytesIO(inst))
+    ds.PatientName = "Changed^Content"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    r = post(base, [buf.getvalue()])  # same SOP Instance UID, different content: first kept, warning
+    assert r.status_code == 202, r.text
+    (item,) = seq(r.json(), "00081199")
+    assert 0xB000 <= val(item, "00081196") <= 0xBFFF
+    assert "Warning" in r.headers
+
+
+def test_stow_gzip_body(base) -> None:
+    study = pydicom.uid.generate_uid()
+    body = gzip.compress(multipart([new_instance(study), new_instance(study)]))
+    r = requests.post(
+        base + "/studies",
+        data=body,
+        timeout=60,
+        headers={"Content-Type": MULTIPART.format(b="stowtest"), "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200, r.text
+    assert len(seq(r.json(), "00081199")) == 2
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/dicom", b"DICM", 415),
+        ('multipart/related; type="application/dicom+xml"; boundary=stowtest', None, 415),
+        ("multipart/related; type=application/dicom", None, 400),  # no boundary
+        ('multipart/related; type="application/dicom"; boundary="bad boundary "', None, 400),
+        ('multipart/related; type="application/dicom"; boundary=other', None, 400),  # boundary not in the body
+        ('multipart/related; type="application/dicom"; boundary=stowtest', b"--stowtest--\r\n", 400),  # no parts
+        ('multipart/related; type="application/dicom"; boundary=stowtest', "truncated", 400),
+        ("", None, 415),
+    ],
+)
+def test_stow_bad_requests(srv, base, content_type, body, status) -> None:
+    full = multipart([new_instance()])
+    if body is None:
+        body = full
+    elif body == "truncated":
+        body = full[: len(full) // 2]
+    r = requests.post(base + "/studies", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+    alive(srv, base)
+
+
+def test_stow_unsupported_content_encoding(srv, base) -> None:
+    r = requests.post(
+        base + "/studies",
+        data=multipart([new_instance()]),
+        timeout=60,
+        headers={"Content-Type": MULTIPART.format(b="stowtest"), "Content-Encoding": "br"},
+    )
+    assert r.status_code == 415
+
+
+def _raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_huge_content_length_claim_is_refused_without_reading(srv, base) -> None:
+    head = (
+        b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+        b'Content-Type: multipart/related; type="application/dicom"; boundary=stowtest\r\n'
+        b"Content-Length: 4294967296\r\n\r\n"
+    )
+    reply = _raw_request(srv.http_port, head, b"--stowtest\r\n")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    alive(srv, base)
+
+
+def _hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_gzip_bomb_is_refused_with_bounded_memory(srv, base) -> None:
+    # 512 MB of zeros after a valid part header, about 0.5 MB gzipped
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head = b"--stowtest\r\nContent-Type: application/dicom\r\n\r\n"
+    zero = b"\0" * (1 << 20)
+    body = c.compress(head) + b"".join(c.compress(zero) for _ in range(512)) + c.flush()
+    before = _hwm_kb(srv.proc.pid)
+    r = requests.post(
+        base + "/studies",
+        data=body,
+        timeout=120,
+        headers={"Content-Type": MULTIPART.format(b="stowtest"), "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 413, r.text
+    assert "bomb" in r.json()["error"]
+    assert _hwm_kb(srv.proc.pid) - before < 200 * 1024  # far below the 512 MB it would inflate to
+    alive(srv, base)
+
+
+def test_hostile_multipart_bodies_server_stays_up(srv, base) -> None:
+    b = b"stowtest"
+    bodies = [
+        b"",
+        b"--stowtest",
+        b"--stowtest\r\n",
+        b"--stowtest\r\nContent-Type: application/dicom\r\n",
+        b"--stowtest\r\n" + b"X: y\r\n" * 5000 + b"\r\n",  # endless headers
+        b"--stowtestXX\r\n\r\nabc\r\n--stowtest--",
+        b"\r\n--stowtest\r\nno-colon\r\n\r\nabc\r\n--stowtest--",
+        b"--stowtest\r\n\r\n" + b"\x00" * 100 + b"\r\n--stowtest--\r\n" + b"E" * 200_000,  # huge epilogue
+        uuid.uuid4().bytes * 10_000,
+    ]
+    for body in bodies:
+        r = requests.post(
+            base + "/studies",
+            data=body,
+            timeout=60,
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={b.decode()}'},
+        )
+        assert 400 <= r.status_code < 500, (body[:60], r.status_code, r.text)
+    alive(srv, base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DELETE
+
+
+def test_delete_instance_series_study(base) -> None:
+    study = pydicom.uid.generate_uid()
+    parts = [new_instance(study, patient="DEL1") for _ in range(3)]
+    r = post(base, parts, path=f"/studies/{study}")
+    assert r.status_code == 200
+    dss = [pydicom.dcmread(io.BytesIO(p)) for p in parts]
+    a = dss[0]
+    url = f"{base}/studies/{study}/series/{a.SeriesInstanceUID}/instances/{a.SOPInstanceUID}"
+    assert requests.delete(url, timeout=30).status_code == 204
+    assert requests.delete(url, timeout=30).status_code == 404
+    # a series addressed under the wrong study is not found, and not deleted
+    wrong = f"{base}/studies/{pydicom.uid.generate_uid()}/series/{dss[1].SeriesInstanceUID}"
+    assert requests.delete(wrong, timeout=30).status_code == 404
+    assert requests.delete(f"{base}/studies/{study}/series/{dss[1].SeriesInstanceUID}", timeout=30).status_code == 204
+    r = requests.get(f"{base}/studies/{study}/instances", timeout=30)
+    assert [val(x, "00080018") for x in r.json()] == [dss[2].SOPInstanceUID]
+    assert requests.delete(f"{base}/studies/{study}", timeout=30).status_code == 204
+    assert requests.get(f"{base}/studies", params={"StudyInstanceUID": study}, timeout=30).status_code == 204
+    assert requests.delete(f"{base}/studies/{study}", timeout=30).status_code == 404
+    assert requests.delete(f"{base}/studies/not-a-uid", timeout=30).status_code == 400
