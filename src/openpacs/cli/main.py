@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--jobs", type=int, default=4, help="parallel workers [4]")
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    v = sub.add_parser("install-viewer", help="fetch the pinned OHIF viewer build from npm (idempotent)")
+    v.add_argument("viewer_args", nargs=argparse.REMAINDER, help="[DEST] [--force] [--prefix /ohif/] [--tarball TGZ]")
+
     m = sub.add_parser("migrate", help="create or upgrade the index schema")
     _common(m)
     return parser
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "install-viewer":
+        from ..web.viewer import main as install_viewer
+
+        return install_viewer(args.viewer_args)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "paths", "jobs", "no_progress", "host")}
     if getattr(args, "host", None):
         overrides["dicom_host"] = args.host

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import pydicom.config
 from pydicom import dcmread
@@ -13,6 +14,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES
+from . import fastheader
 
 # Received data are stored as they came; validation warnings while reading headers are noise, not errors.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -93,13 +95,43 @@ def as_text(ds: Dataset, tag: int) -> str | None:
     return str(value)
 
 
-def index_values(ds: Dataset) -> dict[str, dict[str, object]]:
-    """Column values per level for the index, from a parsed header."""
+WANTED: dict[int, str] = {a.tag: a.vr for a in ATTRIBUTES.values() if not a.computed}
+WANTED.update({0x00080005: "CS", 0x00080016: "UI", 0x00080018: "UI", 0x0020000D: "UI", 0x0020000E: "UI",
+               0x00400275: "SQ"})
+ITEM_WANTED: dict[int, str] = {a.tag: a.vr for a in REQUEST_ATTRIBUTES.values()}
+
+
+@dataclass
+class HeaderInfo:
+    """What ingest needs from a header: the transfer syntax and the indexed values as DICOM strings."""
+
+    transfer_syntax_uid: str
+    values: dict[int, str]
+    item_values: dict[int, str]
+    dataset_offset: int
+
+
+def header_info(data: bytes | memoryview) -> HeaderInfo:
+    """Fast path for the common syntaxes and character sets, pydicom for everything else. Raises if unparsable."""
+    fast = fastheader.parse(data, WANTED, ITEM_WANTED)
+    if fast is not None:
+        return HeaderInfo(fast.transfer_syntax_uid, fast.values, fast.item_values, fast.dataset_offset)
+    ds = read_meta_and_header(data)
+    values = {tag: v for tag in WANTED if tag != 0x00400275 and (v := as_text(ds, tag)) is not None}
+    items: dict[int, str] = {}
+    seq = ds.get(0x00400275)
+    if seq is not None and seq.VR == "SQ" and len(seq.value):
+        items = {tag: v for tag in ITEM_WANTED if (v := as_text(seq.value[0], tag)) is not None}
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    return HeaderInfo(ts, values, items, dataset_offset(data))
+
+
+def index_values(info: HeaderInfo) -> dict[str, dict[str, object]]:
+    """Column values per level for the index."""
     out: dict[str, dict[str, object]] = {"PATIENT": {}, "STUDY": {}, "SERIES": {}, "IMAGE": {}}
-    for attr in ATTRIBUTES.values():
-        if attr.computed:
-            continue
-        v = as_text(ds, attr.tag)
+    values = info.values
+    for attr in _STORED:
+        v = values.get(attr.tag)
         if v is None:
             continue
         if attr.vr == "US":
@@ -108,19 +140,22 @@ def index_values(ds: Dataset) -> dict[str, dict[str, object]]:
             except ValueError:
                 out[attr.level][attr.column] = None
             continue
-        if attr.vr in ("DA", "TM"):
-            v = v.replace(":", "") if attr.vr == "TM" else v.replace(".", "")
+        if attr.vr == "DA":
+            v = v.replace(".", "")
+        elif attr.vr == "TM":
+            v = v.replace(":", "")
         out[attr.level][attr.column] = v
-        if attr.vr == "PN" and attr.column in ("patient_name", "referring_physician_name"):
+        if attr.column in _NORMALIZED:
             out[attr.level][attr.column + "_norm"] = v.upper()
-    seq = ds.get(0x00400275)
-    if seq is not None and seq.VR == "SQ" and len(seq.value):
-        item = seq.value[0]
-        for attr in REQUEST_ATTRIBUTES.values():
-            v = as_text(item, attr.tag)
-            if v:
-                out["SERIES"][attr.column] = v
+    for attr in REQUEST_ATTRIBUTES.values():
+        v = info.item_values.get(attr.tag)
+        if v:
+            out["SERIES"][attr.column] = v
     return out
+
+
+_STORED = [a for a in ATTRIBUTES.values() if not a.computed]
+_NORMALIZED = {"patient_name", "referring_physician_name"}
 
 
 def is_valid_uid(value: str | None) -> bool:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,14 @@ from sqlalchemy import create_engine, delete, event, exc, func, insert, select, 
 from sqlalchemy.engine import Connection, Engine
 
 from .schema import changes, instances, patients, series, settings_table, studies
+from .writer import BatchWriter, NewInstance, WriteResult
+
+__all__ = ["Index", "NewInstance", "WriteResult"]
 
 log = logging.getLogger(__name__)
+
+
+_EMPTY_INSTANCE: dict[str, Any] = {c.name: None for c in instances.c if c.name != "id"}
 
 
 def now() -> datetime:
@@ -26,49 +32,6 @@ def _normalize_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-@dataclass
-class NewInstance:
-    """One instance to index, prepared by the ingest service (blob already durable)."""
-
-    values: dict[str, dict[str, Any]]  # level -> column -> value (from dicom.header.index_values)
-    blob_key: str
-    size: int
-    sha256: str
-    transfer_syntax_uid: str
-    calling_aet: str = ""
-    source: str = ""
-    replace: bool = False  # duplicate policy "overwrite": replace an existing instance's blob
-
-
-@dataclass
-class WriteResult:
-    inserted: bool
-    existing_sha256: str = ""
-    existing_blob_key: str = ""  # set when a duplicate exists (or was replaced: the old blob to delete)
-    replaced: bool = False
-
-
-@dataclass
-class _StudyAcc:
-    id: int
-    patient_id: int
-    modalities: list[str]
-    sop_classes: list[str]
-    dirty: bool = False
-    new_series: int = 0
-    new_instances: int = 0
-    size: int = 0
-
-
-@dataclass
-class _Batch:
-    series: dict[str, tuple[int, int]] = field(default_factory=dict)  # series uid -> (series id, study id)
-    studies: dict[int, _StudyAcc] = field(default_factory=dict)
-    series_counts: dict[int, list[int]] = field(default_factory=dict)  # series id -> [instances, bytes]
-    patient_counts: dict[int, list[int]] = field(default_factory=dict)  # patient id -> [studies, series, instances]
-    changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Index:
@@ -84,6 +47,18 @@ class Index:
         else:
             self.engine = create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
             self.write_engine = self.engine
+        self._writer = BatchWriter(pyformat=not self.is_sqlite)
+        self._write_lock = threading.Lock()
+        self._raw: Any = None
+        if self.is_sqlite:
+            import sqlite3
+
+            self._retryable: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.IntegrityError)
+        else:
+            import psycopg
+
+            self._retryable = (psycopg.errors.UniqueViolation, psycopg.errors.SerializationFailure,
+                               psycopg.errors.DeadlockDetected)
 
     def _sqlite_engine(self, write: bool) -> Engine:
         engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 60})
@@ -121,172 +96,53 @@ class Index:
             return False
 
     def close(self) -> None:
+        with self._write_lock:
+            if self._raw is not None:
+                self._raw.close()
+                self._raw = None
         self.engine.dispose()
         if self.write_engine is not self.engine:
             self.write_engine.dispose()
 
     # -- writes ----------------------------------------------------------------------------------------------
     def write_batch(self, items: Sequence[NewInstance]) -> list[WriteResult]:
-        """Index a batch in one transaction (the group commit). Retries on lock/uniqueness races."""
-        for attempt in range(20):
+        """Index a batch in one transaction (the group commit). Retries on lock/uniqueness races between nodes."""
+        with self._write_lock:
+            for attempt in range(20):
+                raw = self._raw_writer()
+                cur = raw.cursor()
+                try:
+                    if self.is_sqlite:
+                        cur.execute("BEGIN IMMEDIATE")
+                    results = self._writer.write(cur, items)
+                    raw.commit() if not self.is_sqlite else cur.execute("COMMIT")
+                    return results
+                except Exception as e:
+                    try:
+                        raw.rollback() if not self.is_sqlite else cur.execute("ROLLBACK")
+                    except Exception:
+                        self._drop_raw_writer()
+                    retryable = isinstance(e, self._retryable)
+                    if not retryable or attempt == 19:
+                        raise
+                    log.debug("index write retry %d after %s", attempt, e.__class__.__name__)
+                    time.sleep(0.005 * (attempt + 1))
+                finally:
+                    cur.close()
+            raise AssertionError("unreachable")
+
+    def _raw_writer(self) -> Any:
+        if self._raw is None:
+            self._raw = self.write_engine.raw_connection()
+        return self._raw
+
+    def _drop_raw_writer(self) -> None:
+        if self._raw is not None:
             try:
-                with self.write_engine.begin() as conn:
-                    return self._write_batch(conn, items)
-            except (exc.IntegrityError, exc.OperationalError) as e:
-                if attempt == 19:
-                    raise
-                log.debug("index write retry %d after %s", attempt, e.__class__.__name__)
-                time.sleep(0.005 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _write_batch(self, conn: Connection, items: Sequence[NewInstance]) -> list[WriteResult]:
-        ts = now()
-        b = _Batch()
-        results: list[WriteResult] = []
-        for it in items:
-            iv = it.values["IMAGE"]
-            sop_uid = iv["sop_instance_uid"]
-            row = conn.execute(
-                select(instances.c.id, instances.c.sha256, instances.c.blob_key).where(
-                    instances.c.sop_instance_uid == sop_uid
-                )
-            ).first()
-            if row is not None:
-                if it.replace and row.sha256 != it.sha256:
-                    conn.execute(
-                        update(instances)
-                        .where(instances.c.id == row.id)
-                        .values(
-                            blob_key=it.blob_key, size_bytes=it.size, sha256=it.sha256,
-                            transfer_syntax_uid=it.transfer_syntax_uid, received_at=ts,
-                            calling_aet=it.calling_aet, source=it.source,
-                        )
-                    )
-                    b.changes.append(dict(change_type="UpdatedInstance", level="IMAGE", uid=sop_uid,
-                                          study_instance_uid=it.values["STUDY"]["study_instance_uid"], at=ts))
-                    results.append(WriteResult(False, row.sha256, row.blob_key, replaced=True))
-                else:
-                    results.append(WriteResult(False, row.sha256, row.blob_key))
-                continue
-            series_id, study_id = self._series_for(conn, it, b, ts)
-            conn.execute(
-                insert(instances).values(
-                    series_fk=series_id, blob_key=it.blob_key, size_bytes=it.size, sha256=it.sha256,
-                    transfer_syntax_uid=it.transfer_syntax_uid, calling_aet=it.calling_aet, source=it.source,
-                    received_at=ts, **iv,
-                )
-            )
-            acc = b.studies[study_id]
-            acc.new_instances += 1
-            acc.size += it.size
-            sc = b.series_counts.setdefault(series_id, [0, 0])
-            sc[0] += 1
-            sc[1] += it.size
-            b.patient_counts.setdefault(acc.patient_id, [0, 0, 0])[2] += 1
-            cls = iv.get("sop_class_uid")
-            if cls and cls not in acc.sop_classes:
-                acc.sop_classes.append(cls)
-                acc.dirty = True
-            b.changes.append(dict(change_type="NewInstance", level="IMAGE", uid=sop_uid,
-                                  study_instance_uid=it.values["STUDY"]["study_instance_uid"], at=ts))
-            results.append(WriteResult(True))
-        for sid, (n, size) in b.series_counts.items():
-            conn.execute(
-                update(series).where(series.c.id == sid).values(
-                    num_instances=series.c.num_instances + n, size_bytes=series.c.size_bytes + size, updated_at=ts
-                )
-            )
-        for acc in b.studies.values():
-            vals: dict[str, Any] = dict(
-                num_instances=studies.c.num_instances + acc.new_instances,
-                num_series=studies.c.num_series + acc.new_series,
-                size_bytes=studies.c.size_bytes + acc.size,
-                updated_at=ts,
-            )
-            if acc.dirty:
-                vals["modalities_in_study"] = "\\".join(acc.modalities)
-                vals["sop_classes_in_study"] = "\\".join(acc.sop_classes)
-            conn.execute(update(studies).where(studies.c.id == acc.id).values(**vals))
-        for pid, (nst, nse, ninst) in b.patient_counts.items():
-            conn.execute(
-                update(patients).where(patients.c.id == pid).values(
-                    num_studies=patients.c.num_studies + nst,
-                    num_series=patients.c.num_series + nse,
-                    num_instances=patients.c.num_instances + ninst,
-                    updated_at=ts,
-                )
-            )
-        if b.changes:
-            conn.execute(insert(changes), b.changes)
-        return results
-
-    def _series_for(self, conn: Connection, it: NewInstance, b: _Batch, ts: datetime) -> tuple[int, int]:
-        sv = it.values["SERIES"]
-        uid = sv["series_instance_uid"]
-        hit = b.series.get(uid)
-        if hit is not None:
-            return hit
-        row = conn.execute(select(series.c.id, series.c.study_fk).where(series.c.series_instance_uid == uid)).first()
-        if row is not None:
-            study_id = row.study_fk
-            self._study_acc(conn, study_id, b)
-            b.series[uid] = (row.id, study_id)
-            return row.id, study_id
-        study_id = self._study_for(conn, it, b, ts)
-        series_id = conn.execute(insert(series).values(study_fk=study_id, created_at=ts, updated_at=ts, **sv)).inserted_primary_key[0]
-        acc = b.studies[study_id]
-        acc.new_series += 1
-        b.patient_counts.setdefault(acc.patient_id, [0, 0, 0])[1] += 1
-        modality = sv.get("modality")
-        if modality and modality not in acc.modalities:
-            acc.modalities.append(modality)
-            acc.dirty = True
-        b.changes.append(dict(change_type="NewSeries", level="SERIES", uid=uid,
-                              study_instance_uid=it.values["STUDY"]["study_instance_uid"], at=ts))
-        b.series[uid] = (series_id, study_id)
-        return series_id, study_id
-
-    def _study_acc(self, conn: Connection, study_id: int, b: _Batch) -> _StudyAcc:
-        acc = b.studies.get(study_id)
-        if acc is None:
-            row = conn.execute(
-                select(studies.c.patient_fk, studies.c.modalities_in_study, studies.c.sop_classes_in_study).where(
-                    studies.c.id == study_id
-                )
-            ).one()
-            acc = _StudyAcc(
-                study_id, row.patient_fk,
-                [m for m in (row.modalities_in_study or "").split("\\") if m],
-                [m for m in (row.sop_classes_in_study or "").split("\\") if m],
-            )
-            b.studies[study_id] = acc
-        return acc
-
-    def _study_for(self, conn: Connection, it: NewInstance, b: _Batch, ts: datetime) -> int:
-        stv = it.values["STUDY"]
-        uid = stv["study_instance_uid"]
-        row = conn.execute(select(studies.c.id).where(studies.c.study_instance_uid == uid)).first()
-        if row is not None:
-            self._study_acc(conn, row.id, b)
-            return row.id
-        pv = it.values["PATIENT"]
-        pid = pv.get("patient_id") or ""
-        issuer = pv.get("issuer_of_patient_id") or ""
-        prow = conn.execute(
-            select(patients.c.id).where(patients.c.patient_id == pid, patients.c.issuer_of_patient_id == issuer)
-        ).first()
-        if prow is None:
-            patient_id = conn.execute(
-                insert(patients).values(created_at=ts, updated_at=ts, **{**pv, "patient_id": pid, "issuer_of_patient_id": issuer})
-            ).inserted_primary_key[0]
-            b.changes.append(dict(change_type="NewPatient", level="PATIENT", uid=pid, study_instance_uid=uid, at=ts))
-        else:
-            patient_id = prow.id
-        study_id = conn.execute(insert(studies).values(patient_fk=patient_id, created_at=ts, updated_at=ts, **stv)).inserted_primary_key[0]
-        b.studies[study_id] = _StudyAcc(study_id, patient_id, [], [])
-        b.patient_counts.setdefault(patient_id, [0, 0, 0])[0] += 1
-        b.changes.append(dict(change_type="NewStudy", level="STUDY", uid=uid, study_instance_uid=uid, at=ts))
-        return study_id
+                self._raw.invalidate()
+            except Exception:
+                pass
+            self._raw = None
 
     # -- reads -----------------------------------------------------------------------------------------------
     def find_instance(self, sop_instance_uid: str) -> Any:

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..config import Settings
-from ..dicom.header import as_text, dataset_offset, file_meta_bytes, index_values, is_valid_uid, read_meta_and_header
+from ..dicom.header import file_meta_bytes, header_info, index_values, is_valid_uid
 from ..index.db import Index, NewInstance, WriteResult
 from ..storage import BlobStore
 from .types import Source, Status, StoreOutcome
@@ -100,18 +100,14 @@ class IngestService:
     ) -> StoreOutcome:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            ds = read_meta_and_header(data)
+            info = header_info(data)
         except Exception as e:  # pydicom raises many kinds on garbage
             return self._fail(Status.CANNOT_UNDERSTAND, f"unparsable data set: {e}", command_class, command_instance, source)
-        try:
-            meta = ds.file_meta
-            ts = str(meta.get("TransferSyntaxUID", "") or "")
-            sop = as_text(ds, 0x00080018) or ""
-            cls = as_text(ds, 0x00080016) or ""
-            study = as_text(ds, 0x0020000D) or ""
-            series_uid = as_text(ds, 0x0020000E) or ""
-        except Exception as e:
-            return self._fail(Status.CANNOT_UNDERSTAND, f"unparsable data set: {e}", command_class, command_instance, source)
+        ts = info.transfer_syntax_uid
+        sop = info.values.get(0x00080018, "")
+        cls = info.values.get(0x00080016, "")
+        study = info.values.get(0x0020000D, "")
+        series_uid = info.values.get(0x0020000E, "")
         if not ts:
             return self._fail(Status.CANNOT_UNDERSTAND, "no transfer syntax in file meta", cls, sop, source)
         for name, value in (("SOP Instance UID", sop), ("SOP Class UID", cls), ("Study Instance UID", study),
@@ -133,20 +129,11 @@ class IngestService:
         outcome = StoreOutcome(status=Status.SUCCESS, sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study)
 
         if digest is None:
-            digest = _sha256([memoryview(data)[dataset_offset(data):]])
+            digest = _sha256([memoryview(data)[info.dataset_offset:]])
         policy = self.settings.duplicate_policy
-        existing = self.index.find_instance(sop)
-        if existing is not None:
-            if digest == existing.sha256:
-                outcome.duplicate = True
-                return outcome
-            if policy == "keep-first":
-                return self._duplicate_kept(outcome, source)
-            if policy == "reject":
-                return self._fail(Status.DUPLICATE_REJECTED, "duplicate SOP Instance UID with different content",
-                                  cls, sop, source)
+        # Duplicates are rare: no lookup before writing; the index transaction detects them and the blob goes.
         try:
-            values = index_values(ds)
+            values = index_values(info)
         except Exception as e:
             return self._fail(Status.CANNOT_UNDERSTAND, f"unreadable attribute: {e}", cls, sop, source)
         try:

@@ -25,7 +25,7 @@ from ..index.matching import MatchError
 from ..index.query import attributes_for, compile_query, rows
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
 from ..storage import BlobStore
-from .types import Level, Query, Status
+from .types import Query, Status
 
 log = logging.getLogger("openpacs.query")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -18,19 +19,21 @@ class FilesystemBlobStore:
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
 
-    # keys look like "3f/a9/3fa9c0...": random, two fan-out levels of 256 directories
+    # Keys look like "2026112803" + 32 random hex digits: the UTC hour the blob was written, then a random part.
+    # Blobs of one hour share a directory (YYYYMMDD/HH/), so a group commit fsyncs one directory, not one per file,
+    # and the orphan sweep can walk recent hours only.
     def _path(self, key: str) -> str:
-        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+        if len(key) != 42 or not key[:10].isdigit() or not all(c in "0123456789abcdef" for c in key[10:]):
             raise KeyError(f"invalid blob key {key!r}")
-        return os.path.join(self.root, key[:2], key[2:4], key)
+        return os.path.join(self.root, key[:8], key[8:10], key[10:])
 
     def path(self, key: str) -> str | None:
         return self._path(key)
 
     def put(self, chunks: list[bytes | memoryview]) -> StoredBlob:
-        key = uuid.uuid4().hex
+        key = time.strftime("%Y%m%d%H", time.gmtime()) + uuid.uuid4().hex
         final = self._path(key)
-        tmp = os.path.join(self.tmp, key)
+        tmp = os.path.join(self.tmp, key[10:])
         size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -95,15 +98,15 @@ class FilesystemBlobStore:
             pass
 
     def keys_older_than(self, epoch: float) -> Iterator[str]:
-        for a in os.scandir(self.root):
-            if not a.is_dir() or len(a.name) != 2:
+        for day in os.scandir(self.root):
+            if not day.is_dir() or len(day.name) != 8 or not day.name.isdigit():
                 continue
-            for b in os.scandir(a.path):
-                if not b.is_dir():
+            for hour in os.scandir(day.path):
+                if not hour.is_dir() or len(hour.name) != 2:
                     continue
-                for f in os.scandir(b.path):
+                for f in os.scandir(hour.path):
                     if len(f.name) == 32 and f.stat().st_mtime < epoch:
-                        yield f.name
+                        yield day.name + hour.name + f.name
 
     def clean_temp(self) -> int:
         n = 0

@@ -1,27 +1,38 @@
-"""The ASGI application of a node: health, DICOMweb, viewer, and (later) the admin console and REST API."""
+"""The ASGI application of a node: health, DICOMweb, WADO-URI, the OHIF viewer, the study list."""
 
 from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.routing import BaseRoute, Mount, Route
 
 from ..context import Context
 
 
 def build_app(ctx: Context) -> Starlette:
     from ..dicomweb.app import build_dicomweb
+    from .studylist import STUDY_LIST_PATH, studylist_routes
+    from .viewer import viewer_routes
 
     async def healthz(request: Request) -> JSONResponse:
         ok = ctx.index.ping()
         return JSONResponse({"status": "ok" if ok else "index-unavailable", "aet": ctx.settings.aet},
                             status_code=200 if ok else 503)
 
-    routes = [
-        Route("/healthz", healthz),
-        Mount("/dicom-web", app=build_dicomweb(ctx)),
-    ]
+    async def home(request: Request) -> RedirectResponse:
+        return RedirectResponse(STUDY_LIST_PATH, status_code=307)
+
+    routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/", home)]
+    try:
+        from ..dicomweb.wado import wado_uri_route
+    except ImportError:
+        pass
+    else:
+        routes.append(wado_uri_route(ctx))
+    routes += studylist_routes(ctx)
+    routes += viewer_routes(ctx, wado_uri_path="/wado")
+    routes.append(Mount("/dicom-web", app=build_dicomweb(ctx)))
     app = Starlette(routes=routes)
     app.state.ctx = ctx
     return app
