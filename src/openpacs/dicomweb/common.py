@@ -146,7 +146,14 @@ def service_root(request: Request) -> str:
     ``root_path`` holds the mount point (``/dicom-web``) and any proxy prefix; ``base_url`` does not (Starlette keeps
     the application's root there)."""
     url = request.url
-    return f"{url.scheme}://{url.netloc}{request.scope.get('root_path', '')}".rstrip("/")
+    netloc = url.netloc
+    server = request.scope.get("server")
+    if url.port is None and server and server[0] == url.hostname:
+        # dicomweb-client sends "Host: 127.0.0.1" without the port; on a direct connection the socket knows it
+        default = 443 if url.scheme == "https" else 80
+        if server[1] and server[1] != default:
+            netloc = f"{netloc}:{server[1]}"
+    return f"{url.scheme}://{netloc}{request.scope.get('root_path', '')}".rstrip("/")
 
 
 def study_url(root: str, study: str) -> str:

@@ -133,6 +133,8 @@ def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Q
                 warnings.append(f"matching on {key} is not supported and was ignored")
             continue
         kw = _keyword(key)
+        if "," in value and _vr(kw) == "UI":  # PS3.18 8.3.4.1: a UID list may be comma-separated
+            value = value.replace(",", "\\")
         if kw in seen:
             if _vr(kw) != "UI":
                 raise DicomWebError(400, f"{key} given more than once (only UID attributes take a list)")
