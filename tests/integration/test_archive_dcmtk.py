@@ -454,9 +454,7 @@ def test_find_cancel(find_server, qds, tmp_path):
     assert final, res.output
     total = len(qds.studies())
     n = len(list(out.glob("rsp*.dcm")))
-    assert final[-1] in ("Matching terminated due to Cancel request", "Success"), res.output
-    if "Cancel" in final[-1]:
-        assert n < total
-    else:
-        assert n == total
+    assert final[-1].startswith(("Cancel", "Success")), res.output
+    # pending responses already on the wire when the C-CANCEL arrived are fine; after Success, all were sent
+    assert n <= total if final[-1].startswith("Cancel") else n == total
     assert dcmtk.echo(find_server.dicom_port).returncode == 0
