@@ -28,6 +28,14 @@ MAX_PAGE_SIZE = 500
 
 # Search fields of the form: query parameter == DICOM keyword, matched by the one query engine (C-FIND rules).
 SEARCH_KEYS = ("PatientName", "PatientID", "AccessionNumber", "StudyDate", "ModalitiesInStudy", "StudyDescription")
+SEARCH_HINTS = {
+    "PatientName": "Patient name (DOE*)",
+    "PatientID": "Patient ID",
+    "AccessionNumber": "Accession",
+    "StudyDate": "Study date (20240101-20241231)",
+    "ModalitiesInStudy": "Modality (CT)",
+    "StudyDescription": "Description",
+}
 RETURN_KEYS = (
     "StudyInstanceUID",
     "PatientName",
@@ -124,7 +132,7 @@ def render_page(
     viewer_prefix: str = OHIF_PREFIX,
 ) -> str:
     fields = "".join(
-        f'<input name="{k}" placeholder="{_e(k)}" value="{_e(params.get(k, ""))}" aria-label="{_e(k)}">'
+        f'<input name="{k}" placeholder="{_e(SEARCH_HINTS[k])}" value="{_e(params.get(k, ""))}" aria-label="{_e(k)}">'
         for k in SEARCH_KEYS
     )
     head = "".join(f"<th>{_e(label)}</th>" for _kw, label in COLUMNS)
