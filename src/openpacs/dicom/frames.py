@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -68,7 +69,7 @@ class FrameReader:
                 # Offsets in a deflated file refer to the inflated stream: load it all (rare syntax, small files).
                 self._fp.seek(0)
                 self.ds = pydicom.dcmread(self._fp, force=True)
-            self._raw = self.ds._dict.get(PIXEL_DATA) if PIXEL_DATA in self.ds else None
+            self._raw: Any = self.ds._dict.get(Tag(PIXEL_DATA)) if PIXEL_DATA in self.ds else None
         except Exception:
             self.close()
             raise
@@ -155,14 +156,15 @@ class FrameReader:
         ds = self._full_dataset()
         from pydicom.pixels import get_decoder
 
-        arr, _ = get_decoder(self.transfer_syntax).as_array(ds, index=number - 1, as_rgb=as_rgb)
+        options: Any = {"as_rgb": as_rgb}
+        arr, _ = get_decoder(self.transfer_syntax).as_array(ds, index=number - 1, **options)
         return arr
 
     def _full_dataset(self) -> Dataset:
         """The dataset with pixel data loaded (deferred read of the pixel data only)."""
         if self._raw is not None and self._raw.value is None:
             _ = self.ds.PixelData  # loads the deferred value from the open file
-            self._raw = self.ds._dict[PIXEL_DATA]
+            self._raw = self.ds._dict[Tag(PIXEL_DATA)]
         return self.ds
 
     def decoded_photometric(self) -> str:

@@ -303,19 +303,19 @@ async def _prefetching(
 ) -> AsyncIterator[bytes]:
     """Yield batches from ``read`` (run in a thread), reading the next batch while the current one is sent."""
     loop = asyncio.get_running_loop()
+    pending: asyncio.Future[list[bytes]] | None = loop.run_in_executor(None, read)
     try:
-        pending = loop.run_in_executor(None, read)
-        while True:
+        while pending is not None:
             batch = await pending
-            finished = done()
-            if not finished:
-                pending = loop.run_in_executor(None, read)
+            pending = None if done() else loop.run_in_executor(None, read)
             for piece in batch:
                 yield piece
-            if finished:
-                break
     finally:
-        await run_in_threadpool(cleanup)
+        if pending is not None:  # client went away: let the read in flight finish before closing its file
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()
+        cleanup()
 
 
 @dataclass
@@ -751,9 +751,9 @@ def choose_frame_media(accept: list[MediaRange], stored: str, single: bool) -> t
             if ts == "*" or ts is None:
                 if stored_media == inner:
                     return inner, stored, multipart
-                target = MEDIA_DEFAULT_TS.get(inner)
-                if target and tc.can_transcode(stored, target):
-                    return inner, target, multipart
+                default = MEDIA_DEFAULT_TS.get(inner)
+                if default and tc.can_transcode(stored, default):
+                    return inner, default, multipart
                 continue
             if TS_MEDIA.get(ts) != inner:
                 continue
@@ -851,7 +851,7 @@ class WadoURI:
         refs = await self.rs._instances(study, series, sop)
         ref = refs[0]
         requested = [_norm_media(c) for c in _split_outside_quotes(q.get("contentType", ""))]
-        is_image = ref.transfer_syntax_uid and await run_in_threadpool(self._has_pixels, ref)
+        is_image = await run_in_threadpool(self._has_pixels, ref)
         if not requested:
             requested = ["image/jpeg"] if is_image else [DICOM]
         for media in requested:
@@ -868,7 +868,7 @@ class WadoURI:
             return reader.has_pixels
 
     async def _dicom(self, ref: InstanceRef, ts: str | None) -> Response:
-        choices = [ts.strip()] if ts and ts.strip() else [ExplicitVRLittleEndian]
+        choices: list[str] = [ts.strip()] if ts and ts.strip() else [str(ExplicitVRLittleEndian)]
         target = choose_syntax(ref.transfer_syntax_uid, choices)
         if target is None:
             raise HTTPError(406, f"cannot convert {ref.transfer_syntax_uid} to {choices[0]}")
