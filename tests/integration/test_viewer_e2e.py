@@ -28,7 +28,7 @@ from helpers.dicomdata import testdata_file as _testdata_file
 from helpers.dicomdata import write_part10
 from helpers.server import OpenPACSServer
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -137,6 +137,24 @@ def _phantom_series(directory: Path, slices: int = 4, size: int = 256) -> list[P
     return paths
 
 
+# Compressed variants of CT_small, each its own study: the viewer gets the stored bytes (transfer-syntax=*) and decodes
+# them with OHIF's wasm codecs in web workers.
+COMPRESSED = {"ct_jpegls": JPEGLSLossless, "ct_j2k": JPEG2000Lossless, "ct_rle": RLELossless}
+
+
+def _compressed_copy(directory: Path, name: str, transfer_syntax: str) -> Path:
+    ds = pydicom.dcmread(_testdata_file("CT_small.dcm"))
+    ds.compress(transfer_syntax)
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyDescription = f"CT_small as {transfer_syntax.name}"
+    path = directory / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _hostile_instance(directory: Path) -> Path:
     ds = pydicom.dcmread(_testdata_file("CT_small.dcm"))
     ds.StudyInstanceUID = generate_uid()
@@ -153,7 +171,7 @@ def _hostile_instance(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def viewer_server(require_dcmtk, ohif_dir, tmp_path_factory):
-    """A running server (SQLite index: the viewer does not depend on the backend) holding three studies."""
+    """A running server (SQLite index: the viewer does not depend on the backend) holding the studies of the tests."""
     base = tmp_path_factory.mktemp("viewer")
     old_env = os.environ.get("OPENPACS_OHIF_DIR")
     os.environ["OPENPACS_OHIF_DIR"] = str(ohif_dir)  # the server subprocess inherits it
@@ -180,6 +198,12 @@ def viewer_server(require_dcmtk, ohif_dir, tmp_path_factory):
         "phantom": [pydicom.dcmread(p) for p in phantom],
         "hostile": [pydicom.dcmread(hostile)],
     }
+    for name, ts in COMPRESSED.items():
+        path = _compressed_copy(files_dir, name, ts)
+        result = dcmtk.store(srv.dicom_port, [path], dcmtk.STORESCU_PROPOSE[ts])
+        status = dcmtk.parse_store_log(result.output).get(str(path), "")
+        assert result.returncode == 0 and status.startswith("Success"), f"storescu {name}: {result.output[-3000:]}"
+        srv.studies[name] = [pydicom.dcmread(path)]  # type: ignore[attr-defined]
     yield srv
     if srv.running:
         code = srv.stop()
@@ -394,7 +418,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-@pytest.mark.parametrize("study", ["ct_small", "phantom"])
+@pytest.mark.parametrize("study", ["ct_small", "phantom", *COMPRESSED])
 def test_viewer_renders_stored_ct(viewer_server, page, artifacts, study):
     base = f"http://127.0.0.1:{viewer_server.http_port}"
     datasets = viewer_server.studies[study]
@@ -417,7 +441,7 @@ def test_study_list_links_to_viewer(viewer_server, page, artifacts):
     assert response is not None and response.status == 200, f"/ui/studies: {response and response.status}"
     csp = response.headers.get("content-security-policy", "")
     assert "default-src 'none'" in csp and "script-src" not in csp
-    assert page.locator("#studies tbody tr").count() == 3
+    assert page.locator("#studies tbody tr").count() == len(viewer_server.studies)
     link = page.locator(f'a[data-study-uid="{ds.StudyInstanceUID}"]')
     assert link.count() == 1
     assert link.get_attribute("href") == f"/ohif/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}"
