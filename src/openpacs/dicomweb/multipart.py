@@ -452,7 +452,7 @@ async def write_multipart(parts: Iterable[OutPart] | AsyncIterable[OutPart], bou
                 yield bytes(body) if not isinstance(body, bytes) else body
         else:
             async for chunk in _aiter(body):
-                data = chunk if isinstance(chunk, bytes) else bytes(chunk)  # type: ignore[arg-type]
+                data = chunk if isinstance(chunk, bytes) else bytes(chunk)  # type: ignore[call-overload]
                 if len(pending) + len(data) <= _COALESCE:
                     pending += data
                     continue

@@ -1,0 +1,139 @@
+"""STOW-RS response semantics with a fake ingest: every failure reason maps to the right status and sequence item,
+including the ones a real server rarely produces (0xA700 out of resources, an exception in ingest)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from types import SimpleNamespace
+
+import httpx
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from openpacs.dicomweb import stow
+from openpacs.services.types import StoreOutcome
+
+B = "fakeb"
+STUDY = "1.2.3"
+
+
+class FakeIngest:
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.max_parallel = 0
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def store_file(self, data: bytes, source, expected_study_uid=None) -> StoreOutcome:
+        with self._lock:
+            self._active += 1
+            self.max_parallel = max(self.max_parallel, self._active)
+        try:
+            import time
+
+            time.sleep(0.02)
+            self.calls.append(data)
+            kind, _, sop = data.decode().partition(":")
+            if kind == "ok":
+                return StoreOutcome(
+                    0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, study_instance_uid=STUDY
+                )
+            if kind == "warn":
+                return StoreOutcome(0xB007, "kept first", "1.2.840.10008.5.1.4.1.1.2", sop, STUDY)
+            if kind == "full":
+                return StoreOutcome(0xA700, "disk full", "1.2.840.10008.5.1.4.1.1.2", sop)
+            if kind == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if kind == "boom":
+                raise RuntimeError("bug")
+            return StoreOutcome(0xC000, "unparsable")
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+class FakeQuery:
+    def find(self, q, cancelled=None):
+        from pydicom.dataset import Dataset
+
+        for sop in q.filters["SOPInstanceUID"].split("\\"):
+            ds = Dataset()
+            ds.SOPInstanceUID = sop
+            ds.SeriesInstanceUID = "9.9"
+            ds.StudyInstanceUID = STUDY
+            yield ds
+
+
+def app(ingest: FakeIngest) -> Starlette:
+    inner = Starlette(routes=stow.routes(None))  # type: ignore[arg-type]
+    inner.state.ctx = SimpleNamespace(settings=SimpleNamespace(), ingest=ingest, query=FakeQuery())
+    return Starlette(routes=[Mount("/dicom-web", app=inner)])
+
+
+def send(parts: list[bytes], ingest: FakeIngest | None = None) -> httpx.Response:
+    body = b"".join(b"--" + B.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+    body += b"--" + B.encode() + b"--\r\n"
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app(ingest or FakeIngest()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs:8042/dicom-web") as c:
+            return await c.post(
+                "/studies",
+                content=body,
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={B}'},
+            )
+
+    return asyncio.run(run())
+
+
+def reasons(r: httpx.Response) -> list[int]:
+    return [i["00081197"]["Value"][0] for i in r.json().get("00081198", {}).get("Value", [])]
+
+
+def test_all_ok_is_200_with_urls_and_parallel_stores() -> None:
+    ing = FakeIngest()
+    r = send([f"ok:1.{i}".encode() for i in range(20)], ing)
+    assert r.status_code == 200
+    refs = r.json()["00081199"]["Value"]
+    assert [x["00081155"]["Value"][0] for x in refs] == [f"1.{i}" for i in range(20)]  # part order kept
+    assert refs[0]["00081190"]["Value"] == ["http://pacs:8042/dicom-web/studies/1.2.3/series/9.9/instances/1.0"]
+    assert r.json()["00081190"]["Value"] == ["http://pacs:8042/dicom-web/studies/1.2.3"]
+    assert 1 < ing.max_parallel <= stow.STORE_CONCURRENCY
+
+
+def test_out_of_resources_and_exceptions() -> None:
+    r = send([b"ok:1.1", b"full:1.2", b"oserror:1.3", b"boom:1.4"])
+    assert r.status_code == 202
+    assert reasons(r) == [0xA700, 0xA700, 0x0110]
+    r = send([b"full:1.2"])
+    assert r.status_code == 409 and reasons(r) == [0xA700]
+
+
+def test_warning_only_is_202() -> None:
+    r = send([b"ok:1.1", b"warn:1.2"])
+    assert r.status_code == 202
+    refs = r.json()["00081199"]["Value"]
+    assert "00081196" not in refs[0] and refs[1]["00081196"]["Value"] == [0xB007]
+    assert "Warning" in r.headers
+
+
+def test_part_of_another_media_type_fails_alone() -> None:
+    body_parts = [b"ok:1.1"]
+    ing = FakeIngest()
+    body = b"--" + B.encode() + b"\r\nContent-Type: application/dicom\r\n\r\nok:1.1\r\n"
+    body += b"--" + B.encode() + b"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--" + B.encode() + b"--"
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app(ing))
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs/dicom-web") as c:
+            return await c.post(
+                "/studies",
+                content=body,
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={B}'},
+            )
+
+    r = asyncio.run(run())
+    assert r.status_code == 202 and reasons(r) == [0xC000]
+    assert len(ing.calls) == len(body_parts)
