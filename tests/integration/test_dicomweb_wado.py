@@ -462,3 +462,13 @@ def test_wado_uri(live) -> None:
     assert requests.get(base + "/wado", params={**q, "objectUID": "1.2.3"}).status_code == 404
     assert requests.get(base + "/wado", params={**q, "contentType": "text/html"}).status_code == 406
     assert requests.get(base + "/wado", params={**q, "windowCenter": "x", "windowWidth": "1"}).status_code == 400
+
+
+def test_wado_uri_at_root(live) -> None:
+    base, infos, _ = live
+    info = infos["mr"]
+    root = base.rsplit("/dicom-web", 1)[0]
+    q = {"requestType": "WADO", "studyUID": info.study, "seriesUID": info.series, "objectUID": info.sop}
+    r = requests.get(root + "/wado", params={**q, "contentType": "application/dicom", "transferSyntax": "*"})
+    assert r.status_code == 200, "WADO-URI must also be mounted at /wado on the root (web/app.py)"
+    assert r.content[128:] == info.bytes[128:]
