@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="create or upgrade the index schema")
     _common(m)
+
+    from .user import add_parsers as add_user_parsers
+
+    add_user_parsers(sub, _common)
     return parser
+
+
+# argparse destinations that are Settings fields (subcommand arguments such as `user add --role` are not)
+_SETTING_FLAGS = frozenset({"data_dir", "index_url", "storage_url", "log_level", "dicom_port", "http_port", "aet",
+                            "dicom_workers"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         from ..web.viewer import main as install_viewer
 
         return install_viewer(args.viewer_args)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "paths", "jobs", "no_progress", "host")}
+    overrides = {k: v for k, v in vars(args).items() if k in _SETTING_FLAGS}
     if getattr(args, "host", None):
         overrides["dicom_host"] = args.host
         overrides["http_host"] = args.host
     settings = load_settings(args.config, **overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.command == "serve":
         from .serve import serve
 
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from .importer import run_import
 
         return run_import(settings, args.paths, jobs=args.jobs, progress=not args.no_progress)
+    if args.command in ("user", "department"):
+        from .user import run as run_user
+
+        return run_user(settings, args)
     if args.command == "migrate":
         from ..context import build_context
 
