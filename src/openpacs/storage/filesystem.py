@@ -17,7 +17,12 @@ class FilesystemBlobStore:
         self.tmp = os.path.join(self.root, ".tmp")
         os.makedirs(self.tmp, exist_ok=True)
         self._dirty: set[str] = set()
+        self._new_dirs: set[str] = set()  # written into since the last sync, entry in the parent not yet synced
+        self._durable_dirs: set[str] = set()  # directories whose own entry is known to be on stable storage
         self._lock = threading.Lock()
+        # temp files older than this store are crash leftovers; newer ones may be writes in flight (in this process
+        # or in a sibling worker process), which clean_temp must not pull from under their rename
+        self._created = time.time()
 
     # Keys look like "2026112803" + 32 random hex digits: the UTC hour the blob was written, then a random part.
     # Blobs of one hour share a directory (YYYYMMDD/HH/), so a group commit fsyncs one directory, not one per file,
@@ -53,17 +58,21 @@ class FilesystemBlobStore:
             os.rename(tmp, final)
         except FileNotFoundError:
             os.makedirs(d, exist_ok=True)
-            with self._lock:
-                self._dirty.add(os.path.dirname(d))
-                self._dirty.add(os.path.dirname(os.path.dirname(d)))
             os.rename(tmp, final)
         with self._lock:
             self._dirty.add(d)
+            if d not in self._durable_dirs:
+                # The directory may be new: made by this call, or by a concurrent put whose own bookkeeping may land
+                # in a later group commit. Its entry (and its parent's) must be synced before this blob is acked.
+                self._new_dirs.add(d)
+                self._dirty.add(os.path.dirname(d))
+                self._dirty.add(os.path.dirname(os.path.dirname(d)))
         return StoredBlob(key=key, size=size)
 
     def sync_pending(self) -> None:
         with self._lock:
             dirs, self._dirty = self._dirty, set()
+            new, self._new_dirs = self._new_dirs, set()
         # parents after children so a new directory's entry is durable once its content is
         for d in sorted(dirs, key=len, reverse=True):
             fd = os.open(d, os.O_RDONLY)
@@ -71,6 +80,8 @@ class FilesystemBlobStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        with self._lock:
+            self._durable_dirs |= new
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         with open(self._path(key), "rb") as f:
@@ -109,8 +120,16 @@ class FilesystemBlobStore:
                         yield day.name + hour.name + f.name
 
     def clean_temp(self) -> int:
+        """Remove partial writes left by a crash: temp files last written before this store was opened (with a
+        margin for coarse file timestamps). Later ones may be in-flight writes."""
         n = 0
+        limit = self._created - 2.0
         for f in os.scandir(self.tmp):
-            os.unlink(f.path)
+            try:
+                if f.stat().st_mtime >= limit:
+                    continue
+                os.unlink(f.path)
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
             n += 1
         return n
