@@ -140,6 +140,8 @@ def index_values(info: HeaderInfo) -> dict[str, dict[str, object]]:
             except ValueError:
                 out[attr.level][attr.column] = None
             continue
+        if "\0" in v:  # PostgreSQL refuses NUL in text, and it is never meaningful inside a DICOM string
+            v = v.replace("\0", "")
         if attr.vr == "DA":
             v = v.replace(".", "")
         elif attr.vr == "TM":
@@ -150,7 +152,7 @@ def index_values(info: HeaderInfo) -> dict[str, dict[str, object]]:
     for attr in REQUEST_ATTRIBUTES.values():
         v = info.item_values.get(attr.tag)
         if v:
-            out["SERIES"][attr.column] = v
+            out["SERIES"][attr.column] = v.replace("\0", "")
     return out
 
 

@@ -7,6 +7,7 @@ than SQLite itself for small batches, so the writer keeps one raw connection and
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class BatchWriter:
         )
         existing = {r[1]: r for r in cur.fetchall()}
         in_batch: dict[str, NewInstance] = {}
+        replacing: dict[str, tuple[int, NewInstance]] = {}
         new_rows: list[dict[str, Any]] = []
         for it in items:
             iv = it.values["IMAGE"]
@@ -103,12 +105,10 @@ class BatchWriter:
             study_uid = it.values["STUDY"]["study_instance_uid"]
             row = existing.get(sop_uid)
             if row is not None:
-                if it.replace and row[2] != it.sha256:
-                    cur.execute(self.sql(
-                        "UPDATE instances SET blob_key = :k, size_bytes = :s, sha256 = :h, transfer_syntax_uid = :ts,"
-                        " received_at = :at, calling_aet = :aet, source = :src WHERE id = :id"),
-                        dict(k=it.blob_key, s=it.size, h=it.sha256, ts=it.transfer_syntax_uid, at=ts,
-                             aet=it.calling_aet, src=it.source, id=row[0]))
+                if it.replace and row[2] != it.sha256 and sop_uid not in replacing:
+                    # done after this batch's own rows and counters: the new content may name another series,
+                    # study or patient, so the old row goes (with recounts) and the new one is inserted afresh
+                    replacing[sop_uid] = (row[0], it)
                     b.changes.append(dict(change_type="UpdatedInstance", level="IMAGE", uid=sop_uid,
                                           study_instance_uid=study_uid, at=ts))
                     results.append(WriteResult(False, row[2], row[3], replaced=True))
@@ -163,7 +163,48 @@ class BatchWriter:
         if b.changes:
             cur.executemany(self.sql("INSERT INTO changes (change_type, level, uid, study_instance_uid, at)"
                                      " VALUES (:change_type, :level, :uid, :study_instance_uid, :at)"), b.changes)
+        for old_id, it in replacing.values():
+            self._remove_instance(cur, old_id)
+            self.write(cur, [dataclasses.replace(it, replace=False)])
         return results
+
+    def _remove_instance(self, cur: Any, instance_id: int) -> None:
+        """Delete one instance row and bring its series, study and patient counters and lists back in line
+        (removing the ones left empty)."""
+        cur.execute(self.sql("SELECT s.id, s.study_fk, st.patient_fk FROM instances i JOIN series s ON i.series_fk = s.id"
+                             " JOIN studies st ON s.study_fk = st.id WHERE i.id = :id"), {"id": instance_id})
+        series_id, study_id, patient_id = cur.fetchone()
+        cur.execute(self.sql("DELETE FROM instances WHERE id = :id"), {"id": instance_id})
+        cur.execute(self.sql("SELECT count(*), coalesce(sum(size_bytes), 0) FROM instances WHERE series_fk = :id"),
+                    {"id": series_id})
+        n, size = cur.fetchone()
+        if n == 0:
+            cur.execute(self.sql("DELETE FROM series WHERE id = :id"), {"id": series_id})
+        else:
+            cur.execute(self.sql("UPDATE series SET num_instances = :n, size_bytes = :s WHERE id = :id"),
+                        {"n": n, "s": size, "id": series_id})
+        cur.execute(self.sql("SELECT modality, num_instances, size_bytes FROM series WHERE study_fk = :id ORDER BY id"),
+                    {"id": study_id})
+        rows = cur.fetchall()
+        if not rows:
+            cur.execute(self.sql("DELETE FROM studies WHERE id = :id"), {"id": study_id})
+        else:
+            cur.execute(self.sql("SELECT DISTINCT i.sop_class_uid FROM instances i JOIN series s ON i.series_fk = s.id"
+                                 " WHERE s.study_fk = :id"), {"id": study_id})
+            classes = sorted(r[0] for r in cur.fetchall())
+            modalities = list(dict.fromkeys(r[0] for r in rows if r[0]))
+            cur.execute(self.sql("UPDATE studies SET num_series = :ns, num_instances = :ni, size_bytes = :s,"
+                                 " modalities_in_study = :m, sop_classes_in_study = :c WHERE id = :id"),
+                        {"ns": len(rows), "ni": sum(r[1] for r in rows), "s": sum(r[2] for r in rows),
+                         "m": "\\".join(modalities), "c": "\\".join(classes), "id": study_id})
+        cur.execute(self.sql("SELECT num_series, num_instances FROM studies WHERE patient_fk = :id"), {"id": patient_id})
+        prow = cur.fetchall()
+        if not prow:
+            cur.execute(self.sql("DELETE FROM patients WHERE id = :id"), {"id": patient_id})
+        else:
+            cur.execute(self.sql("UPDATE patients SET num_studies = :a, num_series = :b, num_instances = :c"
+                                 " WHERE id = :id"),
+                        {"a": len(prow), "b": sum(r[0] for r in prow), "c": sum(r[1] for r in prow), "id": patient_id})
 
     def _series_for(self, cur: Any, it: NewInstance, b: _Batch, ts: Any) -> tuple[int, int]:
         sv = it.values["SERIES"]
