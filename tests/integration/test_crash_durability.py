@@ -183,6 +183,7 @@ def test_kill9_during_ingest(request, backend, tmp_path):
             work.mkdir()
             what = ingest_and_kill(srv, batches, work, rng)
             history.extend(batches)
+            print(f"cycle {cycle}: {what}")
             planted = plant_orphans(srv, cycle, rng)
             context = f"seed {seed}, cycle {cycle} ({what}), {backend}"
             srv.start()
