@@ -96,6 +96,7 @@ class Malformed:
     path: Path
     command_sop_class: str
     command_sop_instance: str
+    note: str = ""
 
 
 def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Malformed]:
@@ -103,11 +104,11 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
     out: list[Malformed] = []
     n = 0
 
-    def add(kind: str, ds_bytes: bytes, sop_class: str, sop_instance: str) -> None:
+    def add(kind: str, ds_bytes: bytes, sop_class: str, sop_instance: str, note: str = "") -> None:
         nonlocal n
         n += 1
         out.append(Malformed(kind, write_raw(directory / f"{n:04d}-{kind}.dcm", sop_class, sop_instance, ds_bytes),
-                             sop_class, sop_instance))
+                             sop_class, sop_instance, note))
 
     for _ in range(60):  # truncated inside an element value (never at an element boundary)
         ds = base_dataset(study)
@@ -146,9 +147,7 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
             ds = base_dataset(study)
             sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
             setattr(ds, kw, bad)
-            if kw == "StudyInstanceUID":
-                pass
-            add(f"invalid-{kw}", encode(ds), sop_class, sop_instance)
+            add(f"invalid-{kw}", encode(ds), sop_class, sop_instance, note=bad)
     for _ in range(25):  # garbage data set bytes
         ds_bytes = rng.randbytes(rng.randrange(1, 4000))
         add("garbage", ds_bytes, CT_IMAGE, generate_uid())

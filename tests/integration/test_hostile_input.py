@@ -139,7 +139,9 @@ def test_malformed_files_via_storescu(hostile_server, baseline, tmp_path):
     """The same kind of files through DCMTK's storescu (it refuses to read some of them itself; none may succeed)."""
     rng = random.Random(99)
     files = hostile.malformed_files(tmp_path / "bad", rng, generate_uid())
-    wanted = [m.path for m in files if m.kind.startswith(("missing-", "invalid-", "truncated", "overrun"))]
+    # storescu "repairs" a UID with a space in it (removes the space), so that file is valid once sent
+    wanted = [m.path for m in files if m.kind.startswith(("missing-", "invalid-", "truncated", "overrun"))
+              and " " not in m.note]
     before = indexed_count(hostile_server, tmp_path)
     with EchoLoop(hostile_server.dicom_port) as echoes:
         res = dcmtk.store(hostile_server.dicom_port, wanted, "-xe")
