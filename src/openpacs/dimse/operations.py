@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ from pydicom import Dataset
 from pynetdicom.dsutils import decode, encode
 
 from ..dicom.header import dataset_offset
+from ..services.query import QueryError
 from ..services.types import InstanceRef, Status, StoreOutcome
 from . import commands
 from .association import AssociationClosed, status_kind
@@ -178,14 +178,7 @@ def _encode_identifier(ctx: AcceptedContext, ds: Dataset) -> bytes:
     return raw
 
 
-def _query_error() -> type[Exception]:
-    from ..services.query import QueryError
-
-    return QueryError
-
-
 async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]) -> None:
-    QueryError = _query_error()
     loop = assoc.loop
     services = assoc.endpoint.ctx
     mid = cmd.message_id
@@ -204,7 +197,9 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
         return
 
     results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    put: Callable[[tuple[str, Any]], None] = lambda item: loop.call_soon_threadsafe(results.put_nowait, item)  # noqa: E731
+
+    def put(item: tuple[str, Any]) -> None:
+        loop.call_soon_threadsafe(results.put_nowait, item)
 
     def cancelled() -> bool:
         return assoc.is_cancelled(mid)
@@ -341,7 +336,6 @@ def _failed_identifier(ctx: AcceptedContext, subops: SubOperations) -> bytes | N
 async def _resolve(
     assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: list[bytes | memoryview]
 ) -> list[InstanceRef] | None:
-    QueryError = _query_error()
     rsp_field = cmd.field | 0x8000
     try:
         identifier = _decode_identifier(ctx, chunks)

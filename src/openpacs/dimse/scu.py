@@ -24,8 +24,9 @@ def propose(wanted: dict[str, set[str]]) -> list[pdu.PresentationContextRQ]:
     out: list[pdu.PresentationContextRQ] = []
     for sop_class in sorted(wanted):
         syntaxes = sorted(wanted[sop_class])
-        groups = [[ts] for ts in syntaxes if ts not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)]
-        groups.append([EXPLICIT_VR_LE, IMPLICIT_VR_LE])
+        groups = [[ts] for ts in syntaxes]  # the stored syntax alone, so the peer cannot pick another one
+        if not set(syntaxes) >= {EXPLICIT_VR_LE, IMPLICIT_VR_LE}:
+            groups.append([EXPLICIT_VR_LE, IMPLICIT_VR_LE])  # fallback we can transcode to
         for group in groups:
             out.append(pdu.PresentationContextRQ(0, sop_class, group))
     out = out[:MAX_CONTEXTS]

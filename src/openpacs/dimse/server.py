@@ -117,6 +117,7 @@ class _Dispatcher:
         self.local_load = 0
         self.workers: list[_Worker] = []
         self._turn = 0
+        self.stopping = False
 
     def local_closed(self) -> None:
         self.local_load = max(0, self.local_load - 1)
@@ -166,7 +167,7 @@ class _Dispatcher:
             except OSError:
                 msg = b""
             if not msg:
-                if worker.alive:
+                if worker.alive and not self.stopping:
                     log.warning("DIMSE worker %d exited", worker.index)
                 worker.alive = False
                 worker.load = 0
@@ -224,6 +225,7 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
     try:
         await stop.wait()
     finally:
+        dispatcher.stopping = True
         loop.remove_reader(lsock)
         lsock.close()
         for w in dispatcher.workers:
