@@ -388,3 +388,80 @@ def test_worker_processes_share_the_port(tmp_path: Path, files: list[Path]) -> N
             out, _ = p.communicate(timeout=120)
             assert p.returncode == 0, out
         assert srv.count() == 12
+
+
+def test_get_cancel_stops_suboperations(server: InProcessServer, files: list[Path]) -> None:
+    """C-CANCEL-RQ after the first pending C-GET response: final status Cancel (FE00), not every instance sent."""
+    import pydicom
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import CTImageStorage as CT
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        time.sleep(0.05)
+        return 0x0000
+
+    from pynetdicom import evt
+
+    ae = AE(ae_title="CANCELGET")
+    ae.add_requested_context(GET)
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.port,
+        ae_title="OPENPACS",
+        ext_neg=[build_role(CT, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    context_id = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == GET)
+    statuses = []
+    for status, _ in assoc.send_c_get(query, GET, msg_id=77):
+        statuses.append(status.Status)
+        if status.Status == 0xFF00 and len(statuses) == 1:
+            assoc.send_c_cancel(77, context_id)
+    assoc.release()
+    assert statuses[-1] == 0xFE00, [hex(s) for s in statuses]
+    assert 1 <= len(received) < 12
+
+
+def test_dimse_timeout_on_unanswered_get_suboperation(tmp_path: Path, files: list[Path]) -> None:
+    """A C-GET peer that never answers our C-STORE-RQ: the association is aborted after dimse_timeout."""
+    import pydicom
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage as CT
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    with InProcessServer(tmp_path / "d", dimse_timeout=1.0) as srv:
+        dcmtk.store(srv.port, files[:2]).check()
+        aborted = threading.Event()
+
+        def on_store(event: Any) -> int:
+            time.sleep(4)
+            return 0x0000
+
+        ae = AE(ae_title="SLOWGET")
+        ae.add_requested_context(GET)
+        ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+        assoc = ae.associate(
+            "127.0.0.1",
+            srv.port,
+            ae_title="OPENPACS",
+            ext_neg=[build_role(CT, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, lambda e: aborted.set())],
+        )
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        t = time.monotonic()
+        list(assoc.send_c_get(query, GET))
+        assert aborted.wait(10)
+        assert time.monotonic() - t < 8
+        dcmtk.echo(srv.port).check()

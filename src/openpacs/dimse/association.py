@@ -170,6 +170,13 @@ class Association(asyncio.BufferedProtocol):
         return self._stage_view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._received(nbytes)
+        except Exception:  # a bug must cost one association, never the server
+            log.exception("internal error on the association with %s", self._who())
+            self._abort(pdu.ABORT_REASON_NOT_SPECIFIED, "internal error")
+
+    def _received(self, nbytes: int) -> None:
         self._last_rx = self.loop.time()
         if self._big_view is not None:
             self._big_pos += nbytes
