@@ -45,6 +45,29 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
 
+    # Security (README "Security"). auth "auto": required unless every listener is on loopback (development mode)
+    auth: str = "auto"  # auto | on | off (off is refused on a non-loopback address)
+    session_hours: float = 12.0
+    token_days: float = 90.0  # default lifetime of API tokens
+    login_max_failures: int = 5  # per user name and source address in 15 minutes, then 429
+    trusted_proxies: str = ""  # comma-separated proxy addresses whose X-Forwarded-For/-Proto headers are believed
+    tls_cert: str = ""  # PEM certificate (chain) for HTTPS and DICOM TLS
+    tls_key: str = ""
+    tls_ca: str = ""  # CA bundle: client certificates (mutual TLS) and peers of outgoing TLS
+    oidc_issuer: str = ""  # enables OIDC bearer JWTs
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""  # default: ISSUER/.well-known/jwks.json
+    oidc_algorithms: str = "RS256,ES256"  # allow-list; none/HS* are never accepted
+    oidc_role_claim: str = "roles"
+    oidc_role_map: str = ""  # "claim-value=role,..."; default: claim values are role names
+    oidc_department_claim: str = "departments"
+    allow_open_dicom: bool = False  # permissive DICOM (dicom_accept_unknown) on a non-loopback address: not for production
+    default_department: str = ""  # department of studies no rule matches ("" = none: admins only)
+    audit_syslog: str = ""  # tls://host:6514 | tcp://host:514 | udp://host:514 (spooled in data_dir/audit-spool)
+    audit_syslog_ca: str = ""
+    audit_syslog_cert: str = ""
+    audit_syslog_key: str = ""
+
     # Behaviour
     duplicate_policy: str = "keep-first"  # keep-first | overwrite | reject
     pn_case_insensitive: bool = True
@@ -60,10 +83,30 @@ class Settings:
         return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
 
     @property
+    def auth_enabled(self) -> bool:
+        mode = self.auth.strip().lower()
+        if mode in ("on", "true", "1", "yes"):
+            return True
+        if mode in ("off", "false", "0", "no"):
+            return False
+        return not (is_loopback(self.http_host) and is_loopback(self.dicom_host))
+
+    @property
     def worker_count(self) -> int:
         if self.dicom_workers > 0:
             return self.dicom_workers
         return max(1, min(4, os.cpu_count() or 1))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _ENV_PREFIX = "OPENPACS_"

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .index.db import Index
+from .services.audit import AuditService
+from .services.auth import AuthService, OIDCValidator
+from .services.departments import DepartmentService
 from .services.ingest import IngestService
 from .services.query import QueryService
 from .services.retrieve import RetrieveService
@@ -23,8 +26,13 @@ class Context:
     ingest: IngestService
     query: QueryService
     retrieve: RetrieveService
+    auth: AuthService | None = None
+    audit: AuditService | None = None
+    departments: DepartmentService | None = None
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
         self.ingest.close()
         self.index.close()
 
@@ -38,4 +46,21 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     ingest = IngestService(settings, store, index)
     query = QueryService(settings, store, index)
     retrieve = RetrieveService(settings, store, index)
-    return Context(settings, store, index, ingest, query, retrieve)
+    auth, audit, departments = build_security(settings, index)
+    ingest.classify_department = departments.classify
+    return Context(settings, store, index, ingest, query, retrieve, auth, audit, departments)
+
+
+def build_security(settings: Settings, index: Index) -> tuple[AuthService, AuditService, DepartmentService]:
+    auth = AuthService(index, session_hours=settings.session_hours, token_days=settings.token_days)
+    if settings.oidc_issuer:
+        role_map = dict(p.split("=", 1) for p in settings.oidc_role_map.split(",") if "=" in p) or None
+        auth.oidc = OIDCValidator(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url,
+                                  algorithms=[a.strip() for a in settings.oidc_algorithms.split(",")],
+                                  role_claim=settings.oidc_role_claim, role_map=role_map,
+                                  department_claim=settings.oidc_department_claim)
+    audit = AuditService(index, node=settings.aet, spool_dir=settings.data_dir / "audit-spool",
+                         syslog_url=settings.audit_syslog, syslog_ca=settings.audit_syslog_ca,
+                         syslog_cert=settings.audit_syslog_cert, syslog_key=settings.audit_syslog_key)
+    departments = DepartmentService(index, default=settings.default_department or None)
+    return auth, audit, departments

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import load_settings
+from ..config import Settings, load_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,18 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# argparse destinations that are Settings fields (subcommand arguments such as `user add --role` are not)
-_SETTING_FLAGS = frozenset({"data_dir", "index_url", "storage_url", "log_level", "dicom_port", "http_port", "aet",
-                            "dicom_workers"})
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "install-viewer":
         from ..web.viewer import main as install_viewer
 
         return install_viewer(args.viewer_args)
-    overrides = {k: v for k, v in vars(args).items() if k in _SETTING_FLAGS}
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     if getattr(args, "host", None):
         overrides["dicom_host"] = args.host
         overrides["http_host"] = args.host

@@ -30,12 +30,46 @@ def sweep_orphans(ctx: Context, before: float) -> int:
     return removed
 
 
+def security_refusal(settings: Settings) -> str | None:
+    """Secure by default: why this configuration must not start, or None. Loopback without auth is development mode."""
+    from ..config import is_loopback
+
+    exposed = [h for h in {settings.http_host, settings.dicom_host} if not is_loopback(h)]
+    if exposed and not settings.auth_enabled:
+        return (f"refusing to listen on {', '.join(sorted(exposed))} with authentication off (auth = \"off\"): "
+                "anyone on the network could read every study. Use auth = \"auto\" or \"on\", or listen on 127.0.0.1")
+    if not is_loopback(settings.dicom_host) and settings.dicom_accept_unknown and not settings.allow_open_dicom:
+        return (f"refusing to listen for DICOM on {settings.dicom_host} while any calling AE is accepted "
+                "(dicom_accept_unknown = true): configure [remote_aes.*] with their allowed operations and set "
+                "dicom_accept_unknown = false, or set allow_open_dicom = true to accept the risk")
+    return None
+
+
+def first_start_admin(ctx: Context) -> None:
+    """With authentication on and no user yet: create ``admin`` with a generated password, shown once."""
+    if ctx.auth is None or not ctx.settings.auth_enabled:
+        return
+    password = ctx.auth.ensure_admin()
+    if password is None:
+        return
+    print(f"\n  OpenPACS first start: created user 'admin' with password\n\n      {password}\n\n"
+          "  It is shown only this once. Change it with `openpacs user passwd admin`.\n", flush=True)
+    log.warning("first start: created the 'admin' user; its generated password was printed on standard output")
+    if ctx.audit is not None:
+        ctx.audit.record("SecurityAlert", user=ctx.settings.aet, protocol="CLI", event_type="110137",
+                         detail="first start: administrator account 'admin' created")
+
+
 async def _serve(settings: Settings) -> None:
     from ..dimse.server import serve_dimse
     from ..web.app import build_app
 
     started = time.time()
     ctx = build_context(settings)
+    first_start_admin(ctx)
+    if ctx.audit is not None:
+        ctx.audit.record("ApplicationActivity", event_type="110120", user=settings.aet, protocol="CLI",
+                         detail=f"OpenPACS started (auth {'on' if settings.auth_enabled else 'off: development mode'})")
     # partial writes from a crash go first (they are temp files); the full sweep runs beside the services
     threading.Thread(target=sweep_orphans, args=(ctx, started), name="orphan-sweep", daemon=True).start()
 
@@ -65,6 +99,9 @@ async def _serve(settings: Settings) -> None:
             await asyncio.wait_for(t, timeout=60)
         except Exception as e:  # a failed service is reported, the others still stop cleanly
             log.error("%s stopped with %r", t.get_name(), e)
+    if ctx.audit is not None:
+        ctx.audit.record("ApplicationActivity", event_type="110121", user=settings.aet, protocol="CLI",
+                         detail="OpenPACS stopped")
     await asyncio.to_thread(ctx.close)
     log.info("OpenPACS stopped")
     for t in done:
@@ -73,6 +110,10 @@ async def _serve(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
+    refusal = security_refusal(settings)
+    if refusal:
+        log.error("%s", refusal)
+        return 2
     try:
         asyncio.run(_serve(settings))
     except OSError as e:

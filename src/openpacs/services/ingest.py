@@ -11,9 +11,10 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Settings
 from ..dicom.header import file_meta_bytes, header_info, index_values, is_valid_uid
@@ -44,6 +45,8 @@ class IngestService:
         self.settings = settings
         self.store = store
         self.index = index
+        # Department of a new study from its first instance (set by the composition root: services.departments).
+        self.classify_department: Callable[[dict[str, dict[str, Any]], str], str | None] | None = None
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._committer = threading.Thread(target=self._commit_loop, name="ingest-committer", daemon=True)
@@ -136,6 +139,8 @@ class IngestService:
             values = index_values(info)
         except Exception as e:
             return self._fail(Status.CANNOT_UNDERSTAND, f"unreadable attribute: {e}", cls, sop, source)
+        if self.classify_department is not None:
+            values["STUDY"]["department"] = self.classify_department(values, source.calling_aet)
         try:
             blob = self.store.put(chunks)
         except OSError as e:

@@ -33,6 +33,13 @@ def build_app(ctx: Context) -> Starlette:
     routes += studylist_routes(ctx)
     routes += viewer_routes(ctx, wado_uri_path="/wado")
     routes.append(Mount("/dicom-web", app=build_dicomweb(ctx)))
+    if ctx.auth is not None:
+        from .auth import SecurityMiddleware, audit_routes
+        from .login import login_routes
+
+        routes += login_routes(ctx) + audit_routes(ctx)
     app = Starlette(routes=routes)
     app.state.ctx = ctx
+    if ctx.auth is not None:  # outermost: every route, mounted apps included, is behind it
+        app.add_middleware(SecurityMiddleware, ctx=ctx)
     return app
