@@ -21,6 +21,9 @@ class RemoteAE:
     allow: tuple[str, ...] = ("echo", "store", "find", "move", "get")
 
 
+DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
+
+
 @dataclass
 class Settings:
     data_dir: Path = Path("./openpacs-data")
@@ -73,6 +76,12 @@ class Settings:
     pn_case_insensitive: bool = True
     find_max_results: int = 0  # 0: unlimited
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.duplicate_policy not in DUPLICATE_POLICIES:
+            # a typo would otherwise silently behave as keep-first
+            raise ValueError(f"duplicate_policy must be one of {', '.join(DUPLICATE_POLICIES)}, "
+                             f"not {self.duplicate_policy!r}")
 
     @property
     def resolved_index_url(self) -> str:
