@@ -154,7 +154,6 @@ class Association(asyncio.BufferedProtocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self.endpoint.association_closed(self)
-        self._stage_view.release()
 
     def pause_writing(self) -> None:
         self._can_write.clear()

@@ -247,3 +247,29 @@ def test_release_waits_for_running_operation() -> None:
     h.assoc.operation_done(0)
     assert h.transport.pdus() == [(pdu.A_RELEASE_RP, b"\0\0\0\0")]
     h.close()
+
+
+def test_mutated_streams_never_raise(caplog: pytest.LogCaptureFixture) -> None:
+    """300 randomly mutated association streams: each ends in a normal exchange or an A-ABORT, never an exception."""
+    import random
+
+    rng = random.Random(1234)
+    good = associate_rq() + echo_rq(1) + pdata(3, 0x03, store_rq_command(2)) + pdata(3, 0x02, b"\x08\x00" * 50)
+    good += pdu.encode_release_rq()
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            op = rng.random()
+            pos = rng.randrange(len(data))
+            if op < 0.5:
+                data[pos] = rng.randrange(256)
+            elif op < 0.75:
+                del data[pos : pos + rng.randint(1, 20)]
+            else:
+                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        h = Harness(max_pdu=65536)
+        h.feed(bytes(data), step=rng.randint(1, 4096))
+        for ptype, _ in h.transport.pdus():
+            assert ptype in (pdu.A_ASSOCIATE_AC, pdu.A_ASSOCIATE_RJ, pdu.P_DATA_TF, pdu.A_RELEASE_RP, pdu.A_ABORT)
+        h.close()
+    assert "internal error" not in caplog.text
