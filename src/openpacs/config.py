@@ -162,7 +162,25 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
             values[name] = _coerce(name, raw)
     s = Settings(**values)
     s.remote_aes = remotes
+    validate(s)
     return s
+
+
+DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
+
+
+def validate(s: Settings) -> None:
+    """Refuse settings that would make the node misbehave, with a message naming the setting."""
+    if s.duplicate_policy not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicate_policy must be one of {', '.join(DUPLICATE_POLICIES)}, not {s.duplicate_policy!r}")
+    for name in ("dicom_port", "http_port"):
+        port = getattr(s, name)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name} must be a TCP port (0-65535), not {port}")
+    if not s.aet or len(s.aet) > 16:
+        raise ValueError(f"aet must be 1 to 16 characters, not {s.aet!r}")
+    if s.max_pdu < 4096:
+        raise ValueError(f"max_pdu must be at least 4096, not {s.max_pdu}")
 
 
 def as_dict(s: Settings) -> dict[str, Any]:

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
 
 from ..context import Context
+from . import qido, stow, wado
 
 
 def build_dicomweb(ctx: Context) -> Starlette:
-    routes: list[BaseRoute] = []
-    for module in ("qido", "wado", "stow"):
-        try:
-            mod = __import__(f"openpacs.dicomweb.{module}", fromlist=["routes"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"openpacs.dicomweb.{module}":
-                raise
-            continue
-        routes.extend(mod.routes(ctx))
-    app = Starlette(routes=routes)
+    app = Starlette(routes=[*qido.routes(ctx), *wado.routes(ctx), *stow.routes(ctx)])
     app.state.ctx = ctx
     return app

@@ -12,6 +12,7 @@ from ..context import Context
 
 def build_app(ctx: Context) -> Starlette:
     from ..dicomweb.app import build_dicomweb
+    from ..dicomweb.wado import wado_uri_route
     from .studylist import STUDY_LIST_PATH, studylist_routes
     from .viewer import viewer_routes
 
@@ -24,12 +25,7 @@ def build_app(ctx: Context) -> Starlette:
         return RedirectResponse(STUDY_LIST_PATH, status_code=307)
 
     routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/", home)]
-    try:
-        from ..dicomweb.wado import wado_uri_route
-    except ImportError:
-        pass
-    else:
-        routes.append(wado_uri_route(ctx))
+    routes.append(wado_uri_route(ctx))
     routes += studylist_routes(ctx)
     routes += viewer_routes(ctx, wado_uri_path="/wado")
     routes.append(Mount("/dicom-web", app=build_dicomweb(ctx)))
