@@ -9,8 +9,6 @@ import time
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -186,24 +184,29 @@ def _defaults(level: Level, path: dict[str, str]) -> list[str]:
     return STUDY_DEFAULTS + SERIES_DEFAULTS + INSTANCE_DEFAULTS
 
 
-_AVAILABILITY = 0x00080056
-_RETRIEVE_URL = 0x00081190
+_ONLINE = {"vr": "CS", "Value": ["ONLINE"]}
 
 
-def _complete(ds: Dataset, level: Level, root: str) -> None:
-    """Add InstanceAvailability and RetrieveURL (PS3.18 Table 10.6.1-5)."""
-    study = ds.get("StudyInstanceUID", "")
+def _uid(j: dict[str, Any], key: str) -> str:
+    v = j.get(key, {}).get("Value")
+    return str(v[0]) if v else ""
+
+
+def _complete(j: dict[str, Any], level: Level, root: str) -> dict[str, Any]:
+    """Add InstanceAvailability and RetrieveURL (PS3.18 Table 10.6.1-5) to an encoded result, keys in tag order.
+
+    Done on the JSON dict rather than the Dataset: building pydicom elements would cost more than the encoding."""
+    study = _uid(j, "0020000D")
     if level == "STUDY":
         url = f"{root}/studies/{study}"
     elif level == "SERIES":
-        url = f"{root}/studies/{study}/series/{ds.get('SeriesInstanceUID', '')}"
+        url = f"{root}/studies/{study}/series/{_uid(j, '0020000E')}"
     else:
-        url = (
-            f"{root}/studies/{study}/series/{ds.get('SeriesInstanceUID', '')}/instances/{ds.get('SOPInstanceUID', '')}"
-        )
+        url = f"{root}/studies/{study}/series/{_uid(j, '0020000E')}/instances/{_uid(j, '00080018')}"
     if level != "SERIES":
-        ds.add(DataElement(_AVAILABILITY, "CS", "ONLINE"))
-    ds.add(DataElement(_RETRIEVE_URL, "UR", url))
+        j["00080056"] = _ONLINE
+    j["00081190"] = {"vr": "UR", "Value": [url]}
+    return dict(sorted(j.items()))
 
 
 def run_search(ctx: Context, q: Query, level: Level, root: str, cap: int | None) -> tuple[list[dict[str, Any]], bool]:
@@ -213,8 +216,7 @@ def run_search(ctx: Context, q: Query, level: Level, root: str, cap: int | None)
         if cap is not None and len(out) >= cap:
             more = True
             break
-        _complete(ds, level, root)
-        out.append(dataset_to_json(ds))
+        out.append(_complete(dataset_to_json(ds), level, root))
     return out, more
 
 
