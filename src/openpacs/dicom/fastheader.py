@@ -93,9 +93,11 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
         off = voff + length
         if off > n:
             raise _Unsupported("truncated")
-    charset = raw.get(0x00080005, ("CS", b""))[1].decode("ascii").strip("\0 ").split("\\")[0]
-    if charset not in _SIMPLE_CHARSETS:
+    # every value counts: "\\ISO 2022 IR 87" (first value empty = ASCII) switches to JIS through escape sequences
+    charsets = [c.strip() for c in raw.get(0x00080005, ("CS", b""))[1].decode("ascii").strip("\0 ").split("\\")]
+    if any(c not in _SIMPLE_CHARSETS for c in charsets):
         return None
+    charset = charsets[0]
     enc = _ENCODING.get(charset, "ascii")
     return FastHeader(ts, _decode_all(raw, enc), _decode_all(item_raw, enc), ds_off)
 

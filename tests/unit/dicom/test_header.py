@@ -104,3 +104,106 @@ def test_read_header_raises_on_garbage():
 
     with pytest.raises(InvalidDicomError):
         header.read_header(b"definitely not DICOM" * 10)
+
+
+# -- the lean header reader must agree with pydicom -----------------------------------------------------------------
+
+
+def _pydicom_info(data, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(header.fastheader, "parse", lambda *a, **k: None)
+        return header.header_info(data)
+
+
+def _norm(values):
+    return {t: "\\".join(x.strip() for x in v.split("\\")) for t, v in values.items()}
+
+
+def _part10(ds, ts=ExplicitVRLittleEndian):
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.3")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.3.4")
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=ts == "1.2.840.10008.1.2", little_endian=True)
+    return buf.getvalue()
+
+
+def _rich(charset, name, ts=ExplicitVRLittleEndian, undefined_seq=False):
+    ds = Dataset()
+    ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = name
+    ds.PatientID = "ID 1"
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "10:11:12"
+    ds.ModalitiesInStudy = ["CT", "MR"]
+    ds.InstanceNumber = "7"
+    ds.Rows = 512
+    ds.Columns = 256
+    ds.StudyDescription = name.split("=")[0] + " desc "
+    inner = Dataset()
+    inner.CodeValue = "X"
+    ds.ProcedureCodeSequence = [inner, inner]  # a sequence to skip before the wanted tags
+    item = Dataset()
+    item.ScheduledProcedureStepID = "SPS9"
+    item.RequestedProcedureID = "RP9"
+    ds.RequestAttributesSequence = [item]
+    data = _part10(ds, ts)
+    if undefined_seq:
+        ds.ProcedureCodeSequence.is_undefined_length = True
+        ds.RequestAttributesSequence.is_undefined_length = True
+        for s in (ds.ProcedureCodeSequence, ds.RequestAttributesSequence):
+            for it in s:
+                it.is_undefined_length_sequence_item = True
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=ts == "1.2.840.10008.1.2", little_endian=True)
+        data = buf.getvalue()
+    return data
+
+
+@pytest.mark.parametrize("charset,name", [
+    ("ISO_IR 100", "Müller^Jörg"),
+    ("ISO_IR 192", "Çelik^Ayşe=チェリク"),
+    ("", "Plain^Ascii"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    ("ISO_IR 144", "Люкceмбypг^Иван"),
+    ("GB18030", "Wang^XiaoDong=王^小東"),
+])
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, "1.2.840.10008.1.2"], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_fast_header_agrees_with_pydicom(monkeypatch, charset, name, ts, undefined):
+    data = _rich(charset, name, ts, undefined)
+    fast = header.header_info(data)
+    slow = _pydicom_info(data, monkeypatch)
+    assert _norm(fast.values) == _norm(slow.values)
+    assert fast.item_values == slow.item_values == {0x00400009: "SPS9", 0x00401001: "RP9"}
+    assert fast.transfer_syntax_uid == slow.transfer_syntax_uid == ts
+    assert fast.dataset_offset == slow.dataset_offset
+    assert fast.values[0x00100010] == name
+
+
+@pytest.mark.parametrize("fname", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "rtplan.dcm",
+                                   "emri_small.dcm", "JPEG2000.dcm", "image_dfl.dcm", "test-SR.dcm", "rtdose.dcm",
+                                   "waveform_ecg.dcm", "liver.dcm", "SC_rgb_jpeg_dcmtk.dcm", "chr_japanese.dcm",
+                                   "chr_arab.dcm", "chr_russian.dcm", "chr_X1.dcm", "chr_I2.dcm", "chr_H31.dcm"])
+def test_fast_header_agrees_with_pydicom_on_test_files(monkeypatch, fname):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(fname)
+    if path is None:
+        pytest.skip(f"{fname} not in this pydicom")
+    data = open(path, "rb").read()
+    fast = header.header_info(data)
+    slow = _pydicom_info(data, monkeypatch)
+    assert _norm(fast.values) == _norm(slow.values)
+    assert fast.item_values == slow.item_values
+    assert fast.transfer_syntax_uid == slow.transfer_syntax_uid
+    assert fast.dataset_offset == slow.dataset_offset
