@@ -47,7 +47,7 @@ def walk(data: bytes) -> list[Element]:
 
 def encode(ds: Dataset) -> bytes:
     buf = io.BytesIO()
-    write_dataset(pydicom.filebase.DicomFileLike(buf) if False else _fp(buf), ds)
+    write_dataset(_fp(buf), ds)
     return buf.getvalue()
 
 

@@ -3,8 +3,6 @@ to the server as the C-MOVE destination DESTSCP."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from helpers import dcmtk
 from helpers.server import OpenPACSServer, make_server, stop_cleanly

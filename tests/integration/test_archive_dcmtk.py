@@ -4,13 +4,10 @@ matching rule at every level of both information models, sub-operation counts an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pydicom
 import pytest
 from helpers import dcmtk
 from helpers.dicomdata import CONFORMANCE_FILES, build_query_dataset, dataset_bytes, prepare_conformance_files
-
 from helpers.server import make_server, stop_cleanly
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")

@@ -16,9 +16,8 @@ import pydicom
 import pytest
 from helpers import dcmtk
 from helpers.dicomdata import dataset_bytes, small_image, write_part10
-from pydicom.uid import generate_uid
-
 from helpers.server import make_server, stop_cleanly
+from pydicom.uid import generate_uid
 
 pytestmark = [pytest.mark.usefixtures("require_dcmtk"), pytest.mark.slow]
 
@@ -89,7 +88,7 @@ def ingest_and_kill(server, batches: list[Batch], workdir: Path, rng: random.Ran
             p.kill()
             p.wait()
         fh.close()
-    for b, log in zip(batches, logs):
+    for b, log in zip(batches, logs, strict=False):
         statuses = dcmtk.parse_store_log(log.read_text(errors="replace"))
         b.acked = {b.uids[Path(f)] for f, s in statuses.items() if s == "Success"}
         unexpected = {f: s for f, s in statuses.items() if s != "Success"}
@@ -116,7 +115,7 @@ def total_indexed(server, tmp: Path) -> int:
 
 
 def verify_batches(server, batches: list[Batch], tmp: Path, context: str) -> None:
-    for n, b in enumerate(batches):
+    for _n, b in enumerate(batches):
         indexed = indexed_instances(server, b.study_uid, tmp)
         missing = b.acked - indexed
         assert not missing, f"{context}: {len(missing)} acknowledged instances lost, e.g. {sorted(missing)[:3]}"

@@ -3,20 +3,17 @@ rejected junk, imported instances retrievable byte-identical, import beside a ru
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
 import zipfile
-from pathlib import Path
 
 import pydicom
 import pytest
 from helpers import dcmtk
 from helpers.dicomdata import build_query_dataset, dataset_bytes, small_image, write_part10
-from pydicom.uid import generate_uid
-
 from helpers.server import make_server, stop_cleanly
+from pydicom.uid import generate_uid
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 
@@ -93,7 +90,7 @@ def test_rejections_have_reasons(imported):
 def test_imported_instances_are_indexed(imported, import_set, tmp_path):
     srv, _, _ = imported
     for ds in (import_set["folder_ds"], import_set["zip_ds"]):
-        for p, st in ds.studies():
+        for _p, st in ds.studies():
             res = dcmtk.find(srv.dicom_port, "study", "STUDY",
                              {"StudyInstanceUID": st.uid, "NumberOfStudyRelatedInstances": ""}, tmp_path / "f")
             assert len(res) == 1 and int(res[0].NumberOfStudyRelatedInstances) == len(st.instances)
