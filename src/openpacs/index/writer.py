@@ -236,8 +236,11 @@ class BatchWriter:
     def _study_acc(self, cur: Any, study_id: int, b: _Batch) -> _StudyAcc:
         acc = b.studies.get(study_id)
         if acc is None:
+            # The lists are read, extended and written back: on PostgreSQL two nodes (or worker processes) adding
+            # series to one study would each write back their own extension. FOR UPDATE serialises them on the
+            # study row (SQLite's BEGIN IMMEDIATE already serialises whole transactions).
             cur.execute(self.sql("SELECT patient_fk, modalities_in_study, sop_classes_in_study FROM studies"
-                                 " WHERE id = :id"), {"id": study_id})
+                                 " WHERE id = :id" + (" FOR UPDATE" if self.pyformat else "")), {"id": study_id})
             row = cur.fetchone()
             acc = _StudyAcc(study_id, row[0], [m for m in (row[1] or "").split("\\") if m],
                             [m for m in (row[2] or "").split("\\") if m])

@@ -428,3 +428,27 @@ def test_store_after_close_fails_cleanly(make_ctx):
     out = store(ctx, instance())
     assert out.status == Status.OUT_OF_RESOURCES
     assert blob_files(ctx) == set()
+
+
+def test_two_nodes_adding_series_to_one_study_lose_no_modality(make_ctx):
+    """Two archive processes (or nodes) on one index add series with different modalities to the same study at the
+    same time: ModalitiesInStudy/SOPClassesInStudy are read-modify-write lists and must not lose an update."""
+    a, b = make_ctx(), make_ctx()
+    st = generate_uid()
+    store(a, instance(study_uid=st, modality="OT"))
+    mods_a = [f"A{i}" for i in range(12)]
+    mods_b = [f"B{i}" for i in range(12)]
+    barrier = threading.Barrier(2)
+
+    def run(ctx, mods):
+        barrier.wait()
+        for m in mods:
+            assert store(ctx, instance(study_uid=st, modality=m, sop_class=f"1.2.3.{m[0] == 'A' and 1 or 2}."
+                                                                            f"{m[1:]}")).status == 0
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, (a, b), (mods_a, mods_b)))
+    s = row(a, studies, study_instance_uid=st)
+    assert set(s.modalities_in_study.split("\\")) == {"OT", *mods_a, *mods_b}
+    assert len(s.sop_classes_in_study.split("\\")) == 25
+    assert (s.num_series, s.num_instances) == (25, 25)
