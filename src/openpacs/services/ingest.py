@@ -151,10 +151,11 @@ class IngestService:
         try:
             result = self._commit(item)
         except Exception as e:
-            self.store.delete(blob.key)
             log.exception("index write failed for %s", sop)
+            self._discard_unless_indexed(blob.key, sop)
             return self._fail(Status.OUT_OF_RESOURCES, f"index write failed: {e}", cls, sop, source)
-        if result.inserted:
+        if result.inserted or result.existing_blob_key == blob.key:
+            # the second case: an earlier attempt of this very write committed (its COMMIT reported an error)
             return outcome
         if result.replaced:
             self.store.delete(result.existing_blob_key)
@@ -167,6 +168,17 @@ class IngestService:
         if policy == "reject":
             return self._fail(Status.DUPLICATE_REJECTED, "duplicate SOP Instance UID with different content", cls, sop, source)
         return self._duplicate_kept(outcome, source)
+
+    def _discard_unless_indexed(self, key: str, sop: str) -> None:
+        """After a failed index write: a COMMIT can fail after the rows became durable, so the blob goes only if the
+        index does not reference it. If the index cannot even be asked, the orphan sweep decides at next start."""
+        try:
+            row = self.index.find_instance(sop)
+        except Exception as e:
+            log.warning("index unreachable (%s): blob %s of %s left to the orphan sweep", e, key, sop)
+            return
+        if row is None or row.blob_key != key:
+            self.store.delete(key)
 
     def _duplicate_kept(self, outcome: StoreOutcome, source: Source) -> StoreOutcome:
         outcome.status = Status.WARNING_DUPLICATE

@@ -452,3 +452,45 @@ def test_two_nodes_adding_series_to_one_study_lose_no_modality(make_ctx):
     assert set(s.modalities_in_study.split("\\")) == {"OT", *mods_a, *mods_b}
     assert len(s.sop_classes_in_study.split("\\")) == 25
     assert (s.num_series, s.num_instances) == (25, 25)
+
+
+def test_commit_that_succeeded_but_reported_an_error_never_loses_the_blob(ctx, monkeypatch):
+    """A COMMIT whose acknowledgement is lost (connection dropped) raises although the rows are durable. The
+    group commit then re-indexes the batch item by item, finding each instance already there with its own blob:
+    that blob must not be deleted as a duplicate, and the instance must be retrievable."""
+    orig = ctx.index.write_batch
+    calls = []
+
+    def flaky(items):
+        calls.append(len(items))
+        results = orig(items)
+        if len(calls) == 1:
+            raise ConnectionError("server closed the connection after COMMIT")
+        return results
+
+    monkeypatch.setattr(ctx.index, "write_batch", flaky)
+    ds = instance()
+    out = store(ctx, ds)
+    assert out.status == Status.SUCCESS
+    r = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
+    assert ctx.store.read(r.blob_key)[-len(dataset_bytes(ds)):] == dataset_bytes(ds)
+
+
+def test_failed_write_with_unknown_outcome_keeps_a_blob_the_index_references(ctx, monkeypatch):
+    orig = ctx.index.write_batch
+
+    def commit_then_fail(items):
+        orig(items)
+        raise ConnectionError("server closed the connection after COMMIT")
+
+    monkeypatch.setattr(ctx.index, "write_batch", commit_then_fail)
+    ds = instance()
+    out = store(ctx, ds)
+    assert out.status == Status.OUT_OF_RESOURCES
+    monkeypatch.setattr(ctx.index, "write_batch", orig)
+    # the SCU retries: the instance is already indexed, so this is an identical duplicate...
+    again = store(ctx, ds)
+    assert again.status == Status.SUCCESS and again.duplicate
+    # ...and what the index points at must exist
+    r = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
+    assert ctx.store.read(r.blob_key)[-len(dataset_bytes(ds)):] == dataset_bytes(ds)
