@@ -98,8 +98,8 @@ class Malformed:
     note: str = ""
 
 
-def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Malformed]:
-    """200+ files, each wrong in one way; all claim PatientID HOSTILE."""
+def malformed_files(directory: Path, rng: random.Random, study: str, patient_id: str = "HOSTILE") -> list[Malformed]:
+    """200+ files, each wrong in one way; all claim the same PatientID."""
     out: list[Malformed] = []
     n = 0
 
@@ -110,19 +110,19 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
                              sop_class, sop_instance, note))
 
     for _ in range(60):  # truncated inside an element value (never at an element boundary)
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         data = encode(ds)
         elems = [e for e in walk(data) if e.length >= 2 and e.tag > 0x00080018]
         e = rng.choice(elems)
         cut = e.value_offset + rng.randrange(1, e.length)
         add("truncated", data[:cut], ds.SOPClassUID, ds.SOPInstanceUID)
     for _ in range(15):  # truncated inside an element header
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         data = encode(ds)
         e = rng.choice([e for e in walk(data) if e.tag > 0x00080018])
         add("truncated-header", data[: e.offset + rng.randrange(1, 8)], ds.SOPClassUID, ds.SOPInstanceUID)
     for _ in range(40):  # an element whose length runs past the end of the data set
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         data = bytearray(encode(ds))
         e = rng.choice([e for e in walk(bytes(data)) if e.length_size == 4 or e.tag > 0x00080018])
         remaining = len(data) - e.value_offset
@@ -135,7 +135,7 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
         add("overrun-length", bytes(data), ds.SOPClassUID, ds.SOPInstanceUID)
     for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         for _ in range(5):  # a required UID missing from the data set
-            ds = base_dataset(study)
+            ds = base_dataset(study, patient_id)
             sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
             delattr(ds, kw)
             add(f"missing-{kw}", encode(ds), sop_class, sop_instance)
@@ -143,7 +143,7 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
                 "1." + "2" * 70, "1.2.3-4"]
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         for bad in bad_uids:  # syntactically invalid UIDs
-            ds = base_dataset(study)
+            ds = base_dataset(study, patient_id)
             sop_class, sop_instance = ds.SOPClassUID, ds.SOPInstanceUID
             setattr(ds, kw, bad)
             add(f"invalid-{kw}", encode(ds), sop_class, sop_instance, note=bad)
@@ -153,13 +153,13 @@ def malformed_files(directory: Path, rng: random.Random, study: str) -> list[Mal
     for _ in range(5):  # empty data set / only padding
         add("empty", b"" if _ == 0 else b"\0" * rng.randrange(1, 64), CT_IMAGE, generate_uid())
     for _ in range(15):  # the command's SOP class differs from the data set's
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         add("sop-class-mismatch", encode(ds), MR_IMAGE, ds.SOPInstanceUID)
     for _ in range(10):  # the command's SOP instance differs from the data set's
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         add("sop-instance-mismatch", encode(ds), ds.SOPClassUID, generate_uid())
     for _ in range(10):  # an invalid VR code in the header of an element
-        ds = base_dataset(study)
+        ds = base_dataset(study, patient_id)
         data = bytearray(encode(ds))
         e = rng.choice([e for e in walk(bytes(data)) if e.length_size == 2 and e.tag > 0x00080018])
         data[e.offset + 4:e.offset + 6] = b"\x00\x01"

@@ -71,10 +71,10 @@ def indexed_count(srv, tmp: Path) -> int:
     return sum(int(s.NumberOfStudyRelatedInstances or 0) for s in studies)
 
 
-def hostile_in_index(srv, tmp: Path) -> list[str]:
-    found = dcmtk.find(srv.dicom_port, "patient", "PATIENT", {"PatientID": "HOSTILE*"}, tmp / "h")
-    found += dcmtk.find(srv.dicom_port, "study", "STUDY", {"PatientName": "Hostile*", "StudyInstanceUID": ""},
-                        tmp / "h2")
+def hostile_in_index(srv, tmp: Path, patient_id: str = "HOSTILE*") -> list[str]:
+    found = dcmtk.find(srv.dicom_port, "patient", "PATIENT", {"PatientID": patient_id}, tmp / "h")
+    found += dcmtk.find(srv.dicom_port, "study", "STUDY",
+                        {"PatientName": "Hostile*", "PatientID": patient_id, "StudyInstanceUID": ""}, tmp / "h2")
     return [str(r.get("PatientID") or r.get("StudyInstanceUID")) for r in found]
 
 
@@ -131,13 +131,13 @@ def test_malformed_datasets_get_failure_statuses(hostile_server, baseline, tmp_p
     assert mismatch <= {"Failure 0xA900"} | {f"Failure 0x{c:04X}" for c in range(0xA900, 0xAA00)}, mismatch
     assert dcmtk.echo(hostile_server.dicom_port).returncode == 0
     assert indexed_count(hostile_server, tmp_path) == before
-    assert hostile_in_index(hostile_server, tmp_path) == []
+    assert hostile_in_index(hostile_server, tmp_path, "HOSTILE") == []
 
 
 def test_malformed_files_via_storescu(hostile_server, baseline, tmp_path):
     """The same kind of files through DCMTK's storescu (it refuses to read some of them itself; none may succeed)."""
     rng = random.Random(99)
-    files = hostile.malformed_files(tmp_path / "bad", rng, generate_uid())
+    files = hostile.malformed_files(tmp_path / "bad", rng, generate_uid(), patient_id="HOSTILE-DCMTK")
     # storescu "repairs" a UID with a space in it (removes the space), so that file is valid once sent
     wanted = [m.path for m in files if m.kind.startswith(("missing-", "invalid-", "truncated", "overrun"))
               and " " not in m.note]
@@ -150,7 +150,7 @@ def test_malformed_files_via_storescu(hostile_server, baseline, tmp_path):
     assert not accepted, f"malformed files accepted via storescu: {accepted}"
     assert not echoes.failures, echoes.failures[0]
     assert indexed_count(hostile_server, tmp_path) == before
-    assert hostile_in_index(hostile_server, tmp_path) == []
+    assert hostile_in_index(hostile_server, tmp_path, "HOSTILE-DCMTK") == []
 
 
 # -----------------------------------------------------------------------------------------------------------------

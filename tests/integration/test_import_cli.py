@@ -39,7 +39,7 @@ def import_set(tmp_path_factory):
     with zipfile.ZipFile(archive, "w") as zf:
         for f in zipped_ds.files:
             zf.write(f, f"zipped/{f.name}")
-    shutil.rmtree(root / "tozip")
+
     # an identical copy under another name: a duplicate, not a second instance
     shutil.copy(folder_ds.files[0], folder / "copy-of-first.dcm")
     rng = random.Random(7)
