@@ -13,7 +13,7 @@ import base64
 import logging
 import os
 import queue
-import select
+import select as _select
 import socket
 import ssl
 import threading
@@ -393,13 +393,21 @@ class SyslogForwarder:
             self._sock = None
 
     def _peer_closed(self) -> bool:
-        """A collector that went away leaves a half-open connection that still accepts one write: look first."""
-        assert self._sock is not None
+        """A collector that went away leaves a half-open connection that still accepts one write: look first.
+        (A TLS 1.3 server's session tickets also make the socket readable: no application data means alive.)"""
+        sock = self._sock
+        assert sock is not None
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
+            readable, _, _ = _select.select([sock], [], [], 0)
             if not readable:
                 return False
-            return self._sock.recv(4096) == b""
+            sock.setblocking(False)
+            try:
+                return sock.recv(4096) == b""
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return False
+            finally:
+                sock.settimeout(10)
         except (OSError, ValueError):
             return True
 
@@ -429,7 +437,7 @@ class SyslogForwarder:
                     f.unlink()
                     self.sent += 1
                 delay = 0.5
-            except OSError as e:
+            except Exception as e:  # OSError, ssl errors: the collector is away; anything else must not kill us
                 log.warning("syslog collector %s:%d unavailable (%s); %d event(s) spooled", self.host, self.port, e,
                             self.pending())
                 self._disconnect()

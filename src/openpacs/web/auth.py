@@ -174,7 +174,7 @@ class SecurityMiddleware:
         status_box = [0]
         send_wrapped = self._headers_send(send, path, https, status_box)
 
-        if auth_error:
+        if auth_error and policy.right is not None:
             self._audit("UserAuthentication", principal, scope, address, outcome=4, event_type="110122",
                         detail=auth_error)
             await _plain(send_wrapped, 401, "invalid or expired credentials",
