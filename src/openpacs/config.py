@@ -19,6 +19,8 @@ class RemoteAE:
     port: int
     # Operations this peer may perform on us. The security layer enforces these when ``dicom_accept_unknown`` is false.
     allow: tuple[str, ...] = ("echo", "store", "find", "move", "get")
+    # Department scope of what this peer may find/move/get (None: every department). Enforced with the operations.
+    departments: tuple[str, ...] | None = None
 
 
 DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
@@ -148,7 +150,11 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
             if key == "remote_aes":
                 for name, spec in raw.items():
                     allow = tuple(spec.get("allow", RemoteAE.allow))
-                    remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow)
+                    deps = spec.get("departments")
+                    if isinstance(deps, str):
+                        deps = [d for d in deps.split(",") if d.strip()]
+                    remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow,
+                                             departments=None if deps is None else tuple(d.strip().lower() for d in deps))
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:
