@@ -9,6 +9,7 @@ big endian, ISO 2022 character sets) returns None and the caller uses pydicom.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 _LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"}
@@ -22,11 +23,19 @@ BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _SIMPLE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 6"}
 _ENCODING = {"ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _BINARY_VRS = {"US": "<H", "SS": "<h", "UL": "<I", "SL": "<i"}
+MAX_INFLATED = 1 << 31
 SEQ_TAG = 0x00400275  # RequestAttributesSequence: its first item's attributes are indexed at the series level
 
 
 class _Unsupported(Exception):
     pass
+
+
+class Malformed(ValueError):
+    """The data set is damaged whatever reader is used: lengths run past its bytes, or an invalid VR code."""
+
+
+Truncated = Malformed
 
 
 @dataclass
@@ -42,7 +51,11 @@ def parse(data: bytes | memoryview, wanted: dict[int, str], item_wanted: dict[in
     mv = memoryview(data)
     try:
         return _parse(mv, wanted, item_wanted)
-    except (_Unsupported, struct.error, UnicodeDecodeError, IndexError, ValueError):
+    except Truncated:
+        raise
+    except struct.error as e:  # an element header cut short
+        raise Truncated(f"data ends inside an element header: {e}") from e
+    except (_Unsupported, UnicodeDecodeError, IndexError, ValueError):
         return None
 
 
@@ -66,18 +79,26 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
         if elem == 0x0010:
             ts = bytes(mv[voff : voff + length]).decode("ascii").rstrip("\0 ")
         off = voff + length
-    if ts in (DEFLATED, BIG_ENDIAN) or not ts:
+    if ts == BIG_ENDIAN or not ts:
         return None
     explicit = ts != IMPLICIT_LE
     ds_off = off
+    if ts == DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = inflater.decompress(mv[off:], MAX_INFLATED)
+        if inflater.unconsumed_tail:
+            raise Truncated(f"deflated data set inflates beyond {MAX_INFLATED} bytes")
+        if not inflater.eof:
+            raise Truncated("deflated data set is cut short")
+        mv, off, n = memoryview(inflated), 0, len(inflated)
     raw: dict[int, tuple[str, bytes]] = {}
     item_raw: dict[int, tuple[str, bytes]] = {}
     last = max(wanted) if wanted else 0
+    # Walk every top-level element to the end: values past the last wanted tag are skipped by length, but a
+    # data set whose lengths overrun its bytes (truncated in transit, corrupted) is refused, not archived.
     while off + 8 <= n:
         group, elem = _TAG.unpack_from(mv, off)
         tag = (group << 16) | elem
-        if tag > last:
-            break
         off, vr, voff, length = _element(mv, off, explicit, wanted)
         if length == 0xFFFFFFFF:
             if tag == SEQ_TAG:
@@ -85,14 +106,16 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
             else:
                 off = _sequence(mv, voff, explicit, None, None)
             continue
-        if tag in wanted:
+        if voff + length > n:
+            raise Truncated(f"element ({group:04X},{elem:04X}) claims {length} bytes, {n - voff} remain")
+        if tag <= last and tag in wanted:
             if tag == SEQ_TAG:
                 _sequence_defined(mv, voff, voff + length, explicit, item_wanted, item_raw)
             else:
                 raw[tag] = (wanted[tag] if vr in ("", "UN") else vr, bytes(mv[voff : voff + length]))
         off = voff + length
-        if off > n:
-            raise _Unsupported("truncated")
+    if off != n and any(bytes(mv[off:n])):
+        raise Truncated(f"{n - off} stray bytes after the last element")
     # every value counts: "\\ISO 2022 IR 87" (first value empty = ASCII) switches to JIS through escape sequences
     charsets = [c.strip() for c in raw.get(0x00080005, ("CS", b""))[1].decode("ascii").strip("\0 ").split("\\")]
     if any(c not in _SIMPLE_CHARSETS for c in charsets):
@@ -109,7 +132,7 @@ def _element(mv: memoryview, off: int, explicit: bool, wanted: dict[int, str]) -
         if vr in _LONG_VRS:
             return off, vr.decode("ascii"), off + 12, _U32.unpack_from(mv, off + 8)[0]
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-            raise _Unsupported("bad VR")
+            raise Malformed(f"invalid VR code {vr!r} at offset {off}")
         return off, vr.decode("ascii"), off + 8, _U16.unpack_from(mv, off + 6)[0]
     return off, "", off + 8, _U32.unpack_from(mv, off + 4)[0]
 
@@ -134,7 +157,7 @@ def _sequence(mv: memoryview, off: int, explicit: bool, want: dict[int, str] | N
                 _sequence_items_body(mv, off, off + length, explicit, want, out)
             off += length
         first = False
-    raise _Unsupported("truncated sequence")
+    raise Truncated("sequence runs past the end of the data")
 
 
 def _item_undefined(mv: memoryview, off: int, explicit: bool, want: dict[int, str] | None,
@@ -152,7 +175,7 @@ def _item_undefined(mv: memoryview, off: int, explicit: bool, want: dict[int, st
         if want is not None and out is not None and tag in want:
             out[tag] = (want[tag] if vr in ("", "UN") else vr, bytes(mv[voff : voff + length]))
         off = voff + length
-    raise _Unsupported("truncated item")
+    raise Truncated("item runs past the end of the data")
 
 
 def _sequence_items_body(mv: memoryview, off: int, end: int, explicit: bool, want: dict[int, str],

@@ -17,7 +17,10 @@ from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES
 from . import fastheader
 
 # Received data are stored as they came; validation warnings while reading headers are noise, not errors.
+# Query results are built from values already archived; validating them again on every DataElement costs more than
+# the query itself.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1461.1"  # OpenPACS implementation class (private root)
 IMPLEMENTATION_VERSION_NAME = "OPENPACS_010"

@@ -128,8 +128,10 @@ class IngestService:
         # A File Meta that disagrees with its data set is common in the wild (edited files); the data set wins.
         if expected_study_uid is not None and study != expected_study_uid:
             return StoreOutcome(status=0x0110, message=f"instance belongs to study {study}, not {expected_study_uid}",
-                                sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study)
-        outcome = StoreOutcome(status=Status.SUCCESS, sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study)
+                                sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study,
+                                series_instance_uid=series_uid)
+        outcome = StoreOutcome(status=Status.SUCCESS, sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study,
+                               series_instance_uid=series_uid)
 
         if digest is None:
             digest = _sha256([memoryview(data)[info.dataset_offset:]])

@@ -112,11 +112,15 @@ class QueryService:
             if kw in IGNORED_KEYS or elem.tag.group == 0x0002:
                 continue
             if elem.VR == "SQ":
-                if kw == REQUEST_ATTRIBUTES_SEQUENCE and elem.value:
-                    for sub in elem.value[0]:
-                        v = as_text(elem.value[0], sub.tag) or ""
-                        if sub.keyword in REQUEST_ATTRIBUTES and v:
-                            q.sequence_filters[sub.keyword] = v
+                if elem.value:
+                    item = elem.value[0]
+                    keys = {(sub.keyword or f"{sub.tag:08X}"): as_text(item, sub.tag) or "" for sub in item
+                            if sub.VR != "SQ"}
+                    keys = {k: v for k, v in keys.items() if v.strip() not in ("", "*")}
+                    if kw == REQUEST_ATTRIBUTES_SEQUENCE:
+                        q.sequence_filters.update({k: v for k, v in keys.items() if k in REQUEST_ATTRIBUTES})
+                    elif keys:
+                        q.item_filters[kw] = keys
                 q.return_keys.append(kw)
                 continue
             try:
@@ -152,8 +156,9 @@ class QueryService:
         select_attrs_all = list(select_attrs)
         if REQUEST_ATTRIBUTES_SEQUENCE in requested and level in ("SERIES", "IMAGE"):
             select_attrs_all += list(REQUEST_ATTRIBUTES.values())
+        item_filters = {k: v for k, v in query.item_filters.items() if k in header_keys}
         sql_query = query
-        if header_filters and (query.limit is not None or query.offset):
+        if (header_filters or item_filters) and (query.limit is not None or query.offset):
             # paging must count only entities that also pass the in-memory filters
             sql_query = Query(**{**query.__dict__, "limit": None, "offset": 0})
         try:
@@ -178,6 +183,8 @@ class QueryService:
                         for k, v in header_filters.items()
                     ):
                         continue
+                    if item_filters and not all(self._items_match(header, k, v) for k, v in item_filters.items()):
+                        continue
                     if sql_query is not query:
                         if skipped < query.offset:
                             skipped += 1
@@ -186,6 +193,17 @@ class QueryService:
                             return
                 produced += 1
                 yield self._dataset(query, requested, indexed, values, header)
+
+    def _items_match(self, header: Dataset, keyword: str, keys: dict[str, str]) -> bool:
+        """Sequence matching (PS3.4 C.2.2.2.6): some stored item matches every key of the query's item."""
+        elem = header.get(_tag_vr(keyword)[0])
+        if elem is None or elem.VR != "SQ":
+            return False
+        pn_ci = self.settings.pn_case_insensitive
+        return any(
+            all(match_in_memory(_tag_vr(k)[1], v, as_text(item, _tag_vr(k)[0]), pn_ci) for k, v in keys.items())
+            for item in elem.value
+        )
 
     def _representative_blobs(self, conn: Any, level: str, ids: list[int]) -> dict[int, str]:
         if not ids:

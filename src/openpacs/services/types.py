@@ -47,6 +47,7 @@ class StoreOutcome:
     sop_instance_uid: str = ""
     sop_class_uid: str = ""
     study_instance_uid: str = ""
+    series_instance_uid: str = ""
     duplicate: bool = False  # identical instance was already stored; nothing written
 
     @property
@@ -81,6 +82,9 @@ class Query:
     filters: dict[str, str] = field(default_factory=dict)
     return_keys: list[str] = field(default_factory=list)
     sequence_filters: dict[str, str] = field(default_factory=dict)
+    # matching keys inside other sequences (PS3.4 C.2.2.2.6), matched against the stored header:
+    # {"ProcedureCodeSequence": {"CodeValue": "P-MR1"}}
+    item_filters: dict[str, dict[str, str]] = field(default_factory=dict)
     include_all: bool = False
     limit: int | None = None
     offset: int = 0
