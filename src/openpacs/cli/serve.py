@@ -79,8 +79,15 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     app = build_app(ctx)
+    tls: dict[str, object] = {}
+    if settings.tls_cert:  # HTTPS (BCP195: TLS 1.2+ is Python's default minimum; mutual TLS when tls_ca is set)
+        import ssl
+
+        tls = dict(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key or None)
+        if settings.tls_ca:
+            tls.update(ssl_ca_certs=settings.tls_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                            lifespan="off", access_log=False, timeout_graceful_shutdown=10)
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=10, **tls)  # type: ignore[arg-type]
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
