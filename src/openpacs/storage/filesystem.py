@@ -22,7 +22,7 @@ class FilesystemBlobStore:
         self._lock = threading.Lock()
         # temp files older than this store are crash leftovers; newer ones may be writes in flight (in this process
         # or in a sibling worker process), which clean_temp must not pull from under their rename
-        self._created = time.time()
+        self._stale_tmp = [f.name for f in os.scandir(self.tmp)]  # partial writes of a previous run
 
     # Keys look like "2026112803" + 32 random hex digits: the UTC hour the blob was written, then a random part.
     # Blobs of one hour share a directory (YYYYMMDD/HH/), so a group commit fsyncs one directory, not one per file,
@@ -120,16 +120,14 @@ class FilesystemBlobStore:
                         yield day.name + hour.name + f.name
 
     def clean_temp(self) -> int:
-        """Remove partial writes left by a crash: temp files last written before this store was opened (with a
-        margin for coarse file timestamps). Later ones may be in-flight writes."""
+        """Remove partial writes left by a crash: the temp files that were already there when this store was
+        opened (listed then, before any write of this process). Writes started since have new random names."""
         n = 0
-        limit = self._created - 2.0
-        for f in os.scandir(self.tmp):
+        for name in self._stale_tmp:
             try:
-                if f.stat().st_mtime >= limit:
-                    continue
-                os.unlink(f.path)
-            except FileNotFoundError:  # renamed into place meanwhile
+                os.unlink(os.path.join(self.tmp, name))
+            except FileNotFoundError:
                 continue
             n += 1
+        self._stale_tmp = []
         return n

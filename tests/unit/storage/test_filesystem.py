@@ -92,6 +92,7 @@ def test_clean_temp_removes_partial_writes(store, tmp_path):
         with open(p, "wb") as f:
             f.write(b"half")
         os.utime(p, (1000, 1000))  # left by an earlier process
+    store = type(store)(store.root)  # the restarted process opens the store
     k = store.put([b"whole"]).key
     assert store.clean_temp() == 3
     assert os.listdir(store.tmp) == []
