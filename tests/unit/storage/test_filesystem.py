@@ -101,6 +101,11 @@ def test_clean_temp_removes_partial_writes(store, tmp_path):
 
 def test_clean_temp_spares_writes_in_flight(store, monkeypatch):
     """The orphan sweep runs while the server already accepts stores: a temp file being written must survive."""
+    # a crash leftover from an earlier process, there when the restarted process opens the store
+    leftover = os.path.join(store.tmp, "0" * 32)
+    with open(leftover, "wb") as f:
+        f.write(b"old")
+    store = type(store)(store.root)
     started, release = threading.Event(), threading.Event()
     real_fsync = os.fsync
 
@@ -115,11 +120,6 @@ def test_clean_temp_spares_writes_in_flight(store, monkeypatch):
     t.start()
     assert started.wait(10)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    # a crash leftover from an earlier process
-    leftover = os.path.join(store.tmp, "0" * 32)
-    with open(leftover, "wb") as f:
-        f.write(b"old")
-    os.utime(leftover, (1000, 1000))
     assert store.clean_temp() == 1
     release.set()
     t.join(10)
