@@ -69,3 +69,32 @@ def allowed_operations(settings: Settings, calling_aet: str, address: str) -> fr
         return frozenset(OPERATIONS)
     remote = known_peer(settings, calling_aet, address)
     return frozenset(remote.allow) if remote else frozenset()
+
+
+def department_scope(settings: Settings, calling_aet: str, address: str) -> tuple[str, ...] | None:
+    """Departments a peer's C-FIND / C-MOVE / C-GET may see (``Query.departments``, ``resolve(departments=)``).
+
+    The configured peer's ``departments`` (None: every department). A peer known by AE title but calling from
+    another host (permissive mode) keeps its title's scope, so that mode never widens a scoped peer."""
+    remote = known_peer(settings, calling_aet, address)
+    if remote is not None:
+        return remote.departments
+    scopes = [r.departments for r in settings.remote_aes.values() if r.aet.strip() == calling_aet]
+    if not scopes:
+        return None
+    if any(s is None for s in scopes):
+        return None
+    return tuple(sorted({d for s in scopes for d in (s or ())}))
+
+
+def audit(services: object, event: str, calling_aet: str, address: str, **kw: object) -> None:
+    """Record a DIMSE audit event if the services have an audit trail (never raises, never blocks)."""
+    trail = getattr(services, "audit", None)
+    if trail is None:
+        return
+    try:
+        trail.record(event, user=calling_aet, source_aet=calling_aet, source_address=address, protocol="DIMSE", **kw)
+    except Exception:  # noqa: BLE001 - auditing must not break an association
+        import logging
+
+        logging.getLogger("openpacs.audit").exception("DIMSE audit record failed")
