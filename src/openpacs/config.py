@@ -42,6 +42,7 @@ class Settings:
     artim_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
+    dicom_tls_port: int = 0  # DICOM TLS listener (needs tls_cert/tls_key; tls_ca = mutual TLS); 0: off
     check_called_aet: bool = False
     dicom_accept_unknown: bool = True  # permissive development mode: any calling AE may associate
     remote_aes: dict[str, RemoteAE] = field(default_factory=dict)

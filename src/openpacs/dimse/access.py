@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import ssl
 
 from ..config import RemoteAE, Settings
 from . import pdu
@@ -98,3 +99,23 @@ def audit(services: object, event: str, calling_aet: str, address: str, **kw: ob
         import logging
 
         logging.getLogger("openpacs.audit").exception("DIMSE audit record failed")
+
+
+# BCP195 (RFC 9325) cipher suites for TLS 1.2: forward secrecy and AEAD only; TLS 1.3 suites are all acceptable.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS:!RC4:!3DES"
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Server context for DICOM TLS: TLS ≥ 1.2, no fallback, BCP195 ciphers; client certificates required and
+    verified against ``tls_ca`` when it is set (mutual TLS), so an untrusted client never gets an association."""
+    if not settings.tls_cert:
+        raise ValueError("DICOM TLS needs tls_cert (and tls_key)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers(BCP195_CIPHERS)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    if settings.tls_ca:
+        ctx.load_verify_locations(settings.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
