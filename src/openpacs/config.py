@@ -21,6 +21,8 @@ class RemoteAE:
     allow: tuple[str, ...] = ("echo", "store", "find", "move", "get")
     # Department scope of what this peer may find/move/get (None: every department). Enforced with the operations.
     departments: tuple[str, ...] | None = None
+    # Outgoing associations to this peer (C-MOVE destination) use DICOM TLS, verifying its certificate against tls_ca.
+    tls: bool = False
 
 
 DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
@@ -42,7 +44,7 @@ class Settings:
     artim_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
-    dicom_tls_port: int = 0  # DICOM TLS listener (needs tls_cert/tls_key; tls_ca = mutual TLS); 0: off
+    dicom_tls_port: int = 2762  # DICOM TLS listener, on when tls_cert/tls_key are set (tls_ca: mutual TLS); 0: off
     check_called_aet: bool = False
     dicom_accept_unknown: bool = True  # permissive development mode: any calling AE may associate
     remote_aes: dict[str, RemoteAE] = field(default_factory=dict)
@@ -155,7 +157,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                     if isinstance(deps, str):
                         deps = [d for d in deps.split(",") if d.strip()]
                     remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow,
-                                             departments=None if deps is None else tuple(d.strip().lower() for d in deps))
+                                             departments=None if deps is None else tuple(d.strip().lower() for d in deps),
+                                             tls=bool(spec.get("tls", False)))
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:
@@ -180,7 +183,7 @@ def validate(s: Settings) -> None:
     """Refuse settings that would make the node misbehave, with a message naming the setting."""
     if s.duplicate_policy not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicate_policy must be one of {', '.join(DUPLICATE_POLICIES)}, not {s.duplicate_policy!r}")
-    for name in ("dicom_port", "http_port"):
+    for name in ("dicom_port", "http_port", "dicom_tls_port"):
         port = getattr(s, name)
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be a TCP port (0-65535), not {port}")
