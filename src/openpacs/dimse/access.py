@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import socket
 import ssl
+from collections.abc import Iterable
+from typing import Any
 
 from ..config import RemoteAE, Settings
+from ..services.types import Query
 from . import pdu
 
 OPERATIONS = ("echo", "store", "find", "move", "get")
@@ -64,12 +68,25 @@ def check_association(
     return None
 
 
+def _titled(settings: Settings, calling_aet: str) -> list[RemoteAE]:
+    return [r for r in settings.remote_aes.values() if r.aet.strip() == calling_aet]
+
+
 def allowed_operations(settings: Settings, calling_aet: str, address: str) -> frozenset[str]:
-    """DIMSE operations this peer may perform (checked per request; a refusal answers 0x0124)."""
-    if settings.dicom_accept_unknown:
-        return frozenset(OPERATIONS)
+    """DIMSE operations this peer may perform (checked per request; a refusal answers 0x0124).
+
+    A configured peer gets its ``allow`` list. In permissive mode (``dicom_accept_unknown``) an unknown AE may do
+    everything, but a configured AE title calling from another host keeps its title's restrictions: permissive mode
+    never widens what a configured peer may do."""
     remote = known_peer(settings, calling_aet, address)
-    return frozenset(remote.allow) if remote else frozenset()
+    if remote is not None:
+        return frozenset(remote.allow)
+    if not settings.dicom_accept_unknown:
+        return frozenset()
+    titled = _titled(settings, calling_aet)
+    if titled:
+        return frozenset(op for r in titled for op in r.allow)
+    return frozenset(OPERATIONS)
 
 
 def department_scope(settings: Settings, calling_aet: str, address: str) -> tuple[str, ...] | None:
@@ -80,7 +97,7 @@ def department_scope(settings: Settings, calling_aet: str, address: str) -> tupl
     remote = known_peer(settings, calling_aet, address)
     if remote is not None:
         return remote.departments
-    scopes = [r.departments for r in settings.remote_aes.values() if r.aet.strip() == calling_aet]
+    scopes = [r.departments for r in _titled(settings, calling_aet)]
     if not scopes:
         return None
     if any(s is None for s in scopes):
@@ -89,16 +106,34 @@ def department_scope(settings: Settings, calling_aet: str, address: str) -> tupl
 
 
 def audit(services: object, event: str, calling_aet: str, address: str, **kw: object) -> None:
-    """Record a DIMSE audit event if the services have an audit trail (never raises, never blocks)."""
+    """Record a DIMSE audit event if the services have an audit trail (never raises; ``record`` only queues)."""
     trail = getattr(services, "audit", None)
     if trail is None:
         return
+    kw.setdefault("user", calling_aet)
     try:
-        trail.record(event, user=calling_aet, source_aet=calling_aet, source_address=address, protocol="DIMSE", **kw)
+        trail.record(event, source_aet=calling_aet, source_address=address, protocol="DIMSE", **kw)
     except Exception:  # noqa: BLE001 - auditing must not break an association
-        import logging
-
         logging.getLogger("openpacs.audit").exception("DIMSE audit record failed")
+
+
+def study_patients(services: Any, study_uids: Iterable[str]) -> dict[str, str]:
+    """Patient ID of each study (for the audit trail's patient participant); blocking: run it in the executor."""
+    uids = sorted({u for u in study_uids if u})
+    out: dict[str, str] = {}
+    query_service = getattr(services, "query", None)
+    if not uids or query_service is None:
+        return out
+    try:
+        for start in range(0, len(uids), 200):
+            q = Query(
+                level="STUDY", filters={"StudyInstanceUID": "\\".join(uids[start : start + 200]), "PatientID": ""}
+            )
+            for ds in query_service.find(q):
+                out[str(ds.get("StudyInstanceUID", ""))] = str(ds.get("PatientID", "") or "")
+    except Exception:  # noqa: BLE001 - an audit record without the patient beats none
+        logging.getLogger("openpacs.audit").exception("patient lookup for the audit trail failed")
+    return out
 
 
 # BCP195 (RFC 9325) cipher suites for TLS 1.2: forward secrecy and AEAD only; TLS 1.3 suites are all acceptable.
@@ -119,3 +154,32 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         ctx.load_verify_locations(settings.tls_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def client_tls_context(settings: Settings) -> ssl.SSLContext:
+    """Client context for outgoing DICOM TLS (C-MOVE sub-associations to peers with ``tls = true``): the same BCP195
+    floor; the peer's certificate is verified against ``tls_ca`` (else the system store) and its host name; our
+    ``tls_cert``/``tls_key`` are presented when set, for peers that require mutual TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers(BCP195_CIPHERS)
+    if settings.tls_ca:
+        ctx.load_verify_locations(settings.tls_ca)
+    else:
+        ctx.load_default_certs()
+    if settings.tls_cert:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    return ctx
+
+
+def peer_certificate_name(transport: Any) -> str:
+    """The subject common name of a TLS peer's verified certificate ('' for plain TCP or no certificate)."""
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return ""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""

@@ -77,6 +77,11 @@ class Association(asyncio.BufferedProtocol):
         self.source = Source("DIMSE")
         self.contexts: dict[int, AcceptedContext] = {}
         self.allowed: frozenset[str] = frozenset()
+        self.departments: tuple[str, ...] | None = None  # department scope of find/move/get (None: all)
+        self.tls = False
+        self.tls_peer = ""  # subject CN of the peer's verified TLS certificate
+        # study UID -> instances received on this association: one audit event per study, when it ends
+        self.stored_studies: dict[str, int] = {}
         self.peer_max_pdu = 0
         self._reject_limit = reject_limit
         limit = self.settings.max_pdu if self.settings.max_pdu > 0 else HARD_PDU_LIMIT
@@ -127,6 +132,9 @@ class Association(asyncio.BufferedProtocol):
                 pass
         peer = transport.get_extra_info("peername")
         self.peer_address = str(peer[0]) if peer else ""
+        if transport.get_extra_info("ssl_object") is not None:
+            self.tls = True
+            self.tls_peer = access.peer_certificate_name(transport)
         self._artim_start = self._last_rx = self.loop.time()
         self.endpoint.association_opened(self)
         if self._requestor is not None:
@@ -153,7 +161,33 @@ class Association(asyncio.BufferedProtocol):
                 fut.exception()  # mark retrieved
         if not self.closed.done():
             self.closed.set_result(None)
+        if self.stored_studies:
+            self._audit_received()
         self.endpoint.association_closed(self)
+
+    def _audit_received(self) -> None:
+        """DICOM Instances Transferred (action C) for each study received on this association, once, at its end:
+        the C-STORE hot path only counts."""
+        studies, self.stored_studies = self.stored_studies, {}
+        services, calling, address, aet = self.endpoint.ctx, self.calling_aet, self.peer_address, self.settings.aet
+        detail_tls = f" over TLS ({self.tls_peer})" if self.tls else ""
+
+        def record() -> None:
+            patients = access.study_patients(services, studies)
+            for uid, count in studies.items():
+                access.audit(
+                    services,
+                    "InstancesTransferred",
+                    calling,
+                    address,
+                    action="C",
+                    destination=aet,
+                    study_uids=[uid],
+                    patient_id=patients.get(uid, ""),
+                    detail=f"C-STORE: {count} instance(s) received{detail_tls}",
+                )
+
+        self.endpoint.in_background(record)
 
     def pause_writing(self) -> None:
         self._can_write.clear()
@@ -368,9 +402,10 @@ class Association(asyncio.BufferedProtocol):
             return
         refusal = access.check_association(self.settings, rq.calling_aet, rq.called_aet, self.peer_address)
         if refusal is not None:
-            self._reject(*refusal)
+            self._reject(*refusal, alert=True)
             return
         self.allowed = access.allowed_operations(self.settings, rq.calling_aet, self.peer_address)
+        self.departments = access.department_scope(self.settings, rq.calling_aet, self.peer_address)
         results, self.contexts, roles = negotiate(rq)
         self.peer_max_pdu = rq.user.max_length
         user = pdu.UserInformation(
@@ -423,8 +458,19 @@ class Association(asyncio.BufferedProtocol):
         self.state = STA13
         self._artim_start = self.loop.time()
 
-    def _reject(self, rj: tuple[int, int, int], why: str) -> None:
+    def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
         log.warning("association from %s rejected: %s", self._who(), why)
+        if alert:  # access control, not a protocol or load matter: a Security Alert (node authentication)
+            access.audit(
+                self.endpoint.ctx,
+                "SecurityAlert",
+                self.calling_aet,
+                self.peer_address,
+                outcome=4,
+                event_type="110126",
+                destination=self.called_aet,
+                detail=f"A-ASSOCIATE-RJ: {why}"[:500],
+            )
         self._write(pdu.encode_associate_rj(*rj))
         self.state = STA13
         self._artim_start = self.loop.time()

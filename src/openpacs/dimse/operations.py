@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from pynetdicom.dsutils import decode, encode
 from ..dicom.header import dataset_offset
 from ..services.query import QueryError
 from ..services.types import InstanceRef, Status, StoreOutcome
-from . import commands
+from . import access, commands
 from .association import AssociationClosed, status_kind
 from .commands import Command
 from .negotiation import EXPLICIT_VR_LE, IMPLICIT_VR_LE, NATIVE_SYNTAXES, AcceptedContext
@@ -42,6 +43,15 @@ except ImportError:  # pragma: no cover
     _transcode = None  # type: ignore[assignment]
 
 
+_DIMSE_NAME = {
+    commands.C_ECHO_RQ: "C-ECHO",
+    commands.C_STORE_RQ: "C-STORE",
+    commands.C_FIND_RQ: "C-FIND",
+    commands.C_MOVE_RQ: "C-MOVE",
+    commands.C_GET_RQ: "C-GET",
+}
+
+
 def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[bytes | memoryview] | None) -> None:
     ctx = assoc.contexts[context_id]
     field = cmd.field
@@ -58,6 +68,16 @@ def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[byt
         return
     if ctx.service not in assoc.allowed:
         log.warning("%s from %s refused: not authorized", ctx.service.upper(), assoc._who())
+        access.audit(
+            assoc.endpoint.ctx,
+            "SecurityAlert",
+            assoc.calling_aet,
+            assoc.peer_address,
+            outcome=4,
+            event_type="110132",
+            destination=assoc.settings.aet,
+            detail=f"{_DIMSE_NAME.get(field, hex(field))} refused (0x0124): {ctx.service} not allowed for this AE",
+        )
         _final(
             assoc,
             context_id,
@@ -154,7 +174,12 @@ def _c_store(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: lis
         else:
             outcome = f.result()
             status, message = outcome.status, outcome.message
-            if not outcome.ok:
+            if outcome.ok:
+                study = outcome.study_instance_uid
+                if study:
+                    stored = assoc.stored_studies
+                    stored[study] = stored.get(study, 0) + 1
+            else:
                 log.warning("C-STORE %s from %s failed: status 0x%04X %s", sop_instance, assoc._who(), status, message)
         if assoc.state in ("Sta6",):
             _final(assoc, ctx.context_id, cmd, commands.C_STORE_RSP, status, comment=message)
@@ -185,6 +210,7 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
     try:
         identifier = _decode_identifier(ctx, chunks)
     except Exception as exc:
+        _audit_query(assoc, ctx, None, 4, f"undecodable identifier: {exc}")
         _final(
             assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.CANNOT_UNDERSTAND, comment=f"bad identifier: {exc}"
         )
@@ -193,8 +219,11 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
         query = services.query.from_identifier(identifier, ctx.model)
     except QueryError as exc:
         log.info("C-FIND from %s refused: 0x%04X %s", assoc._who(), exc.status, exc.message)
+        _audit_query(assoc, ctx, identifier, 4, f"refused: 0x{exc.status:04X} {exc.message}")
         _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, exc.status, comment=exc.message)
         return
+    query.departments = _narrow(query.departments, assoc.departments)
+    _audit_query(assoc, ctx, identifier, 0, "")
 
     results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -239,6 +268,40 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
         else:
             _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.SUCCESS)
         return
+
+
+def _narrow(a: tuple[str, ...] | None, b: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The intersection of two department scopes (None: every department)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return tuple(d for d in a if d in b)
+
+
+def _audit_query(assoc: Association, ctx: AcceptedContext, identifier: Dataset | None, outcome: int, why: str) -> None:
+    """Query (110112): who asked what. A patient ID given without wildcards names the patient participant."""
+    patient = ""
+    text = ""
+    if identifier is not None:
+        pid = str(identifier.get("PatientID", "") or "")
+        if pid and not any(c in pid for c in "*?\\"):
+            patient = pid
+        try:
+            text = str(identifier)
+        except Exception:  # noqa: BLE001
+            text = repr(identifier)
+    access.audit(
+        assoc.endpoint.ctx,
+        "Query",
+        assoc.calling_aet,
+        assoc.peer_address,
+        outcome=outcome,
+        destination=assoc.settings.aet,
+        patient_id=patient,
+        query=text,
+        detail=" ".join(p for p in (f"C-FIND {ctx.abstract_syntax}", why) if p),
+    )
 
 
 # ---- C-GET / C-MOVE sub-operations --------------------------------------------------------------------------------
@@ -344,7 +407,10 @@ async def _resolve(
         return None
     try:
         return await assoc.loop.run_in_executor(
-            assoc.endpoint.executor, assoc.endpoint.ctx.retrieve.resolve, identifier, ctx.model
+            assoc.endpoint.executor,
+            functools.partial(
+                assoc.endpoint.ctx.retrieve.resolve, identifier, ctx.model, departments=assoc.departments
+            ),
         )
     except QueryError as exc:
         log.info("retrieve from %s refused: 0x%04X %s", assoc._who(), exc.status, exc.message)
@@ -361,11 +427,84 @@ async def _run_suboperations(
     originator: tuple[str, int] | None,
 ) -> None:
     """Send every instance with C-STORE on ``target``, reporting progress to the requestor of ``cmd``."""
+    subops = SubOperations(len(refs))
+    transfer = _Transfer(assoc, cmd, refs, target)
+    await transfer.begin()
+    try:
+        await _send_all(assoc, ctx, cmd, refs, target, originator, subops)
+    finally:
+        transfer.end(subops)
+
+
+class _Transfer:
+    """Begin Transferring (110102) before the first sub-operation, DICOM Instances Transferred (110104) after the
+    last: one pair per C-MOVE / C-GET that has something to send, with its studies, patient and destination."""
+
+    def __init__(self, assoc: Association, cmd: Command, refs: list[InstanceRef], target: Association) -> None:
+        self.assoc = assoc
+        self.name = _DIMSE_NAME.get(cmd.field, "retrieve")
+        self.studies = list(dict.fromkeys(r.study_instance_uid for r in refs))
+        self.destination = target.called_aet if target is not assoc else assoc.calling_aet
+        if target.tls and target is not assoc:
+            self.destination_detail = f" to {self.destination} over TLS"
+        else:
+            self.destination_detail = f" to {self.destination}"
+        self.patient = ""
+        self.count = len(refs)
+
+    def _record(self, event: str, outcome: int, detail: str) -> None:
+        access.audit(
+            self.assoc.endpoint.ctx,
+            event,
+            self.assoc.calling_aet,
+            self.assoc.peer_address,
+            action="R",
+            outcome=outcome,
+            destination=self.destination,
+            study_uids=self.studies,
+            patient_id=self.patient,
+            detail=detail,
+        )
+
+    async def begin(self) -> None:
+        if not self.count:
+            return
+        assoc = self.assoc
+        try:
+            patients = await assoc.loop.run_in_executor(
+                assoc.endpoint.executor, access.study_patients, assoc.endpoint.ctx, self.studies
+            )
+        except Exception:  # noqa: BLE001
+            patients = {}
+        self.patient = "\\".join(dict.fromkeys(p for p in patients.values() if p))
+        self._record("BeginTransferring", 0, f"{self.name}: {self.count} instance(s){self.destination_detail}")
+
+    def end(self, subops: SubOperations) -> None:
+        if not self.count:
+            return
+        done = subops.completed + subops.warning
+        outcome = 0 if done == self.count else (8 if done == 0 else 4)
+        self._record(
+            "InstancesTransferred",
+            outcome,
+            f"{self.name}: {subops.completed} completed, {subops.warning} warning, {subops.failed} failed, "
+            f"{subops.remaining} not sent{self.destination_detail}",
+        )
+
+
+async def _send_all(
+    assoc: Association,
+    ctx: AcceptedContext,
+    cmd: Command,
+    refs: list[InstanceRef],
+    target: Association,
+    originator: tuple[str, int] | None,
+    subops: SubOperations,
+) -> None:
     loop = assoc.loop
     endpoint = assoc.endpoint
     rsp_field = cmd.field | 0x8000
     mid = cmd.message_id
-    subops = SubOperations(len(refs))
 
     def read(ref: InstanceRef) -> asyncio.Future[bytes]:
         return loop.run_in_executor(endpoint.executor, endpoint.ctx.retrieve.read_file, ref)
@@ -502,7 +641,7 @@ async def c_move(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
     for ref in refs:
         wanted.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax_uid)
     try:
-        target = await open_association(assoc.endpoint, remote.host, remote.port, remote.aet, wanted)
+        target = await open_association(assoc.endpoint, remote.host, remote.port, remote.aet, wanted, tls=remote.tls)
     except Exception as exc:  # noqa: BLE001
         log.warning(
             "C-MOVE from %s: cannot associate with %s at %s:%s: %s",

@@ -36,8 +36,10 @@ def propose(wanted: dict[str, set[str]]) -> list[pdu.PresentationContextRQ]:
 
 
 async def open_association(
-    endpoint: Endpoint, host: str, port: int, called_aet: str, wanted: dict[str, set[str]]
+    endpoint: Endpoint, host: str, port: int, called_aet: str, wanted: dict[str, set[str]], tls: bool = False
 ) -> Association:
+    """Associate with a peer as requestor; with ``tls``, over DICOM TLS (BCP195) verifying the peer's certificate
+    against ``tls_ca`` and its host name, presenting ``tls_cert`` for mutual TLS."""
     settings = endpoint.settings
     contexts = propose(wanted)
     rq = pdu.AssociateRQ(
@@ -60,7 +62,14 @@ async def open_association(
     }
     loop = endpoint.loop
     _, assoc = await asyncio.wait_for(
-        loop.create_connection(lambda: Association(endpoint, requestor=(rq, proposed)), host, port),
+        loop.create_connection(
+            lambda: Association(endpoint, requestor=(rq, proposed)),
+            host,
+            port,
+            ssl=endpoint.client_tls if tls else None,
+            server_hostname=host if tls else None,
+            ssl_handshake_timeout=settings.artim_timeout if tls else None,
+        ),
         timeout=settings.network_timeout,
     )
     await asyncio.wait_for(assoc.established, timeout=settings.artim_timeout + 1)

@@ -4,6 +4,11 @@ The serving process accepts every connection and passes it (SCM_RIGHTS over a SO
 loaded process, itself included. That spreads associations evenly over the cores (SO_REUSEPORT hashing leaves one
 process with 3 of 4 associations far too often) and keeps one exact count for ``max_associations``. Each worker
 builds its own Context (``build_context(settings, migrate=False)``) and its own thread pool.
+
+DICOM TLS (``dicom_tls_port`` with ``tls_cert``): a second listening socket in the same serving process. Its
+connections are handed over the same way, marked as TLS; the process that owns the connection does the handshake
+(``connect_accepted_socket(ssl=...)``) and serves it with the same ``Association`` code. The plain listener is
+unchanged by it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..config import Settings
+from . import access
 from .association import Association
 
 log = logging.getLogger("openpacs.dimse")
@@ -48,6 +55,32 @@ class Endpoint:
         self._stores = 0
         self._stores_idle = asyncio.Event()
         self._stores_idle.set()
+        self._server_tls: ssl.SSLContext | None = None
+        self._client_tls: ssl.SSLContext | None = None
+        self.audit_jobs: set[asyncio.Future[Any]] = set()
+
+    @property
+    def server_tls(self) -> ssl.SSLContext:
+        """The DICOM TLS server context of this process (built once; SSL contexts do not cross processes)."""
+        if self._server_tls is None:
+            self._server_tls = access.tls_context(self.settings)
+        return self._server_tls
+
+    @property
+    def client_tls(self) -> ssl.SSLContext:
+        if self._client_tls is None:
+            self._client_tls = access.client_tls_context(self.settings)
+        return self._client_tls
+
+    def in_background(self, fn: Callable[[], None]) -> None:
+        """Run blocking audit work (a patient lookup, then ``record``) off the event loop; awaited at shutdown."""
+        try:
+            fut = self.loop.run_in_executor(self.executor, fn)
+        except RuntimeError:  # executor already shut down
+            fn()
+            return
+        self.audit_jobs.add(fut)
+        fut.add_done_callback(self.audit_jobs.discard)
 
     def protocol(self, reject_limit: bool = False) -> Association:
         return Association(self, reject_limit=reject_limit)
@@ -82,21 +115,54 @@ class Endpoint:
         for assoc in list(self.associations):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(assoc.closed), timeout=2)
+        if self.audit_jobs:
+            await asyncio.wait(list(self.audit_jobs), timeout=10)
 
-    def adopt(self, sock: socket.socket, reject_limit: bool = False) -> None:
-        """Serve an accepted connection in this process."""
+    def adopt(self, sock: socket.socket, reject_limit: bool = False, tls: bool = False) -> None:
+        """Serve an accepted connection in this process (after a TLS handshake if it came to the TLS port)."""
         sock.setblocking(False)
 
         async def connect() -> None:
             try:
-                await self.loop.connect_accepted_socket(lambda: self.protocol(reject_limit), sock)
+                if tls:
+                    try:
+                        peer = sock.getpeername()[0]
+                    except OSError:
+                        peer = ""
+                    try:
+                        await self.loop.connect_accepted_socket(
+                            lambda: self.protocol(reject_limit),
+                            sock,
+                            ssl=self.server_tls,
+                            ssl_handshake_timeout=self.settings.artim_timeout,
+                        )
+                    except ssl.SSLError as exc:
+                        self.tls_refused(peer, exc)
+                        raise
+                else:
+                    await self.loop.connect_accepted_socket(lambda: self.protocol(reject_limit), sock)
             except Exception as exc:  # noqa: BLE001
-                log.warning("could not serve connection: %r", exc)
+                log.warning("could not serve connection%s: %r", " (DICOM TLS)" if tls else "", exc)
                 sock.close()
                 if self._on_closed is not None:
                     self._on_closed()
 
         self.loop.create_task(connect())
+
+    def tls_refused(self, peer: str, exc: ssl.SSLError) -> None:
+        """A failed TLS handshake (plain DICOM on the TLS port, an untrusted or missing client certificate, an old
+        protocol version) is a node authentication failure: audited as a Security Alert."""
+        reason = getattr(exc, "reason", None) or str(exc)
+        access.audit(
+            self.ctx,
+            "SecurityAlert",
+            "",
+            peer,
+            user=peer,
+            outcome=4,
+            event_type="110126",
+            detail=f"DICOM TLS handshake refused: {reason}"[:500],
+        )
 
 
 class _Worker:
@@ -114,6 +180,7 @@ class _Dispatcher:
         self.settings = settings
         self.endpoint = endpoint
         self.lsock = lsock
+        self.tls_sock: socket.socket | None = None
         self.local_load = 0
         self.workers: list[_Worker] = []
         self._turn = 0
@@ -136,10 +203,22 @@ class _Dispatcher:
                 return
             self.dispatch(conn)
 
-    def dispatch(self, conn: socket.socket) -> None:
+    def accept_tls(self) -> None:
+        assert self.tls_sock is not None
+        while True:
+            try:
+                conn, _ = self.tls_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed (DICOM TLS): %s", exc)
+                return
+            self.dispatch(conn, tls=True)
+
+    def dispatch(self, conn: socket.socket, tls: bool = False) -> None:
         if self.total() >= self.settings.max_associations:
             self.local_load += 1
-            self.endpoint.adopt(conn, reject_limit=True)
+            self.endpoint.adopt(conn, reject_limit=True, tls=tls)
             return
         ready = [w for w in self.workers if w.alive and w.ready]
         self._turn += 1
@@ -149,14 +228,14 @@ class _Dispatcher:
         _, _, target = min(choices, key=lambda c: (c[0], c[1]))
         if target is not None:
             try:
-                socket.send_fds(target.ctrl, [b"C"], [conn.fileno()])
+                socket.send_fds(target.ctrl, [b"T" if tls else b"C"], [conn.fileno()])
                 target.load += 1
                 conn.close()
                 return
             except OSError as exc:
                 log.warning("could not hand a connection to DIMSE worker %d: %s", target.index, exc)
         self.local_load += 1
-        self.endpoint.adopt(conn)
+        self.endpoint.adopt(conn, tls=tls)
 
     def on_worker_message(self, worker: _Worker) -> None:
         while True:
@@ -179,9 +258,10 @@ class _Dispatcher:
                 worker.load = max(0, worker.load - 1)
 
 
-def _listen(settings: Settings) -> socket.socket:
+def _listen(settings: Settings, port: int | None = None) -> socket.socket:
     host = settings.dicom_host or None
-    infos = socket.getaddrinfo(host, settings.dicom_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    port = settings.dicom_port if port is None else port
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, socktype, proto, _, addr = infos[0]
     sock = socket.socket(family, socktype, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,9 +275,18 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
     """Serve DICOM on (dicom_host, dicom_port) until ``stop`` is set; runs ``worker_count - 1`` worker processes."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
-    lsock = _listen(settings)
     endpoint = Endpoint(settings, ctx, loop, executor)
+    tls_on = bool(settings.tls_cert) and settings.dicom_tls_port > 0
+    if tls_on:
+        endpoint.server_tls  # noqa: B018 - a bad certificate or key stops the start, before anything listens
+    lsock = _listen(settings)
     dispatcher = _Dispatcher(settings, endpoint, lsock)
+    if tls_on:
+        try:
+            dispatcher.tls_sock = _listen(settings, settings.dicom_tls_port)
+        except OSError:
+            lsock.close()
+            raise
     endpoint._on_closed = dispatcher.local_closed
     mp = multiprocessing.get_context("spawn")
     for index in range(1, settings.worker_count):
@@ -212,6 +301,14 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
         dispatcher.workers.append(worker)
         loop.add_reader(parent, dispatcher.on_worker_message, worker)
     loop.add_reader(lsock, dispatcher.accept)
+    if dispatcher.tls_sock is not None:
+        loop.add_reader(dispatcher.tls_sock, dispatcher.accept_tls)
+        log.info(
+            "DICOM TLS listening on %s:%d (TLS >= 1.2, BCP195 ciphers, %s)",
+            settings.dicom_host,
+            settings.dicom_tls_port,
+            "client certificates required (tls_ca)" if settings.tls_ca else "no client certificates",
+        )
     log.info(
         "DIMSE listening on %s:%d as %s (%d process%s)",
         settings.dicom_host,
@@ -228,6 +325,9 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
         dispatcher.stopping = True
         loop.remove_reader(lsock)
         lsock.close()
+        if dispatcher.tls_sock is not None:
+            loop.remove_reader(dispatcher.tls_sock)
+            dispatcher.tls_sock.close()
         for w in dispatcher.workers:
             with contextlib.suppress(OSError):
                 w.ctrl.send(b"S")
@@ -280,7 +380,7 @@ async def _worker(settings: Settings, ctrl: socket.socket) -> None:
             except OSError:
                 msg, fds = b"", []
             for fd in fds:
-                endpoint.adopt(socket.socket(fileno=fd))
+                endpoint.adopt(socket.socket(fileno=fd), tls=msg == b"T")
             if not msg or msg == b"S":
                 stop.set()
                 loop.remove_reader(ctrl)
