@@ -170,22 +170,34 @@ def instance_url(root: str, study: str, series: str, sop: str) -> str:
 
 def request_source(request: Request) -> Source:
     client = request.client
-    user = ""
-    scope_user = request.scope.get("user")
-    if scope_user is not None and getattr(scope_user, "is_authenticated", False):
-        user = str(getattr(scope_user, "display_name", "") or getattr(scope_user, "identity", "") or "")
+    principal = request.scope.get("openpacs.principal")
+    user = str(getattr(principal, "name", "") or "")
     return Source(protocol="DICOMWEB", address=f"{client.host}:{client.port}" if client else "", user=user)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rights: the security issue replaces these hooks with real checks (roles, departments, audit).
+# Rights. web.auth's middleware authenticates every request, enforces the route family's right and the department
+# of any study named in the path, and puts the caller (services.auth.Principal) in the scope; these read it so that a
+# route never depends on the middleware alone. Without the middleware (unit tests of this package) all is permitted.
+
+
+def _require(request: Request, right: str) -> None:
+    principal = request.scope.get("openpacs.principal")
+    if principal is not None and right not in principal.rights:
+        raise DicomWebError(403, f"the {right!r} right is required")
+
+
+def request_departments(request: Request) -> tuple[str, ...] | None:
+    """The caller's department scope for ``Query.departments``: None = every department."""
+    principal = request.scope.get("openpacs.principal")
+    return None if principal is None else principal.departments
 
 
 def authorize_delete(request: Request, level: str, uid: str) -> None:
-    """Hook: may this request delete this entity? Raise DicomWebError(403, ...) to refuse. Permits all for now."""
-    return None
+    """May this request delete this entity? Raises DicomWebError(403) if not."""
+    _require(request, "delete")
 
 
 def authorize_store(request: Request) -> None:
-    """Hook: may this request store (STOW-RS)? Raise DicomWebError(403, ...) to refuse. Permits all for now."""
-    return None
+    """May this request store (STOW-RS)? Raises DicomWebError(403) if not."""
+    _require(request, "store")

@@ -18,7 +18,16 @@ from ..context import Context
 from ..dicom.json import dataset_to_json, dumps
 from ..services.query import QueryError, keyword_of
 from ..services.types import Level, Query
-from .common import DicomWebError, check_uid, error_response, log, negotiate_json, service_root, warning_header
+from .common import (
+    DicomWebError,
+    check_uid,
+    error_response,
+    log,
+    negotiate_json,
+    request_departments,
+    service_root,
+    warning_header,
+)
 
 # PS3.18 Table 10.6.1-5: attributes every result carries at each level (and the levels above for the "all" resources).
 # InstanceAvailability and RetrieveURL are added here; TimezoneOffsetFromUTC is not kept by the index.
@@ -228,6 +237,7 @@ def _handler(level: Level, path_keys: dict[str, str]):  # type: ignore[no-untype
             media = negotiate_json(request)
             path = {kw: check_uid(request.path_params[p]) for p, kw in path_keys.items()}
             q, warnings, cap = build_query(request, level, path)
+            q.departments = request_departments(request)
             results, more = await run_in_threadpool(run_search, ctx, q, level, service_root(request), cap)
         except DicomWebError as e:
             return error_response(e.status, e.message, e.headers)

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..services.query import QueryError
 from ..services.types import Query
+from .auth import departments_of
 from .viewer import OHIF_PREFIX, viewer_url
 
 STUDY_LIST_PATH = "/ui/studies"
@@ -195,6 +196,7 @@ def studylist_routes(ctx: Any, *, path: str = STUDY_LIST_PATH, viewer_prefix: st
             return_keys=[k for k in RETURN_KEYS if not params.get(k)],
             limit=limit + 1,
             offset=offset,
+            departments=departments_of(request),
         )
         root = request.scope.get("root_path", "")
         status, error, found = 200, "", []

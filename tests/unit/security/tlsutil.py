@@ -16,16 +16,24 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+def _write_key(key, path: Path) -> None:  # type: ignore[no-untyped-def]
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
 
 
-def make_pki(directory: Path, name: str = "test") -> dict[str, Path]:
+def _new_key(rsa_keys: bool):  # type: ignore[no-untyped-def]
+    if rsa_keys:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_pki(directory: Path, name: str = "test", rsa_keys: bool = False) -> dict[str, Path]:
     """{ca, cert, key, client_cert, client_key}: a CA, a server certificate and a client certificate it signed."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = _new_key(rsa_keys)
     ca = (x509.CertificateBuilder().subject_name(_name(f"{name} CA")).issuer_name(_name(f"{name} CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
@@ -35,7 +43,7 @@ def make_pki(directory: Path, name: str = "test") -> dict[str, Path]:
     out = {"ca": directory / "ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for kind, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = _new_key(rsa_keys)
         cert = (x509.CertificateBuilder().subject_name(_name(f"{name} {kind}")).issuer_name(ca.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
