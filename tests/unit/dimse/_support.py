@@ -64,15 +64,25 @@ class FakeIngest:
     def __init__(self, status: int = 0) -> None:
         self.status = status
         self.calls: list[tuple[bytes, str, str, str, Any]] = []
+        self.study_of: dict[str, str] = {}  # SOP instance UID -> study UID reported in the outcome
 
     def store_dataset(self, chunks, ts, cls, inst, source):  # type: ignore[no-untyped-def]
         self.calls.append((b"".join(bytes(c) for c in chunks), ts, cls, inst, source))
-        return StoreOutcome(self.status)
+        return StoreOutcome(self.status, sop_instance_uid=inst, study_instance_uid=self.study_of.get(inst, ""))
+
+
+class FakeAudit:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
 
 
 class FakeCtx:
     def __init__(self) -> None:
         self.ingest = FakeIngest()
+        self.audit = FakeAudit()
 
 
 class InlineExecutor:
@@ -113,6 +123,9 @@ class FakeEndpoint:
 
     def stores_finished(self) -> None:
         self.stores -= 1
+
+    def in_background(self, fn: Any) -> None:
+        fn()
 
 
 class FakeTransport(asyncio.Transport):
