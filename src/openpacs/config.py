@@ -62,6 +62,7 @@ class Settings:
     tls_cert: str = ""  # PEM certificate (chain) for HTTPS and DICOM TLS
     tls_key: str = ""
     tls_ca: str = ""  # CA bundle: client certificates (mutual TLS) and peers of outgoing TLS
+    http_tls: bool = True  # HTTPS on the web port when tls_cert is set (false: plain HTTP behind a TLS proxy)
     oidc_issuer: str = ""  # enables OIDC bearer JWTs
     oidc_audience: str = ""
     oidc_jwks_url: str = ""  # default: ISSUER/.well-known/jwks.json

@@ -156,8 +156,22 @@ def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     assert has("SecurityAlert", user="anonymous")
     assert has("StudyDeleted", user="boss", study_uids=ct_study, outcome=0)
     assert sum(1 for e in events if e["event"] == "SecurityAlert" and e["protocol"] == "CLI") >= 4
-    # nothing unexpected: every HTTP request above made exactly one event
-    http = [e for e in events if e["protocol"] == "HTTP"]
-    assert len(http) >= 14
+    # exactly the expected events: one per audited HTTP request above, in order (the login page GETs are not audited)
+    http = [(e["event"], e["user"], e["outcome"]) for e in events if e["protocol"] == "HTTP"]
+    assert http == [
+        ("SecurityAlert", "anonymous", 4),  # GET /dicom-web/studies without credentials
+        ("UserAuthentication", "cardio", 4),
+        ("UserAuthentication", "cardio", 0),
+        ("InstancesTransferred", "boss", 0),  # STOW CT
+        ("InstancesTransferred", "boss", 0),  # STOW US
+        ("SecurityAlert", "cardio", 4),  # STOW refused to a viewer
+        ("Query", "cardio", 0),
+        ("SecurityAlert", "cardio", 4),  # the radiology study asked for by UID
+        ("InstancesTransferred", "cardio", 0),  # WADO-RS of the own-department study (session)
+        ("Query", "cardio", 0),  # study list
+        ("Query", "cardio", 0),
+        ("SecurityAlert", "cardio", 4),  # DELETE refused
+        ("StudyDeleted", "boss", 0),
+    ], http
     r = requests.get(f"{base}/admin/audit?format=xml&event=StudyDeleted", headers=admin, timeout=30)
     assert r.status_code == 200 and "<AuditMessage>" in r.text and ct_study in r.text

@@ -80,7 +80,7 @@ async def _serve(settings: Settings) -> None:
 
     app = build_app(ctx)
     tls: dict[str, object] = {}
-    if settings.tls_cert:  # HTTPS (BCP195: TLS 1.2+ is Python's default minimum; mutual TLS when tls_ca is set)
+    if settings.tls_cert and settings.http_tls:  # HTTPS (BCP195: TLS 1.2+ is Python's default minimum; mutual TLS when tls_ca is set)
         import ssl
 
         tls = dict(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key or None)

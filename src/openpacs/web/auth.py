@@ -151,7 +151,7 @@ class SecurityMiddleware:
         self.auth = ctx.auth
         self.audit = ctx.audit
         self.trusted = _networks(s.trusted_proxies)
-        self.https_direct = bool(s.tls_cert)
+        self.https_direct = bool(s.tls_cert) and bool(getattr(s, "http_tls", True))
         self.throttle = LoginThrottle(max_failures=s.login_max_failures)
         self._study_dept: dict[str, tuple[float, str | None, bool]] = {}
 
