@@ -28,12 +28,24 @@ class SecuredServer(OpenPACSServer):
         super().write_config()
         lines = []
         for name, (allow, deps) in PEERS.items():
-            lines += ["", f"[remote_aes.{name}]", f'aet = "{name}"', 'host = "127.0.0.1"', "port = 1",
-                      "allow = [" + ", ".join(f'"{a}"' for a in allow) + "]"]
+            lines += [
+                "",
+                f"[remote_aes.{name}]",
+                f'aet = "{name}"',
+                'host = "127.0.0.1"',
+                "port = 1",
+                "allow = [" + ", ".join(f'"{a}"' for a in allow) + "]",
+            ]
             if deps is not None:
                 lines.append("departments = [" + ", ".join(f'"{d}"' for d in deps) + "]")
-        lines += ["", "[remote_aes.DESTSCP]", 'aet = "DESTSCP"', 'host = "127.0.0.1"', f"port = {self.dest_port}",
-                  'allow = ["echo", "store"]']
+        lines += [
+            "",
+            "[remote_aes.DESTSCP]",
+            'aet = "DESTSCP"',
+            'host = "127.0.0.1"',
+            f"port = {self.dest_port}",
+            'allow = ["echo", "store"]',
+        ]
         with open(self.config_path, "a") as fh:
             fh.write("\n".join(lines) + "\n")
 
@@ -64,12 +76,26 @@ def world(require_dcmtk, storescp, tmp_path_factory):
     server.dest_port = storescp.port
     server.write_config()
     for args in (("radiology", "--modality", "CT,OT"), ("cardiology", "--modality", "US")):
-        subprocess.run([*openpacs_command(), "department", "rule", *args, "--config", str(server.config_path),
-                        "--data-dir", str(server.data_dir)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *openpacs_command(),
+                "department",
+                "rule",
+                *args,
+                "--config",
+                str(server.config_path),
+                "--data-dir",
+                str(server.data_dir),
+            ],
+            check=True,
+            capture_output=True,
+        )
     server.start()
     files = {"radiology": base / "ct.dcm", "cardiology": base / "us.dcm"}
-    studies = {"radiology": write_instance(files["radiology"], "OT", "SECRAD"),
-               "cardiology": write_instance(files["cardiology"], "US", "SECCARD")}
+    studies = {
+        "radiology": write_instance(files["radiology"], "OT", "SECRAD"),
+        "cardiology": write_instance(files["cardiology"], "US", "SECCARD"),
+    }
     res = dcmtk.store(server.dicom_port, list(files.values()), calling="STORER")
     assert res.returncode == 0 and "Success" in res.output, res.output
     yield server, studies, base
@@ -77,8 +103,9 @@ def world(require_dcmtk, storescp, tmp_path_factory):
 
 
 def find_as(server, aet: str, out: Path, **keys: str) -> list[Dataset]:
-    return dcmtk.find(server.dicom_port, "study", "STUDY", {"StudyInstanceUID": "", "PatientID": "", **keys},
-                      out, extra=("-aet", aet))
+    return dcmtk.find(
+        server.dicom_port, "study", "STUDY", {"StudyInstanceUID": "", "PatientID": "", **keys}, out, extra=("-aet", aet)
+    )
 
 
 def test_unknown_calling_ae_is_rejected(world) -> None:
@@ -87,13 +114,27 @@ def test_unknown_calling_ae_is_rejected(world) -> None:
     assert res.returncode != 0 and "Rejected" in res.output
     res = dcmtk.run("echoscu", "-aet", "CARDIO", "-aec", "WRONGAE", "127.0.0.1", str(server.dicom_port))
     assert res.returncode != 0  # called AE checked
-    assert dcmtk.run("echoscu", "-aet", "CARDIO", "-aec", "OPENPACS", "127.0.0.1", str(server.dicom_port)).returncode == 0
+    assert (
+        dcmtk.run("echoscu", "-aet", "CARDIO", "-aec", "OPENPACS", "127.0.0.1", str(server.dicom_port)).returncode == 0
+    )
 
 
 def test_operation_not_allowed_for_peer(world) -> None:
     server, _, base = world
-    res = dcmtk.run("findscu", "-S", "-aet", "STORER", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
-                    "-aec", "OPENPACS", "127.0.0.1", str(server.dicom_port))
+    res = dcmtk.run(
+        "findscu",
+        "-S",
+        "-aet",
+        "STORER",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-aec",
+        "OPENPACS",
+        "127.0.0.1",
+        str(server.dicom_port),
+    )
     assert "SECRAD" not in res.output and "SECCARD" not in res.output
 
 
@@ -105,8 +146,9 @@ def test_find_scoped_to_department(world) -> None:
     assert studies["radiology"] in radio and studies["cardiology"] not in radio
     # asking for the other department's study by UID finds nothing
     assert not find_as(server, "CARDIO", base / "f3", StudyInstanceUID=studies["radiology"])
-    assert not dcmtk.find(server.dicom_port, "patient", "PATIENT", {"PatientID": "SECRAD"}, base / "f4",
-                          extra=("-aet", "CARDIO"))
+    assert not dcmtk.find(
+        server.dicom_port, "patient", "PATIENT", {"PatientID": "SECRAD"}, base / "f4", extra=("-aet", "CARDIO")
+    )
 
 
 def test_get_and_move_scoped_to_department(world, storescp) -> None:
@@ -114,16 +156,44 @@ def test_get_and_move_scoped_to_department(world, storescp) -> None:
 
     def get(aet: str, study: str, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
-        dcmtk.run("getscu", "-S", "-aet", aet, "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                  "-k", f"StudyInstanceUID={study}", "-aec", "OPENPACS", "127.0.0.1", str(server.dicom_port))
+        dcmtk.run(
+            "getscu",
+            "-S",
+            "-aet",
+            aet,
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-aec",
+            "OPENPACS",
+            "127.0.0.1",
+            str(server.dicom_port),
+        )
         return list(out.iterdir())
 
     assert get("CARDIO", studies["radiology"], base / "g1") == []
     assert len(get("CARDIO", studies["cardiology"], base / "g2")) == 1
     storescp.clear()
-    r = dcmtk.run("movescu", "-d", "-S", "-aet", "CARDIO", "-aem", "DESTSCP", "-k", "QueryRetrieveLevel=STUDY",
-                  "-k", f"StudyInstanceUID={studies['radiology']}", "-aec", "OPENPACS", "127.0.0.1",
-                  str(server.dicom_port))
+    r = dcmtk.run(
+        "movescu",
+        "-d",
+        "-S",
+        "-aet",
+        "CARDIO",
+        "-aem",
+        "DESTSCP",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={studies['radiology']}",
+        "-aec",
+        "OPENPACS",
+        "127.0.0.1",
+        str(server.dicom_port),
+    )
     assert dcmtk.RetrieveResult(r).final_counts().get("completed", 0) == 0
     assert storescp.files() == []
 
@@ -149,7 +219,14 @@ def test_dimse_audit_trail(world) -> None:
         index.close()
     assert any(e.event == "Query" and e.source_aet == "RADIO" and e.protocol == "DIMSE" for e in events)
     assert any(e.event == "SecurityAlert" and e.source_aet == "EVIL2" and e.outcome == 4 for e in events)
-    assert any(e.event == "InstancesTransferred" and e.source_aet == "STORER" and e.action == "C"
-               and studies["cardiology"] in e.study_uids for e in events)
-    assert any(e.event in ("BeginTransferring", "InstancesTransferred") and e.source_aet == "CARDIO"
-               and e.action == "R" for e in events)
+    assert any(
+        e.event == "InstancesTransferred"
+        and e.source_aet == "STORER"
+        and e.action == "C"
+        and studies["cardiology"] in e.study_uids
+        for e in events
+    )
+    assert any(
+        e.event in ("BeginTransferring", "InstancesTransferred") and e.source_aet == "CARDIO" and e.action == "R"
+        for e in events
+    )

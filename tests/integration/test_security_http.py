@@ -48,9 +48,16 @@ def instance(modality: str, pid: str) -> tuple[bytes, str]:
 def stow(base: str, headers: dict[str, str], data: bytes) -> requests.Response:
     b = uuid.uuid4().hex
     body = f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + f"\r\n--{b}--\r\n".encode()
-    return requests.post(f"{base}/dicom-web/studies", data=body, timeout=60, headers={
-        **headers, "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
-        "Accept": "application/dicom+json"})
+    return requests.post(
+        f"{base}/dicom-web/studies",
+        data=body,
+        timeout=60,
+        headers={
+            **headers,
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+            "Accept": "application/dicom+json",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +80,9 @@ def test_first_start_creates_admin_once(tmp_path: Path) -> None:
         s = requests.Session()
         base = f"http://127.0.0.1:{server.http_port}"
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', s.get(f"{base}/login").text).group(1)
-        r = s.post(f"{base}/login", data={"username": "admin", "password": found[0], "csrf_token": csrf},
-                   allow_redirects=False)
+        r = s.post(
+            f"{base}/login", data={"username": "admin", "password": found[0], "csrf_token": csrf}, allow_redirects=False
+        )
         assert r.status_code == 303
         assert s.get(f"{base}/dicom-web/studies").status_code in (200, 204)
     finally:
@@ -87,10 +95,21 @@ def test_first_start_creates_admin_once(tmp_path: Path) -> None:
 
 
 def test_refuses_network_listen_without_auth(tmp_path: Path) -> None:
-    argv = [*openpacs_command(), "serve", "--data-dir", str(tmp_path / "d"), "--host", "0.0.0.0",
-            "--dicom-port", "0", "--http-port", "0"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                               "OPENPACS_AUTH": "off"})
+    argv = [
+        *openpacs_command(),
+        "serve",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--host",
+        "0.0.0.0",
+        "--dicom-port",
+        "0",
+        "--http-port",
+        "0",
+    ]
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OPENPACS_AUTH": "off"}
+    )
     assert r.returncode == 2 and "refusing to listen" in r.stderr
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "dicom_accept_unknown" in r.stderr  # auth auto is on, but DICOM would be open
@@ -99,8 +118,18 @@ def test_refuses_network_listen_without_auth(tmp_path: Path) -> None:
 def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     base = f"http://127.0.0.1:{secured.http_port}"
     cli(secured, "user", "add", "boss", "--role", "admin", "--password-stdin", stdin="boss-password-123\n")
-    cli(secured, "user", "add", "cardio", "--role", "viewer", "--departments", "cardiology", "--password-stdin",
-        stdin="cardio-password-123\n")
+    cli(
+        secured,
+        "user",
+        "add",
+        "cardio",
+        "--role",
+        "viewer",
+        "--departments",
+        "cardiology",
+        "--password-stdin",
+        stdin="cardio-password-123\n",
+    )
     admin_token = cli(secured, "user", "token", "boss").strip().splitlines()[-1]
     cardio_token = cli(secured, "user", "token", "cardio").strip().splitlines()[-1]
     admin = {"Authorization": f"Bearer {admin_token}"}
@@ -111,11 +140,23 @@ def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     # login: one failure, one success
     s = requests.Session()
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', s.get(f"{base}/login").text).group(1)
-    assert s.post(f"{base}/login", data={"username": "cardio", "password": "nope-nope-nope", "csrf_token": csrf},
-                  allow_redirects=False).status_code == 401
+    assert (
+        s.post(
+            f"{base}/login",
+            data={"username": "cardio", "password": "nope-nope-nope", "csrf_token": csrf},
+            allow_redirects=False,
+        ).status_code
+        == 401
+    )
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', s.get(f"{base}/login").text).group(1)
-    assert s.post(f"{base}/login", data={"username": "cardio", "password": "cardio-password-123",
-                                         "csrf_token": csrf}, allow_redirects=False).status_code == 303
+    assert (
+        s.post(
+            f"{base}/login",
+            data={"username": "cardio", "password": "cardio-password-123", "csrf_token": csrf},
+            allow_redirects=False,
+        ).status_code
+        == 303
+    )
     # store one study per department
     ct, ct_study = instance("CT", "RAD-1")
     us, us_study = instance("US", "CARD-1")
@@ -143,8 +184,10 @@ def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     events = r.json()
 
     def has(event: str, **want) -> bool:
-        return any(e["event"] == event and all(
-            (v in e[k]) if isinstance(e[k], list) else e[k] == v for k, v in want.items()) for e in events)
+        return any(
+            e["event"] == event and all((v in e[k]) if isinstance(e[k], list) else e[k] == v for k, v in want.items())
+            for e in events
+        )
 
     assert has("ApplicationActivity", event_type="110120")
     assert has("UserAuthentication", user="cardio", outcome=4)

@@ -34,7 +34,9 @@ class HttpsServer(OpenPACSServer):
 def https_server(tmp_path_factory) -> HttpsServer:
     base = tmp_path_factory.mktemp("https")
     pki = make_pki(base / "pki")
-    server = HttpsServer(base / "data", settings={"auth": "on", "tls_cert": str(pki["cert"]), "tls_key": str(pki["key"])})
+    server = HttpsServer(
+        base / "data", settings={"auth": "on", "tls_cert": str(pki["cert"]), "tls_key": str(pki["key"])}
+    )
     server.ca = pki["ca"]
     server.start()
     yield server

@@ -142,18 +142,30 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 for code, name in departments.list_departments():
                     print(f"{code:20} {name}")
                 for r in departments.rules():
-                    crit = ", ".join(f"{k}={v}" for k, v in (("modality", r.modality), ("calling_aet", r.calling_aet),
-                                     ("institution", r.institution_name),
-                                     ("department_name", r.institutional_department_name)) if v)
+                    crit = ", ".join(
+                        f"{k}={v}"
+                        for k, v in (
+                            ("modality", r.modality),
+                            ("calling_aet", r.calling_aet),
+                            ("institution", r.institution_name),
+                            ("department_name", r.institutional_department_name),
+                        )
+                        if v
+                    )
                     print(f"rule {r.id:4} prio {r.priority:4} -> {r.department:18} {crit}")
             elif c == "add":
                 departments.add_department(args.code, args.name)
                 alert(f"department {args.code!r} added", "110129")
             elif c == "rule":
                 departments.ensure_standard()
-                rid = departments.add_rule(args.department, priority=args.priority, modality=args.modality,
-                                           calling_aet=args.calling_aet, institution_name=args.institution,
-                                           institutional_department_name=args.institutional_department)
+                rid = departments.add_rule(
+                    args.department,
+                    priority=args.priority,
+                    modality=args.modality,
+                    calling_aet=args.calling_aet,
+                    institution_name=args.institution,
+                    institutional_department_name=args.institutional_department,
+                )
                 alert(f"department rule {rid} added for {args.department!r}", "110129")
                 print(f"rule {rid} added")
             elif c == "delete-rule":

@@ -50,9 +50,16 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "UserAuthentication": ("110114", "User Authentication", "E"),
 }
 EVENT_TYPES: dict[str, str] = {
-    "110120": "Application Start", "110121": "Application Stop", "110122": "Login", "110123": "Logout",
-    "110126": "Node Authentication", "110128": "Network Configuration", "110129": "Security Configuration",
-    "110131": "Software Configuration", "110132": "Use of Restricted Function", "110136": "Security Roles Changed",
+    "110120": "Application Start",
+    "110121": "Application Stop",
+    "110122": "Login",
+    "110123": "Logout",
+    "110126": "Node Authentication",
+    "110128": "Network Configuration",
+    "110129": "Security Configuration",
+    "110131": "Software Configuration",
+    "110132": "Use of Restricted Function",
+    "110136": "Security Roles Changed",
     "110137": "User Security Attributes Changed",
 }
 APPLICATION_START, APPLICATION_STOP, LOGIN, LOGOUT = "110120", "110121", "110122", "110123"
@@ -85,12 +92,26 @@ class AuditEvent:
 
     def row(self) -> dict[str, Any]:
         code, _meaning, action = EVENTS[self.event]
-        return dict(at=self.at, event=self.event, event_id=code, event_type=self.event_type,
-                    action=self.action or action, outcome=self.outcome, user=_clip(self.user), role=self.role,
-                    protocol=self.protocol, source_address=_clip(self.source_address), source_aet=_clip(self.source_aet),
-                    destination=_clip(self.destination), study_uids="\\".join(self.study_uids[:1000]) or None,
-                    patient_id=_clip(self.patient_id), patient_name=_clip(self.patient_name),
-                    query=(self.query or "")[:8000] or None, detail=(self.detail or "")[:8000] or None, node=self.node)
+        return dict(
+            at=self.at,
+            event=self.event,
+            event_id=code,
+            event_type=self.event_type,
+            action=self.action or action,
+            outcome=self.outcome,
+            user=_clip(self.user),
+            role=self.role,
+            protocol=self.protocol,
+            source_address=_clip(self.source_address),
+            source_aet=_clip(self.source_aet),
+            destination=_clip(self.destination),
+            study_uids="\\".join(self.study_uids[:1000]) or None,
+            patient_id=_clip(self.patient_id),
+            patient_name=_clip(self.patient_name),
+            query=(self.query or "")[:8000] or None,
+            detail=(self.detail or "")[:8000] or None,
+            node=self.node,
+        )
 
 
 def _clip(v: str | None, n: int = 256) -> str | None:
@@ -98,8 +119,17 @@ def _clip(v: str | None, n: int = 256) -> str | None:
 
 
 class AuditService:
-    def __init__(self, index: Index, node: str = "OPENPACS", spool_dir: Path | None = None, syslog_url: str = "",
-                 syslog_ca: str = "", syslog_cert: str = "", syslog_key: str = "", hostname: str = "") -> None:
+    def __init__(
+        self,
+        index: Index,
+        node: str = "OPENPACS",
+        spool_dir: Path | None = None,
+        syslog_url: str = "",
+        syslog_ca: str = "",
+        syslog_cert: str = "",
+        syslog_key: str = "",
+        hostname: str = "",
+    ) -> None:
         self.index = index
         self.node = node
         self.hostname = hostname or socket.gethostname()
@@ -194,9 +224,18 @@ class AuditService:
                 self.forwarder.spool(syslog_message(ev, self.hostname))
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def search(self, *, event: str | None = None, user: str | None = None, study_uid: str | None = None,
-               patient_id: str | None = None, since: datetime | None = None, until: datetime | None = None,
-               limit: int = 1000, offset: int = 0) -> list[AuditEvent]:
+    def search(
+        self,
+        *,
+        event: str | None = None,
+        user: str | None = None,
+        study_uid: str | None = None,
+        patient_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[AuditEvent]:
         stmt = select(audit_events)
         if event:
             stmt = stmt.where(audit_events.c.event == event)
@@ -221,12 +260,26 @@ class AuditService:
 
 def _from_row(r: Any) -> AuditEvent:
     at = r.at if r.at is None or r.at.tzinfo else r.at.replace(tzinfo=UTC)
-    return AuditEvent(event=r.event, outcome=r.outcome, event_type=r.event_type, action=r.action, user=r.user or "",
-                      role=r.role or "", protocol=r.protocol or "", source_address=r.source_address or "",
-                      source_aet=r.source_aet or "", destination=r.destination or "",
-                      study_uids=[u for u in (r.study_uids or "").split("\\") if u], patient_id=r.patient_id or "",
-                      patient_name=r.patient_name or "", query=r.query or "", detail=r.detail or "", at=at,
-                      node=r.node or "", id=r.id)
+    return AuditEvent(
+        event=r.event,
+        outcome=r.outcome,
+        event_type=r.event_type,
+        action=r.action,
+        user=r.user or "",
+        role=r.role or "",
+        protocol=r.protocol or "",
+        source_address=r.source_address or "",
+        source_aet=r.source_aet or "",
+        destination=r.destination or "",
+        study_uids=[u for u in (r.study_uids or "").split("\\") if u],
+        patient_id=r.patient_id or "",
+        patient_name=r.patient_name or "",
+        query=r.query or "",
+        detail=r.detail or "",
+        at=at,
+        node=r.node or "",
+        id=r.id,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,54 +302,77 @@ def _attr(v: str) -> str:
 def audit_message_xml(ev: AuditEvent) -> str:
     code, meaning, default_action = EVENTS[ev.event]
     at = (ev.at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    parts = [f"<AuditMessage><EventIdentification EventActionCode={_attr(ev.action or default_action)} "
-             f"EventDateTime={_attr(at)} EventOutcomeIndicator={_attr(str(ev.outcome))}>",
-             _code("EventID", code, "DCM", meaning)]
+    parts = [
+        f"<AuditMessage><EventIdentification EventActionCode={_attr(ev.action or default_action)} "
+        f"EventDateTime={_attr(at)} EventOutcomeIndicator={_attr(str(ev.outcome))}>",
+        _code("EventID", code, "DCM", meaning),
+    ]
     if ev.event_type:
         parts.append(_code("EventTypeCode", ev.event_type, "DCM", EVENT_TYPES.get(ev.event_type, ev.event_type)))
     if ev.detail:
         parts.append(f"<EventOutcomeDescription>{_xml_text(ev.detail)}</EventOutcomeDescription>")
     parts.append("</EventIdentification>")
     requestor = ev.user or ev.source_aet or "unknown"
-    ap = f"<ActiveParticipant UserID={_attr(requestor)} UserIsRequestor=\"true\""
+    ap = f'<ActiveParticipant UserID={_attr(requestor)} UserIsRequestor="true"'
     if ev.source_aet and ev.user and ev.source_aet != ev.user:
         ap += f" AlternativeUserID={_attr('AETITLES=' + ev.source_aet)}"
     if ev.source_address:
         host = ev.source_address.rsplit(":", 1)[0] if ev.source_address.count(":") == 1 else ev.source_address
-        ap += f" NetworkAccessPointID={_attr(host)} NetworkAccessPointTypeCode=\"2\""
+        ap += f' NetworkAccessPointID={_attr(host)} NetworkAccessPointTypeCode="2"'
     ap += ">" + _code("RoleIDCode", "110153", "DCM", "Source Role ID")
     if ev.role:
         ap += _code("RoleIDCode", ev.role, "OPENPACS", ev.role)
     parts.append(ap + "</ActiveParticipant>")
-    parts.append(f"<ActiveParticipant UserID={_attr(ev.node)} AlternativeUserID={_attr('AETITLES=' + ev.node)} "
-                 "UserIsRequestor=\"false\">" + _code("RoleIDCode", "110152", "DCM", "Destination Role ID")
-                 + "</ActiveParticipant>")
+    parts.append(
+        f"<ActiveParticipant UserID={_attr(ev.node)} AlternativeUserID={_attr('AETITLES=' + ev.node)} "
+        'UserIsRequestor="false">'
+        + _code("RoleIDCode", "110152", "DCM", "Destination Role ID")
+        + "</ActiveParticipant>"
+    )
     if ev.destination:
-        parts.append(f"<ActiveParticipant UserID={_attr(ev.destination)} UserIsRequestor=\"false\">"
-                     + _code("RoleIDCode", "110152", "DCM", "Destination Role ID") + "</ActiveParticipant>")
-    parts.append(f"<AuditSourceIdentification AuditSourceID={_attr(ev.node)}>"
-                 "<AuditSourceTypeCode csd-code=\"4\" codeSystemName=\"DCM\" originalText=\"Application Server\"/>"
-                 "</AuditSourceIdentification>")
+        parts.append(
+            f'<ActiveParticipant UserID={_attr(ev.destination)} UserIsRequestor="false">'
+            + _code("RoleIDCode", "110152", "DCM", "Destination Role ID")
+            + "</ActiveParticipant>"
+        )
+    parts.append(
+        f"<AuditSourceIdentification AuditSourceID={_attr(ev.node)}>"
+        '<AuditSourceTypeCode csd-code="4" codeSystemName="DCM" originalText="Application Server"/>'
+        "</AuditSourceIdentification>"
+    )
     for uid in ev.study_uids:
-        parts.append(f"<ParticipantObjectIdentification ParticipantObjectID={_attr(uid)} ParticipantObjectTypeCode=\"2\""
-                     " ParticipantObjectTypeCodeRole=\"3\">"
-                     + _code("ParticipantObjectIDTypeCode", "110180", "DCM", "Study Instance UID")
-                     + "</ParticipantObjectIdentification>")
+        parts.append(
+            f'<ParticipantObjectIdentification ParticipantObjectID={_attr(uid)} ParticipantObjectTypeCode="2"'
+            ' ParticipantObjectTypeCodeRole="3">'
+            + _code("ParticipantObjectIDTypeCode", "110180", "DCM", "Study Instance UID")
+            + "</ParticipantObjectIdentification>"
+        )
     if ev.patient_id:
-        parts.append(f"<ParticipantObjectIdentification ParticipantObjectID={_attr(ev.patient_id)}"
-                     " ParticipantObjectTypeCode=\"1\" ParticipantObjectTypeCodeRole=\"1\">"
-                     + _code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
-                     + (f"<ParticipantObjectName>{_xml_text(ev.patient_name)}</ParticipantObjectName>"
-                        if ev.patient_name else "") + "</ParticipantObjectIdentification>")
+        parts.append(
+            f"<ParticipantObjectIdentification ParticipantObjectID={_attr(ev.patient_id)}"
+            ' ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1">'
+            + _code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
+            + (
+                f"<ParticipantObjectName>{_xml_text(ev.patient_name)}</ParticipantObjectName>"
+                if ev.patient_name
+                else ""
+            )
+            + "</ParticipantObjectIdentification>"
+        )
     if ev.query:
         q = base64.b64encode(ev.query.encode("utf-8", "replace")).decode("ascii")
-        parts.append("<ParticipantObjectIdentification ParticipantObjectID=\"query\" ParticipantObjectTypeCode=\"2\""
-                     " ParticipantObjectTypeCodeRole=\"3\">"
-                     + _code("ParticipantObjectIDTypeCode", "110181", "DCM", "SOP Class UID")
-                     + f"<ParticipantObjectQuery>{q}</ParticipantObjectQuery>"
-                     + (f"<ParticipantObjectDetail type=\"Protocol\" value={_attr(base64.b64encode(ev.protocol.encode()).decode())}/>"
-                        if ev.protocol else "")
-                     + "</ParticipantObjectIdentification>")
+        parts.append(
+            '<ParticipantObjectIdentification ParticipantObjectID="query" ParticipantObjectTypeCode="2"'
+            ' ParticipantObjectTypeCodeRole="3">'
+            + _code("ParticipantObjectIDTypeCode", "110181", "DCM", "SOP Class UID")
+            + f"<ParticipantObjectQuery>{q}</ParticipantObjectQuery>"
+            + (
+                f'<ParticipantObjectDetail type="Protocol" value={_attr(base64.b64encode(ev.protocol.encode()).decode())}/>'
+                if ev.protocol
+                else ""
+            )
+            + "</ParticipantObjectIdentification>"
+        )
     parts.append("</AuditMessage>")
     return "".join(parts)
 
@@ -328,8 +404,9 @@ def _sd_name(s: str) -> str:
 class SyslogForwarder:
     """Spool-and-forward: every message is a file in ``spool_dir`` until it has been sent."""
 
-    def __init__(self, url: str, spool_dir: Path, ca: str = "", cert: str = "", key: str = "",
-                 retry_max: float = 30.0) -> None:
+    def __init__(
+        self, url: str, spool_dir: Path, ca: str = "", cert: str = "", key: str = "", retry_max: float = 30.0
+    ) -> None:
         u = urlparse(url)
         if u.scheme not in ("tls", "tcp", "udp") or not u.hostname:
             raise ValueError(f"syslog target {url!r}: expected tls://host:port, tcp://host:port or udp://host:port")
@@ -440,8 +517,13 @@ class SyslogForwarder:
                     self.sent += 1
                 delay = 0.5
             except Exception as e:  # OSError, ssl errors: the collector is away; anything else must not kill us
-                log.warning("syslog collector %s:%d unavailable (%s); %d event(s) spooled", self.host, self.port, e,
-                            self.pending())
+                log.warning(
+                    "syslog collector %s:%d unavailable (%s); %d event(s) spooled",
+                    self.host,
+                    self.port,
+                    e,
+                    self.pending(),
+                )
                 self._disconnect()
                 self._wake.wait(delay)
                 self._wake.clear()

@@ -234,16 +234,28 @@ class AuthService:
     # -- users -----------------------------------------------------------------------------------------------
     def _principal(self, row: Any, method: str, csrf: str = "") -> Principal:
         role = row.role
-        return Principal(name=row.username, role=role, rights=ROLES.get(role, frozenset()),
-                         departments=None if role == "admin" else parse_departments(row.departments),
-                         method=method, user_id=row.id, csrf_token=csrf)
+        return Principal(
+            name=row.username,
+            role=role,
+            rights=ROLES.get(role, frozenset()),
+            departments=None if role == "admin" else parse_departments(row.departments),
+            method=method,
+            user_id=row.id,
+            csrf_token=csrf,
+        )
 
     def has_users(self) -> bool:
         with self.index.engine.connect() as c:
             return c.execute(select(users.c.id).limit(1)).first() is not None
 
-    def add_user(self, username: str, password: str | None, role: str, departments: Iterable[str] | str | None = None,
-                 display_name: str = "") -> int:
+    def add_user(
+        self,
+        username: str,
+        password: str | None,
+        role: str,
+        departments: Iterable[str] | str | None = None,
+        display_name: str = "",
+    ) -> int:
         username = username.strip()
         if not username or len(username) > 128 or any(ch.isspace() or ord(ch) < 32 for ch in username):
             raise AuthError("invalid user name")
@@ -256,16 +268,37 @@ class AuthService:
         with self.index.write_engine.begin() as c:
             if c.execute(select(users.c.id).where(users.c.username == username)).first() is not None:
                 raise AuthError(f"user {username!r} exists")
-            return int(c.execute(insert(users).values(
-                username=username, password_hash=hash_password(password) if password else None, role=role,
-                departments=",".join(deps) if deps is not None else None, display_name=display_name or username,
-                disabled=False, created_at=ts, updated_at=ts)).inserted_primary_key[0])
+            return int(
+                c.execute(  # type: ignore[index]
+                    insert(users).values(
+                        username=username,
+                        password_hash=hash_password(password) if password else None,
+                        role=role,
+                        departments=",".join(deps) if deps is not None else None,
+                        display_name=display_name or username,
+                        disabled=False,
+                        created_at=ts,
+                        updated_at=ts,
+                    )
+                ).inserted_primary_key[0]
+            )
 
     def list_users(self) -> list[UserInfo]:
         with self.index.engine.connect() as c:
             rows = c.execute(select(users).order_by(users.c.username)).all()
-        return [UserInfo(r.id, r.username, r.role, parse_departments(r.departments), r.display_name or "",
-                         bool(r.disabled), _aware(r.created_at), _aware(r.last_login_at)) for r in rows]
+        return [
+            UserInfo(
+                r.id,
+                r.username,
+                r.role,
+                parse_departments(r.departments),
+                r.display_name or "",
+                bool(r.disabled),
+                _aware(r.created_at),
+                _aware(r.last_login_at),
+            )
+            for r in rows
+        ]
 
     def _update_user(self, username: str, **values: Any) -> None:
         values["updated_at"] = _now()
@@ -335,9 +368,16 @@ class AuthService:
             uid = c.execute(select(users.c.id).where(users.c.username == username)).scalar_one_or_none()
             if uid is None:
                 raise AuthError(f"no user {username!r}")
-            tid = c.execute(insert(api_tokens).values(
-                user_fk=uid, name=name, token_hash=token_hash(token), prefix=token[:12], created_at=ts,
-                expires_at=None if ttl.total_seconds() == 0 else ts + ttl)).inserted_primary_key[0]
+            tid = c.execute(
+                insert(api_tokens).values(
+                    user_fk=uid,
+                    name=name,
+                    token_hash=token_hash(token),
+                    prefix=token[:12],
+                    created_at=ts,
+                    expires_at=None if ttl.total_seconds() == 0 else ts + ttl,
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
         return int(tid), token
 
     def list_tokens(self, username: str | None = None) -> list[dict[str, Any]]:
@@ -345,14 +385,26 @@ class AuthService:
         if username:
             stmt = stmt.where(users.c.username == username)
         with self.index.engine.connect() as c:
-            return [dict(id=r.id, user=r.username, name=r.name, prefix=r.prefix, created_at=_aware(r.created_at),
-                         expires_at=_aware(r.expires_at), revoked=r.revoked_at is not None)
-                    for r in c.execute(stmt.order_by(api_tokens.c.id))]
+            return [
+                dict(
+                    id=r.id,
+                    user=r.username,
+                    name=r.name,
+                    prefix=r.prefix,
+                    created_at=_aware(r.created_at),
+                    expires_at=_aware(r.expires_at),
+                    revoked=r.revoked_at is not None,
+                )
+                for r in c.execute(stmt.order_by(api_tokens.c.id))
+            ]
 
     def revoke_token(self, token_id: int) -> bool:
         with self.index.write_engine.begin() as c:
-            n = c.execute(update(api_tokens).where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
-                          .values(revoked_at=_now())).rowcount
+            n = c.execute(
+                update(api_tokens)
+                .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=_now())
+            ).rowcount
         self._invalidate()
         return bool(n)
 
@@ -369,7 +421,8 @@ class AuthService:
         with self.index.engine.connect() as c:
             row = c.execute(
                 select(users, api_tokens.c.expires_at, api_tokens.c.revoked_at)
-                .select_from(api_tokens.join(users)).where(api_tokens.c.token_hash == h)
+                .select_from(api_tokens.join(users))
+                .where(api_tokens.c.token_hash == h)
             ).first()
         if row is None or row.revoked_at is not None or row.disabled:
             self._tokens.put(h, (None, None))
@@ -391,9 +444,17 @@ class AuthService:
         csrf = secrets.token_urlsafe(24)
         ts = _now()
         with self.index.write_engine.begin() as c:
-            c.execute(insert(sessions).values(id=token_hash(cookie), user_fk=principal.user_id, csrf_token=csrf,
-                                              created_at=ts, expires_at=ts + self.session_ttl,
-                                              source_address=address[:200], revoked=False))
+            c.execute(
+                insert(sessions).values(
+                    id=token_hash(cookie),
+                    user_fk=principal.user_id,
+                    csrf_token=csrf,
+                    created_at=ts,
+                    expires_at=ts + self.session_ttl,
+                    source_address=address[:200],
+                    revoked=False,
+                )
+            )
         return cookie, csrf
 
     def principal_for_session(self, cookie: str) -> Principal | None:
@@ -409,7 +470,8 @@ class AuthService:
         with self.index.engine.connect() as c:
             row = c.execute(
                 select(users, sessions.c.csrf_token, sessions.c.expires_at, sessions.c.revoked)
-                .select_from(sessions.join(users)).where(sessions.c.id == h)
+                .select_from(sessions.join(users))
+                .where(sessions.c.id == h)
             ).first()
         expires = _aware(row.expires_at) if row is not None else None
         if row is None or row.revoked or row.disabled or expires is None or expires <= _now():
@@ -440,10 +502,19 @@ class OIDCValidator:
 
     FORBIDDEN_ALGS = frozenset({"none", "HS256", "HS384", "HS512"})
 
-    def __init__(self, issuer: str, audience: str, jwks_url: str = "", algorithms: Iterable[str] = ("RS256", "ES256"),
-                 role_claim: str = "roles", role_map: dict[str, str] | None = None,
-                 department_claim: str = "departments", username_claim: str = "preferred_username",
-                 leeway: float = 30.0, jwks_client: Any = None) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        jwks_url: str = "",
+        algorithms: Iterable[str] = ("RS256", "ES256"),
+        role_claim: str = "roles",
+        role_map: dict[str, str] | None = None,
+        department_claim: str = "departments",
+        username_claim: str = "preferred_username",
+        leeway: float = 30.0,
+        jwks_client: Any = None,
+    ) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience
         self.algorithms = [a for a in algorithms if a and a not in self.FORBIDDEN_ALGS]
@@ -458,8 +529,9 @@ class OIDCValidator:
         if jwks_client is None:
             from jwt import PyJWKClient
 
-            jwks_client = PyJWKClient(jwks_url or f"{self.issuer}/.well-known/jwks.json", cache_keys=True,
-                                      lifespan=300, timeout=10)
+            jwks_client = PyJWKClient(
+                jwks_url or f"{self.issuer}/.well-known/jwks.json", cache_keys=True, lifespan=300, timeout=10
+            )
         self.jwks = jwks_client
 
     @staticmethod
@@ -480,8 +552,15 @@ class OIDCValidator:
             if alg not in self.algorithms:
                 raise jwt.InvalidAlgorithmError(f"algorithm {alg!r} not allowed")
             key = self.jwks.get_signing_key_from_jwt(token).key
-            claims = jwt.decode(token, key, algorithms=self.algorithms, audience=self.audience, issuer=self.issuer,
-                                leeway=self.leeway, options={"require": ["exp", "iss", "aud", "sub"]})
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
         except Exception as e:  # every failure is a rejection; the reason goes to the log
             log.info("OIDC token rejected: %s", e)
             self._cache.put(h, (None, 0.0), ttl=5.0)
@@ -491,8 +570,11 @@ class OIDCValidator:
             log.info("OIDC token for %s maps to no role", claims.get("sub"))
             return None
         deps = claims.get(self.department_claim)
-        departments = None if role == "admin" else parse_departments(deps if isinstance(deps, list) else
-                                                                      (str(deps) if deps else ""))
+        departments = (
+            None
+            if role == "admin"
+            else parse_departments(deps if isinstance(deps, list) else (str(deps) if deps else ""))
+        )
         if departments is None and role != "admin" and not deps:
             departments = ()  # a non-admin without a department claim sees nothing rather than everything
         name = str(claims.get(self.username_claim) or claims["sub"])

@@ -42,11 +42,15 @@ class Rule:
     enabled: bool = True
 
     def matches(self, modality: str, calling_aet: str, institution: str, department_name: str) -> bool:
-        for pattern, value in ((self.modality, modality), (self.calling_aet, calling_aet),
-                               (self.institution_name, institution),
-                               (self.institutional_department_name, department_name)):
-            if pattern and not any(fnmatch.fnmatchcase((value or "").upper(), p.strip().upper())
-                                   for p in pattern.split(",") if p.strip()):
+        for pattern, value in (
+            (self.modality, modality),
+            (self.calling_aet, calling_aet),
+            (self.institution_name, institution),
+            (self.institutional_department_name, department_name),
+        ):
+            if pattern and not any(
+                fnmatch.fnmatchcase((value or "").upper(), p.strip().upper()) for p in pattern.split(",") if p.strip()
+            ):
                 return False
         return True
 
@@ -68,11 +72,25 @@ class DepartmentService:
 
     def reload(self) -> None:
         with self.index.engine.connect() as c:
-            rows = c.execute(select(department_rules).where(department_rules.c.enabled.is_(True))
-                             .order_by(department_rules.c.priority, department_rules.c.id)).all()
+            rows = c.execute(
+                select(department_rules)
+                .where(department_rules.c.enabled.is_(True))
+                .order_by(department_rules.c.priority, department_rules.c.id)
+            ).all()
         with self._lock:
-            self._rules = [Rule(r.id, r.priority, r.department, r.modality, r.calling_aet, r.institution_name,
-                                r.institutional_department_name, bool(r.enabled)) for r in rows]
+            self._rules = [
+                Rule(
+                    r.id,
+                    r.priority,
+                    r.department,
+                    r.modality,
+                    r.calling_aet,
+                    r.institution_name,
+                    r.institutional_department_name,
+                    bool(r.enabled),
+                )
+                for r in rows
+            ]
             self._loaded = time.monotonic()
 
     def classify(self, values: dict[str, dict[str, Any]], calling_aet: str = "") -> str | None:
@@ -106,20 +124,34 @@ class DepartmentService:
         with self.index.write_engine.begin() as c:
             c.execute(insert(departments).values(code=code, name=name or code, created_at=datetime.now(UTC)))
 
-    def add_rule(self, department: str, *, priority: int = 100, modality: str | None = None,
-                 calling_aet: str | None = None, institution_name: str | None = None,
-                 institutional_department_name: str | None = None) -> int:
+    def add_rule(
+        self,
+        department: str,
+        *,
+        priority: int = 100,
+        modality: str | None = None,
+        calling_aet: str | None = None,
+        institution_name: str | None = None,
+        institutional_department_name: str | None = None,
+    ) -> int:
         department = department.strip().lower()
         if not any((modality, calling_aet, institution_name, institutional_department_name)):
             raise ValueError("a rule needs at least one criterion")
         with self.index.write_engine.begin() as c:
             if c.execute(select(departments.c.id).where(departments.c.code == department)).first() is None:
                 raise ValueError(f"unknown department {department!r}")
-            rid = c.execute(insert(department_rules).values(
-                priority=priority, department=department, modality=modality or None, calling_aet=calling_aet or None,
-                institution_name=institution_name or None,
-                institutional_department_name=institutional_department_name or None, enabled=True,
-                created_at=datetime.now(UTC))).inserted_primary_key[0]
+            rid = c.execute(
+                insert(department_rules).values(
+                    priority=priority,
+                    department=department,
+                    modality=modality or None,
+                    calling_aet=calling_aet or None,
+                    institution_name=institution_name or None,
+                    institutional_department_name=institutional_department_name or None,
+                    enabled=True,
+                    created_at=datetime.now(UTC),
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
         self.reload()
         return int(rid)
 
@@ -139,13 +171,36 @@ class DepartmentService:
             rows = c.execute(stmt).all()
             updates = []
             for sid, current in rows:
-                s = c.execute(select(series.c.id, series.c.modality, series.c.institution_name,
-                                     series.c.institutional_department_name)
-                              .where(series.c.study_fk == sid).order_by(series.c.id).limit(1)).first()
-                aet = c.execute(select(instances.c.calling_aet).where(instances.c.series_fk == s.id)
-                                .order_by(instances.c.id).limit(1)).scalar_one_or_none() if s else None
-                values = {"SERIES": {"modality": s.modality, "institution_name": s.institution_name,
-                                     "institutional_department_name": s.institutional_department_name} if s else {}}
+                s = c.execute(
+                    select(
+                        series.c.id,
+                        series.c.modality,
+                        series.c.institution_name,
+                        series.c.institutional_department_name,
+                    )
+                    .where(series.c.study_fk == sid)
+                    .order_by(series.c.id)
+                    .limit(1)
+                ).first()
+                aet = (
+                    c.execute(
+                        select(instances.c.calling_aet)
+                        .where(instances.c.series_fk == s.id)
+                        .order_by(instances.c.id)
+                        .limit(1)
+                    ).scalar_one_or_none()
+                    if s
+                    else None
+                )
+                values = {
+                    "SERIES": {
+                        "modality": s.modality,
+                        "institution_name": s.institution_name,
+                        "institutional_department_name": s.institutional_department_name,
+                    }
+                    if s
+                    else {}
+                }
                 dept = self.classify(values, aet or "")
                 if dept != current:
                     updates.append((sid, dept))

@@ -73,8 +73,11 @@ def require(request: Request, right: str) -> Principal:
         return p
     status = 401 if not p.authenticated else 403
     request.scope["openpacs.denied"] = f"{right} right required"
-    raise Forbidden(status, "authentication required" if status == 401 else f"the {right!r} right is required",
-                    headers={"WWW-Authenticate": 'Bearer realm="openpacs"'} if status == 401 else None)
+    raise Forbidden(
+        status,
+        "authentication required" if status == 401 else f"the {right!r} right is required",
+        headers={"WWW-Authenticate": 'Bearer realm="openpacs"'} if status == 401 else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def route_policy(path: str, method: str) -> RoutePolicy:
     if path in PUBLIC_PATHS:
         return RoutePolicy(None, None)
     if path.startswith("/dicom-web/") or path == "/dicom-web":
-        sub = path[len("/dicom-web"):]
+        sub = path[len("/dicom-web") :]
         if method == "POST":
             return RoutePolicy(authsvc.STORE, "InstancesTransferred")
         if method == "DELETE":
@@ -128,8 +131,10 @@ class LoginThrottle:
 
     def blocked(self, username: str, address: str) -> bool:
         now = time.monotonic()
-        return (len(self._recent(f"u:{username.lower()}|{address}", now)) >= self.max_failures
-                or len(self._recent(f"a:{address}", now)) >= self.per_address)
+        return (
+            len(self._recent(f"u:{username.lower()}|{address}", now)) >= self.max_failures
+            or len(self._recent(f"a:{address}", now)) >= self.per_address
+        )
 
     def failed(self, username: str, address: str) -> None:
         now = time.monotonic()
@@ -175,10 +180,15 @@ class SecurityMiddleware:
         send_wrapped = self._headers_send(send, path, https, status_box)
 
         if auth_error and policy.right is not None:
-            self._audit("UserAuthentication", principal, scope, address, outcome=4, event_type="110122",
-                        detail=auth_error)
-            await _plain(send_wrapped, 401, "invalid or expired credentials",
-                         {"www-authenticate": 'Bearer realm="openpacs", error="invalid_token"'})
+            self._audit(
+                "UserAuthentication", principal, scope, address, outcome=4, event_type="110122", detail=auth_error
+            )
+            await _plain(
+                send_wrapped,
+                401,
+                "invalid or expired credentials",
+                {"www-authenticate": 'Bearer realm="openpacs", error="invalid_token"'},
+            )
             return
         if policy.right is not None:
             denial = self._check(scope, principal, policy, path, method)
@@ -189,8 +199,15 @@ class SecurityMiddleware:
                     await _redirect(send_wrapped, "/login?next=" + quote(target, safe=""))
                     return
                 if code in (401, 403, 404):
-                    self._audit("SecurityAlert", principal, scope, address, outcome=4, event_type="110132",
-                                detail=f"{method} {path} denied: {why}")
+                    self._audit(
+                        "SecurityAlert",
+                        principal,
+                        scope,
+                        address,
+                        outcome=4,
+                        event_type="110132",
+                        detail=f"{method} {path} denied: {why}",
+                    )
                 hdrs = {"www-authenticate": 'Bearer realm="openpacs"'} if code == 401 else {}
                 await _plain(send_wrapped, code, why if code != 404 else "not found", hdrs)
                 return
@@ -201,8 +218,15 @@ class SecurityMiddleware:
             if policy.audit and status:
                 self._audit_request(policy.audit, principal, scope, address, path, method, status)
             elif status in (401, 403) and scope.get("openpacs.denied"):
-                self._audit("SecurityAlert", principal, scope, address, outcome=4, event_type="110132",
-                            detail=f"{method} {path} denied: {scope['openpacs.denied']}")
+                self._audit(
+                    "SecurityAlert",
+                    principal,
+                    scope,
+                    address,
+                    outcome=4,
+                    event_type="110132",
+                    detail=f"{method} {path} denied: {scope['openpacs.denied']}",
+                )
 
     # -- identity --------------------------------------------------------------------------------------------
     def _identify(self, scope: Scope) -> tuple[Principal, str]:
@@ -302,13 +326,15 @@ class SecurityMiddleware:
         if self.audit is None:
             return
         try:
-            self.audit.record(event, user=p.name or "anonymous", role=p.role, protocol="HTTP",
-                              source_address=address, **kw)
+            self.audit.record(
+                event, user=p.name or "anonymous", role=p.role, protocol="HTTP", source_address=address, **kw
+            )
         except Exception:
             log.exception("audit record failed")
 
-    def _audit_request(self, event: str, p: Principal, scope: Scope, address: str, path: str, method: str,
-                       status: int) -> None:
+    def _audit_request(
+        self, event: str, p: Principal, scope: Scope, address: str, path: str, method: str, status: int
+    ) -> None:
         outcome = 0 if status < 400 else 4 if status < 500 else 8
         qs = scope.get("query_string", b"").decode("latin-1")
         uids = _studies_named(path, scope.get("query_string", b""))
@@ -318,8 +344,15 @@ class SecurityMiddleware:
         elif event == "InstancesTransferred" and method == "POST":
             kw["action"] = "C"
         if status in (401, 403):
-            self._audit("SecurityAlert", p, scope, address, outcome=4, event_type="110132",
-                        detail=f"{method} {path} denied: {scope.get('openpacs.denied') or status}")
+            self._audit(
+                "SecurityAlert",
+                p,
+                scope,
+                address,
+                outcome=4,
+                event_type="110132",
+                detail=f"{method} {path} denied: {scope.get('openpacs.denied') or status}",
+            )
             return
         self._audit(event, p, scope, address, **kw)
 
@@ -375,17 +408,28 @@ def _in(host: str, nets: list[Any]) -> bool:
 
 async def _plain(send: Send, status: int, text: str, headers: dict[str, str] | None = None) -> None:
     body = text.encode()
-    h = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-         (b"cache-control", b"no-store")]
+    h = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
     h += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
 
 
 async def _redirect(send: Send, location: str) -> None:
-    await send({"type": "http.response.start", "status": 303,
-                "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0"),
-                            (b"cache-control", b"no-store")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", location.encode("latin-1")),
+                (b"content-length", b"0"),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -423,18 +467,46 @@ def audit_routes(ctx: Any) -> list[Any]:
             raise HTTPException(400, "limit/offset must be integers") from None
         from starlette.concurrency import run_in_threadpool
 
-        events = await run_in_threadpool(lambda: ctx.audit.search(
-            event=qp.get("event") or None, user=qp.get("user") or None, study_uid=qp.get("study") or None,
-            patient_id=qp.get("patient") or None, since=when("since"), until=when("until"), limit=limit,
-            offset=offset))
+        events = await run_in_threadpool(
+            lambda: ctx.audit.search(
+                event=qp.get("event") or None,
+                user=qp.get("user") or None,
+                study_uid=qp.get("study") or None,
+                patient_id=qp.get("patient") or None,
+                since=when("since"),
+                until=when("until"),
+                limit=limit,
+                offset=offset,
+            )
+        )
         if qp.get("format") == "xml":
-            return StreamingResponse(export_xml(events), media_type="application/xml; charset=utf-8",
-                                     headers={"Cache-Control": "no-store"})
-        return JSONResponse([{
-            "id": e.id, "at": e.at.isoformat() if e.at else None, "event": e.event, "event_type": e.event_type,
-            "action": e.action, "outcome": e.outcome, "user": e.user, "role": e.role, "protocol": e.protocol,
-            "source_address": e.source_address, "source_aet": e.source_aet, "destination": e.destination,
-            "study_uids": e.study_uids, "patient_id": e.patient_id, "query": e.query, "detail": e.detail,
-            "node": e.node} for e in events], headers={"Cache-Control": "no-store"})
+            return StreamingResponse(
+                export_xml(events), media_type="application/xml; charset=utf-8", headers={"Cache-Control": "no-store"}
+            )
+        return JSONResponse(
+            [
+                {
+                    "id": e.id,
+                    "at": e.at.isoformat() if e.at else None,
+                    "event": e.event,
+                    "event_type": e.event_type,
+                    "action": e.action,
+                    "outcome": e.outcome,
+                    "user": e.user,
+                    "role": e.role,
+                    "protocol": e.protocol,
+                    "source_address": e.source_address,
+                    "source_aet": e.source_aet,
+                    "destination": e.destination,
+                    "study_uids": e.study_uids,
+                    "patient_id": e.patient_id,
+                    "query": e.query,
+                    "detail": e.detail,
+                    "node": e.node,
+                }
+                for e in events
+            ],
+            headers={"Cache-Control": "no-store"},
+        )
 
     return [Route("/admin/audit", audit_search, methods=["GET"])]

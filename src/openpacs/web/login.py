@@ -36,8 +36,8 @@ def safe_next(target: str | None) -> str:
 
 def _page(title: str, body: str, nonce: str) -> str:
     return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)} · OpenPACS</title><style nonce=\"{nonce}\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<title>{html.escape(title)} · OpenPACS</title><style nonce="{nonce}">'
         "body{font-family:system-ui,sans-serif;background:#10151c;color:#e6e6e6;display:flex;justify-content:center;"
         "padding-top:12vh}form{background:#1b2330;padding:2em;border-radius:8px;min-width:18em}"
         "label{display:block;margin:.6em 0 .2em}input{width:100%;padding:.4em;box-sizing:border-box}"
@@ -49,7 +49,7 @@ def _page(title: str, body: str, nonce: str) -> str:
 def _headers(nonce: str) -> dict[str, str]:
     return {
         "Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'; form-action 'self'; "
-                                   "base-uri 'none'; frame-ancestors 'none'",
+        "base-uri 'none'; frame-ancestors 'none'",
         "Cache-Control": "no-store",
         "X-Frame-Options": "DENY",
     }
@@ -64,31 +64,49 @@ def login_routes(ctx: Any) -> list[BaseRoute]:
 
     def audit(request: Request, user: str, outcome: int, event_type: str, detail: str, role: str = "") -> None:
         if ctx.audit is not None:
-            ctx.audit.record("UserAuthentication", user=user, role=role, outcome=outcome, event_type=event_type,
-                             protocol="HTTP", source_address=request.scope.get("openpacs.client", ""), detail=detail)
+            ctx.audit.record(
+                "UserAuthentication",
+                user=user,
+                role=role,
+                outcome=outcome,
+                event_type=event_type,
+                protocol="HTTP",
+                source_address=request.scope.get("openpacs.client", ""),
+                detail=detail,
+            )
 
     def form_page(request: Request, error: str = "", status: int = 200, username: str = "") -> Response:
         nonce = secrets.token_urlsafe(12)
         token = secrets.token_urlsafe(24)
         nxt = safe_next(request.query_params.get("next") or request.scope.get("openpacs.next"))
         if not ctx.settings.auth_enabled:
-            body = ("<form><h1>OpenPACS</h1><p>Authentication is off (development mode, loopback only).</p>"
-                    f"<p><a href=\"{html.escape(nxt)}\">Continue</a></p></form>")
+            body = (
+                "<form><h1>OpenPACS</h1><p>Authentication is off (development mode, loopback only).</p>"
+                f'<p><a href="{html.escape(nxt)}">Continue</a></p></form>'
+            )
             return HTMLResponse(_page("Login", body, nonce), headers=_headers(nonce))
-        err = f"<p class=\"err\" role=\"alert\">{html.escape(error)}</p>" if error else ""
+        err = f'<p class="err" role="alert">{html.escape(error)}</p>' if error else ""
         body = (
-            "<form method=\"post\" action=\"/login\"><h1>OpenPACS</h1>" + err +
-            f"<input type=\"hidden\" name=\"csrf_token\" value=\"{html.escape(token)}\">"
-            f"<input type=\"hidden\" name=\"next\" value=\"{html.escape(nxt)}\">"
-            "<label for=\"u\">User name</label>"
-            f"<input id=\"u\" name=\"username\" autocomplete=\"username\" required value=\"{html.escape(username)}\">"
-            "<label for=\"p\">Password</label>"
-            "<input id=\"p\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>"
-            "<button type=\"submit\">Sign in</button></form>"
+            '<form method="post" action="/login"><h1>OpenPACS</h1>'
+            + err
+            + f'<input type="hidden" name="csrf_token" value="{html.escape(token)}">'
+            f'<input type="hidden" name="next" value="{html.escape(nxt)}">'
+            '<label for="u">User name</label>'
+            f'<input id="u" name="username" autocomplete="username" required value="{html.escape(username)}">'
+            '<label for="p">Password</label>'
+            '<input id="p" name="password" type="password" autocomplete="current-password" required>'
+            '<button type="submit">Sign in</button></form>'
         )
         resp = HTMLResponse(_page("Login", body, nonce), status_code=status, headers=_headers(nonce))
-        resp.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path="/login", httponly=True, samesite="strict",
-                        secure=_secure(request))
+        resp.set_cookie(
+            LOGIN_CSRF_COOKIE,
+            token,
+            max_age=3600,
+            path="/login",
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+        )
         return resp
 
     async def login(request: Request) -> Response:
@@ -120,8 +138,15 @@ def login_routes(ctx: Any) -> list[BaseRoute]:
         cookie, _csrf = await run_in_threadpool(ctx.auth.create_session, principal, address)
         audit(request, principal.name, 0, "110122", "login", role=principal.role)
         resp = RedirectResponse(safe_next(str(form.get("next") or "")), status_code=303)
-        resp.set_cookie(SESSION_COOKIE, cookie, max_age=int(ctx.auth.session_ttl.total_seconds()), path="/",
-                        httponly=True, samesite="strict", secure=_secure(request))
+        resp.set_cookie(
+            SESSION_COOKIE,
+            cookie,
+            max_age=int(ctx.auth.session_ttl.total_seconds()),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+        )
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 
@@ -131,9 +156,11 @@ def login_routes(ctx: Any) -> list[BaseRoute]:
         if request.method in ("GET", "HEAD"):
             if p.method != "session":
                 return RedirectResponse("/login", status_code=303)
-            body = ("<form method=\"post\" action=\"/logout\"><h1>Sign out</h1>"
-                    f"<input type=\"hidden\" name=\"csrf_token\" value=\"{html.escape(p.csrf_token)}\">"
-                    f"<p>Signed in as {html.escape(p.name)}.</p><button type=\"submit\">Sign out</button></form>")
+            body = (
+                '<form method="post" action="/logout"><h1>Sign out</h1>'
+                f'<input type="hidden" name="csrf_token" value="{html.escape(p.csrf_token)}">'
+                f'<p>Signed in as {html.escape(p.name)}.</p><button type="submit">Sign out</button></form>'
+            )
             return HTMLResponse(_page("Sign out", body, nonce), headers=_headers(nonce))
         if p.method == "session":
             form = await request.form(max_files=0, max_fields=5)
@@ -146,5 +173,7 @@ def login_routes(ctx: Any) -> list[BaseRoute]:
         resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(request))
         return resp
 
-    return [Route("/login", login, methods=["GET", "HEAD", "POST"]),
-            Route("/logout", logout, methods=["GET", "HEAD", "POST"])]
+    return [
+        Route("/login", login, methods=["GET", "HEAD", "POST"]),
+        Route("/logout", logout, methods=["GET", "HEAD", "POST"]),
+    ]

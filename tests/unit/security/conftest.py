@@ -21,8 +21,14 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 US = "1.2.840.10008.5.1.4.1.1.6.1"
 
 
-def part10(modality: str, patient_id: str, patient_name: str = "DOE^JOHN", study_uid: str | None = None,
-           description: str = "STUDY", institution: str = "GENERAL HOSPITAL") -> tuple[bytes, str, str, str]:
+def part10(
+    modality: str,
+    patient_id: str,
+    patient_name: str = "DOE^JOHN",
+    study_uid: str | None = None,
+    description: str = "STUDY",
+    institution: str = "GENERAL HOSPITAL",
+) -> tuple[bytes, str, str, str]:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = US if modality == "US" else CT

@@ -21,7 +21,8 @@ class Issuer:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.public_pem = self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     # the PyJWKClient interface the validator uses
     def get_signing_key_from_jwt(self, token: str) -> Any:
@@ -29,8 +30,16 @@ class Issuer:
 
     def claims(self, **over: Any) -> dict[str, Any]:
         now = int(time.time())
-        c = {"iss": ISSUER, "aud": AUDIENCE, "sub": "u-123", "preferred_username": "oidc-user", "iat": now,
-             "exp": now + 600, "roles": ["viewer"], "departments": ["cardiology"]}
+        c = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "u-123",
+            "preferred_username": "oidc-user",
+            "iat": now,
+            "exp": now + 600,
+            "roles": ["viewer"],
+            "departments": ["cardiology"],
+        }
         c.update(over)
         return {k: v for k, v in c.items() if v is not None}
 

@@ -147,9 +147,11 @@ def test_scoped_qido_and_study_list_show_only_own_department(world, client: Test
         assert r.status_code == 200 and card in r.text and rad not in r.text and "RAD001" not in r.text
         r = client.get(f"/dicom-web/studies?StudyInstanceUID={rad}", headers=bearer(world.tokens[tok]))
         assert rad not in r.text
-        r = client.get(f"/wado?requestType=WADO&studyUID={rad}&seriesUID={world.studies['radiology'][1]}"
-                       f"&objectUID={world.studies['radiology'][2]}&contentType=application/dicom",
-                       headers=bearer(world.tokens[tok]))
+        r = client.get(
+            f"/wado?requestType=WADO&studyUID={rad}&seriesUID={world.studies['radiology'][1]}"
+            f"&objectUID={world.studies['radiology'][2]}&contentType=application/dicom",
+            headers=bearer(world.tokens[tok]),
+        )
         assert r.status_code == 404
     r = client.get("/dicom-web/studies", headers=bearer(world.tokens["viewer"]))
     assert rad in r.text and card in r.text
@@ -160,8 +162,16 @@ def test_session_cookie_flags_csrf_and_throttle(world, client: TestClient) -> No
     assert r.status_code == 200
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)
     assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=strict" in r.headers["set-cookie"]
-    r = client.post("/login", data={"username": "admin", "password": world.passwords["admin"], "csrf_token": csrf,
-                                    "next": "//evil.example/x"}, follow_redirects=False)
+    r = client.post(
+        "/login",
+        data={
+            "username": "admin",
+            "password": world.passwords["admin"],
+            "csrf_token": csrf,
+            "next": "//evil.example/x",
+        },
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/studies"  # no open redirect
     cookie = r.headers["set-cookie"]
     assert "openpacs_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
@@ -172,7 +182,9 @@ def test_session_cookie_flags_csrf_and_throttle(world, client: TestClient) -> No
     assert client.post("/dicom-web/studies", content=body, headers=ct).status_code == 403
     p = world.ctx.auth.principal_for_session(client.cookies.get("openpacs_session"))
     body, ct = stow_body()
-    assert client.post("/dicom-web/studies", content=body, headers={**ct, "X-CSRF-Token": p.csrf_token}).status_code == 200
+    assert (
+        client.post("/dicom-web/studies", content=body, headers={**ct, "X-CSRF-Token": p.csrf_token}).status_code == 200
+    )
     # logout needs the token too
     assert client.post("/logout", data={"csrf_token": "wrong"}).status_code == 403
     r = client.post("/logout", data={"csrf_token": p.csrf_token}, follow_redirects=False)
@@ -183,17 +195,29 @@ def test_session_cookie_flags_csrf_and_throttle(world, client: TestClient) -> No
     for _ in range(5):
         r = client.get("/login")
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)
-        assert client.post("/login", data={"username": "viewer", "password": "wrong-password", "csrf_token": csrf},
-                           follow_redirects=False).status_code == 401
+        assert (
+            client.post(
+                "/login",
+                data={"username": "viewer", "password": "wrong-password", "csrf_token": csrf},
+                follow_redirects=False,
+            ).status_code
+            == 401
+        )
     r = client.get("/login")
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)
-    r = client.post("/login", data={"username": "viewer", "password": world.passwords["viewer"], "csrf_token": csrf},
-                    follow_redirects=False)
+    r = client.post(
+        "/login",
+        data={"username": "viewer", "password": world.passwords["viewer"], "csrf_token": csrf},
+        follow_redirects=False,
+    )
     assert r.status_code == 429
     # login CSRF: a form without the double-submit cookie is refused
     client.cookies.clear()
-    r = client.post("/login", data={"username": "admin", "password": world.passwords["admin"], "csrf_token": "x"},
-                    follow_redirects=False)
+    r = client.post(
+        "/login",
+        data={"username": "admin", "password": world.passwords["admin"], "csrf_token": "x"},
+        follow_redirects=False,
+    )
     assert r.status_code == 400
 
 

@@ -20,8 +20,15 @@ from .tlsutil import make_pki
 
 def test_events_are_stored_and_searchable(world) -> None:
     audit = world.ctx.audit
-    audit.record("Query", user="alice", role="viewer", protocol="DICOMWEB", source_address="10.0.0.5:5555",
-                 query="PatientID=123", study_uids=["1.2.3"])
+    audit.record(
+        "Query",
+        user="alice",
+        role="viewer",
+        protocol="DICOMWEB",
+        source_address="10.0.0.5:5555",
+        query="PatientID=123",
+        study_uids=["1.2.3"],
+    )
     audit.record("StudyDeleted", user="admin", study_uids=["1.2.3"], patient_id="123")
     audit.flush()
     q = audit.search(event="Query", user="alice")
@@ -43,9 +50,18 @@ def test_audit_table_is_append_only(world) -> None:
 
 
 def test_audit_message_xml_is_well_formed_and_escaped() -> None:
-    ev = AuditEvent(event="InstancesAccessed", user="<script>alert(1)</script>\"'&", source_address="10.1.1.1:4444",
-                    study_uids=["1.2.3", "1.2.4"], patient_id="P&1", patient_name="Müller^Zoë\x01", query="a=<b>",
-                    detail="ok", role="viewer", protocol="HTTP")
+    ev = AuditEvent(
+        event="InstancesAccessed",
+        user="<script>alert(1)</script>\"'&",
+        source_address="10.1.1.1:4444",
+        study_uids=["1.2.3", "1.2.4"],
+        patient_id="P&1",
+        patient_name="Müller^Zoë\x01",
+        query="a=<b>",
+        detail="ok",
+        role="viewer",
+        protocol="HTTP",
+    )
     doc = audit_message_xml(ev)
     root = ET.fromstring(doc)
     ident = root.find("EventIdentification")
@@ -135,7 +151,7 @@ class Collector:
                     if len(rest) < int(n):
                         break
                     self.messages.append(rest[: int(n)])
-                    buf = rest[int(n):]
+                    buf = rest[int(n) :]
             conn.close()
         except (OSError, ssl.SSLError):
             pass
@@ -152,8 +168,13 @@ def _free_port() -> int:
 def test_syslog_collector_down_then_up_loses_nothing(world, tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     port = _free_port()
-    audit = AuditService(world.ctx.index, node="NODE1", spool_dir=tmp_path / "spool",
-                         syslog_url=f"tls://127.0.0.1:{port}", syslog_ca=str(pki["ca"]))
+    audit = AuditService(
+        world.ctx.index,
+        node="NODE1",
+        spool_dir=tmp_path / "spool",
+        syslog_url=f"tls://127.0.0.1:{port}",
+        syslog_ca=str(pki["ca"]),
+    )
     audit.forwarder.retry_max = 0.5
     received: list[bytes] = []
     first = Collector(port, pki, received)

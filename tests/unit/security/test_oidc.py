@@ -38,8 +38,20 @@ def test_non_admin_without_department_claim_sees_nothing(issuer: Issuer) -> None
     assert p is not None and p.departments == ()
 
 
-@pytest.mark.parametrize("kind", ["alg-none", "alg-none-upper", "hs256-with-public-key", "wrong-audience",
-                                  "wrong-issuer", "expired", "other-key", "tampered", "no-exp"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "alg-none",
+        "alg-none-upper",
+        "hs256-with-public-key",
+        "wrong-audience",
+        "wrong-issuer",
+        "expired",
+        "other-key",
+        "tampered",
+        "no-exp",
+    ],
+)
 def test_forged_tokens_rejected(issuer: Issuer, kind: str) -> None:
     assert validator(issuer).validate(issuer.forged()[kind]) is None
 
