@@ -197,7 +197,8 @@ def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     assert has("Query", user="cardio")
     assert has("InstancesTransferred", user="cardio", action="R", study_uids=us_study)
     assert has("SecurityAlert", user="anonymous")
-    assert has("StudyDeleted", user="boss", study_uids=ct_study, outcome=0)
+    assert has("StudyDeleted", user="boss", study_uids=ct_study, outcome=0, patient_id="RAD-1")
+    assert has("InstancesTransferred", user="cardio", patient_id="CARD-1")  # the patient is named in the trail
     assert sum(1 for e in events if e["event"] == "SecurityAlert" and e["protocol"] == "CLI") >= 4
     # exactly the expected events: one per audited HTTP request above, in order (the login page GETs are not audited)
     http = [(e["event"], e["user"], e["outcome"]) for e in events if e["protocol"] == "HTTP"]

@@ -27,6 +27,7 @@ class ImportSummary:
     rejected: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    study_uids: set[str] = field(default_factory=set)  # for the audit trail (Import event)
 
 
 def iter_sources(paths: list[Path]) -> Iterator[tuple[str, Callable[[], bytes]]]:
@@ -65,6 +66,8 @@ def import_paths(ingest: IngestService, paths: list[Path], jobs: int = 4,
         except OSError as e:
             return name, 0xC000, f"unreadable: {e}", False
         out = ingest.store_file(data, source)
+        if out.ok and out.study_instance_uid:
+            summary.study_uids.add(out.study_instance_uid)
         return name, out.status, out.message, out.duplicate
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -103,6 +106,11 @@ def run_import(settings: Settings, paths: list[Path], jobs: int = 4, progress: b
         summary = import_paths(ctx.ingest, paths, jobs=jobs, on_progress=bar.update if bar else None)
         if bar:
             bar.close()
+        if ctx.audit is not None:
+            ctx.audit.record("Import", user=os.environ.get("USER", ""), protocol="IMPORT", source_address="local",
+                             outcome=0 if summary.rejected == 0 else 4, study_uids=sorted(summary.study_uids),
+                             detail=f"import of {', '.join(map(str, paths))[:500]}: {summary.stored} stored, "
+                                    f"{summary.duplicates} duplicates, {summary.rejected} rejected")
     finally:
         ctx.close()
     print(f"stored: {summary.stored}  duplicates: {summary.duplicates}  warnings: {summary.warnings}  "

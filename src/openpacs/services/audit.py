@@ -29,6 +29,7 @@ from xml.sax.saxutils import escape, quoteattr
 from sqlalchemy import func, insert, select
 
 from ..index.db import Index
+from ..index.schema import patients, studies
 from ..index.security_schema import audit_events
 
 log = logging.getLogger("openpacs.audit")
@@ -206,7 +207,38 @@ class AuditService:
             if stop:
                 return
 
+    def patients_of(self, study_uids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """study UID -> (PatientID, PatientName) for the studies still in the index."""
+        uids = list(dict.fromkeys(u for u in study_uids if u))[:900]
+        if not uids:
+            return {}
+        stmt = (
+            select(studies.c.study_instance_uid, patients.c.patient_id, patients.c.patient_name)
+            .select_from(studies.join(patients, studies.c.patient_fk == patients.c.id))
+            .where(studies.c.study_instance_uid.in_(uids))
+        )
+        with self.index.engine.connect() as c:
+            return {r[0]: (r[1] or "", r[2] or "") for r in c.execute(stmt)}
+
+    def _enrich(self, batch: list[AuditEvent]) -> None:
+        """Fill in the patient of events that name studies but not their patient (who/what for the audit)."""
+        missing = [ev for ev in batch if not ev.patient_id and ev.study_uids]
+        if not missing:
+            return
+        try:
+            found = self.patients_of(u for ev in missing for u in ev.study_uids[:20])
+        except Exception:
+            log.debug("audit patient lookup failed", exc_info=True)
+            return
+        for ev in missing:
+            for u in ev.study_uids:
+                if u in found:
+                    ev.patient_id, name = found[u]
+                    ev.patient_name = ev.patient_name or name
+                    break
+
     def _write(self, batch: list[AuditEvent]) -> None:
+        self._enrich(batch)
         for attempt in range(10):
             try:
                 with self.index.write_engine.begin() as c:

@@ -211,6 +211,13 @@ class SecurityMiddleware:
                 hdrs = {"www-authenticate": 'Bearer realm="openpacs"'} if code == 401 else {}
                 await _plain(send_wrapped, code, why if code != 404 else "not found", hdrs)
                 return
+        if method == "DELETE" and self.audit is not None:  # the patient must be known before the study is gone
+            uids = _studies_named(path, b"")
+            if uids:
+                try:
+                    scope["openpacs.patient"] = next(iter(self.audit.patients_of(uids).values()), None)
+                except Exception:
+                    log.debug("patient lookup for the audit failed", exc_info=True)
         try:
             await self.app(scope, receive, send_wrapped)
         finally:
@@ -339,6 +346,9 @@ class SecurityMiddleware:
         qs = scope.get("query_string", b"").decode("latin-1")
         uids = _studies_named(path, scope.get("query_string", b""))
         kw: dict[str, Any] = dict(outcome=outcome, study_uids=uids, detail=f"{method} {path} -> {status}")
+        patient = scope.get("openpacs.patient")
+        if patient:
+            kw.update(patient_id=patient[0], patient_name=patient[1])
         if event == "Query":
             kw["query"] = qs
         elif event == "InstancesTransferred" and method == "POST":
