@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -172,7 +173,10 @@ class SecurityMiddleware:
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
         policy = route_policy(path, method)
-        principal, auth_error = self._identify(scope)
+        if self.enabled:  # token/session/JWKS lookups may touch the index or the IdP: never on the event loop
+            principal, auth_error, denial = await run_in_threadpool(self._decide, scope, policy, path, method)
+        else:
+            principal, auth_error, denial = DEVELOPMENT, "", None
         scope["openpacs.principal"] = principal
         scope.setdefault("state", {})["principal"] = principal
 
@@ -191,7 +195,6 @@ class SecurityMiddleware:
             )
             return
         if policy.right is not None:
-            denial = self._check(scope, principal, policy, path, method)
             if denial is not None:
                 code, why = denial
                 if code == 401 and method in SAFE_METHODS and "text/html" in _header(scope, b"accept"):
@@ -236,6 +239,14 @@ class SecurityMiddleware:
                 )
 
     # -- identity --------------------------------------------------------------------------------------------
+    def _decide(
+        self, scope: Scope, policy: RoutePolicy, path: str, method: str
+    ) -> tuple[Principal, str, tuple[int, str] | None]:
+        principal, error = self._identify(scope)
+        if error or policy.right is None:
+            return principal, error, None
+        return principal, "", self._check(scope, principal, policy, path, method)
+
     def _identify(self, scope: Scope) -> tuple[Principal, str]:
         """(principal, error): a bad bearer credential is an error (401), never a silent fallback to anonymous."""
         if not self.enabled:

@@ -61,3 +61,41 @@ def test_algorithm_allow_list_cannot_admit_none_or_hmac(issuer: Issuer) -> None:
     assert v.algorithms == ["RS256"]
     with pytest.raises(AuthError):
         validator(issuer, algorithms=["none", "HS256"])
+
+
+def test_keys_fetched_from_the_issuers_jwks_url(issuer: Issuer) -> None:
+    """The real PyJWKClient path: keys come from an HTTP JWKS document, selected by ``kid``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from jwt.algorithms import RSAAlgorithm
+
+    jwk = json.loads(RSAAlgorithm.to_jwk(issuer.key.public_key()))
+    jwk.update(kid="k1", use="sig", alg="RS256")
+    body = json.dumps({"keys": [jwk]}).encode()
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        v = OIDCValidator(ISSUER, AUDIENCE, jwks_url=f"http://127.0.0.1:{httpd.server_port}/jwks")
+        p = v.validate(issuer.good())
+        assert p is not None and p.role == "viewer"
+        assert v.validate(issuer.forged()["other-key"]) is None
+        assert v.validate(issuer.forged()["wrong-audience"]) is None
+        assert hits  # fetched over HTTP
+    finally:
+        httpd.shutdown()
