@@ -68,6 +68,11 @@ async def _serve(settings: Settings) -> None:
     ctx = build_context(settings)
     first_start_admin(ctx)
     if ctx.audit is not None:
+        from ..config import as_dict
+        from ..services.audit import audit_configuration
+
+        audit_configuration(ctx.index, ctx.audit, as_dict(settings), settings.aet)
+    if ctx.audit is not None:
         ctx.audit.record("ApplicationActivity", event_type="110120", user=settings.aet, protocol="CLI",
                          detail=f"OpenPACS started (auth {'on' if settings.auth_enabled else 'off: development mode'})")
     # partial writes from a crash go first (they are temp files); the full sweep runs beside the services

@@ -560,3 +560,33 @@ class SyslogForwarder:
                 self._wake.wait(delay)
                 self._wake.clear()
                 delay = min(self.retry_max, delay * 2)
+
+
+def audit_configuration(index: Index, audit: AuditService, settings: dict[str, Any], node: str) -> list[str]:
+    """At start: a Security Alert (Security Configuration) naming the settings that changed since this node last
+    started, so configuration changes made in files or the environment are in the trail too. Returns the keys."""
+    import json
+
+    from sqlalchemy import update
+
+    from ..index.schema import settings_table
+
+    current = {k: str(v) for k, v in settings.items()}
+    key = f"audit.configuration.{node}"
+    with index.engine.connect() as c:
+        row = c.execute(select(settings_table.c.value).where(settings_table.c.key == key)).scalar_one_or_none()
+    previous = json.loads(row) if row else None
+    if previous == current:
+        return []
+    changed = sorted(k for k in set(current) | set(previous or {}) if (previous or {}).get(k) != current.get(k))
+    doc = json.dumps(current, sort_keys=True)
+    now = datetime.now(UTC)
+    with index.write_engine.begin() as c:
+        if row is None:
+            c.execute(insert(settings_table).values(key=key, value=doc, updated_at=now))
+        else:
+            c.execute(update(settings_table).where(settings_table.c.key == key).values(value=doc, updated_at=now))
+    if previous is not None:
+        audit.record("SecurityAlert", user=node, protocol="CLI", event_type="110129",
+                     detail="configuration changed since the last start: " + ", ".join(changed)[:4000])
+    return changed

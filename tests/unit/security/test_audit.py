@@ -214,3 +214,18 @@ def test_syslog_collector_down_then_up_loses_nothing(world, tmp_path: Path) -> N
     assert users[:10] == expected[:10]  # in order
     assert all(re.match(rb"<8[45]>1 \d{4}-", m) and b" IHE+RFC-3881 - " in m for m in received)
     assert audit.forwarder.pending() == 0
+
+
+def test_configuration_change_between_starts_is_audited(world) -> None:
+    from openpacs.config import as_dict
+    from openpacs.services.audit import audit_configuration
+
+    ctx = world.ctx
+    assert audit_configuration(ctx.index, ctx.audit, as_dict(ctx.settings), "N1") != []  # first start: baseline
+    assert audit_configuration(ctx.index, ctx.audit, as_dict(ctx.settings), "N1") == []
+    ctx.settings.auth = "off"
+    ctx.settings.trusted_proxies = "10.0.0.0/8"
+    assert audit_configuration(ctx.index, ctx.audit, as_dict(ctx.settings), "N1") == ["auth", "trusted_proxies"]
+    ctx.audit.flush()
+    alerts = [e for e in ctx.audit.search(event="SecurityAlert") if e.event_type == "110129"]
+    assert len(alerts) == 1 and "auth, trusted_proxies" in alerts[0].detail
