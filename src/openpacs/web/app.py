@@ -33,7 +33,9 @@ def build_app(ctx: Context) -> Starlette:
         from .auth import SecurityMiddleware, audit_routes
         from .login import login_routes
 
-        routes += login_routes(ctx) + audit_routes(ctx)
+        from .security_admin import security_admin_routes
+
+        routes += login_routes(ctx) + audit_routes(ctx) + security_admin_routes(ctx)
     app = Starlette(routes=routes)
     app.state.ctx = ctx
     if ctx.auth is not None:  # outermost: every route, mounted apps included, is behind it

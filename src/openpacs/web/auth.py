@@ -44,7 +44,7 @@ CSRF_HEADER = "x-csrf-token"
 PUBLIC_PATHS = frozenset({"/healthz", "/login", "/logout", "/favicon.ico"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Paths whose own handlers check the CSRF form field (HTML forms cannot send a header).
-FORM_CSRF_PATHS = ("/logout", "/admin/")
+FORM_CSRF_PATHS = ("/logout",)
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 VIEWER_CSP = "frame-ancestors 'self'; base-uri 'self'; object-src 'none'"
