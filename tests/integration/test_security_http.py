@@ -192,7 +192,7 @@ def test_scripted_session_audit_and_scope(secured: OpenPACSServer) -> None:
     assert has("ApplicationActivity", event_type="110120")
     assert has("UserAuthentication", user="cardio", outcome=4)
     assert has("UserAuthentication", user="cardio", outcome=0, event_type="110122")
-    assert has("InstancesTransferred", user="boss", action="C", outcome=0)
+    assert has("InstancesTransferred", user="boss", action="C", outcome=0, study_uids=us_study, patient_id="CARD-1")
     assert has("SecurityAlert", user="cardio", outcome=4)  # the refused STOW / DELETE
     assert has("Query", user="cardio")
     assert has("InstancesTransferred", user="cardio", action="R", study_uids=us_study)

@@ -244,6 +244,8 @@ async def stow(request: Request) -> Response:
         return Response(status_code=400)
     root = service_root(request)
     body, stored, failed = await run_in_threadpool(_response_body, ctx, root, outcomes)
+    # for the audit record the security middleware writes after the response
+    request.scope["openpacs.audit_studies"] = sorted({o.study_instance_uid for o in outcomes if o.ok and o.study_instance_uid})
     headers: dict[str, str] = {}
     if error is not None:
         log.warning("STOW-RS from %s: %s (%d parts stored before it)", request.client, error.message, stored)

@@ -356,6 +356,9 @@ class SecurityMiddleware:
         outcome = 0 if status < 400 else 4 if status < 500 else 8
         qs = scope.get("query_string", b"").decode("latin-1")
         uids = _studies_named(path, scope.get("query_string", b""))
+        for uid in scope.get("openpacs.audit_studies") or ():  # what a route reports it touched (STOW)
+            if uid not in uids:
+                uids.append(uid)
         kw: dict[str, Any] = dict(outcome=outcome, study_uids=uids, detail=f"{method} {path} -> {status}")
         patient = scope.get("openpacs.patient")
         if patient:
