@@ -89,9 +89,18 @@ class World:
     revoked: str = ""
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh index per test (the security tables are not emptied by the core suites' truncation)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    return str(request.getfixturevalue("pg_cluster").create_database("security"))
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    s = Settings(data_dir=tmp_path / "data", auth="on")
+def world(tmp_path: Path, index_url: str) -> Iterator[World]:
+    """On SQLite and on PostgreSQL (``index_url`` from tests/unit/conftest.py)."""
+    s = Settings(data_dir=tmp_path / "data", auth="on", index_url=index_url)
     ctx = build_context(s)
     assert ctx.auth is not None and ctx.departments is not None
     ctx.departments.ensure_standard()

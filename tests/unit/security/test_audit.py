@@ -42,7 +42,7 @@ def test_events_are_stored_and_searchable(world) -> None:
 def test_audit_table_is_append_only(world) -> None:
     world.ctx.audit.record("Query", user="x")
     world.ctx.audit.flush()
-    for stmt in ("UPDATE audit_events SET user = 'mallory'", "DELETE FROM audit_events"):
+    for stmt in ("UPDATE audit_events SET detail = 'mallory'", "DELETE FROM audit_events"):
         with pytest.raises(Exception, match="append-only"):
             with world.ctx.index.write_engine.begin() as c:
                 c.execute(text(stmt))
