@@ -57,9 +57,19 @@ def add_parsers(sub: Any, common: Any) -> None:
     dd = ds.add_parser("delete-rule", help="delete a rule by id")
     dd.add_argument("rule_id", type=int)
     ds.add_parser("reapply", help="recompute the department of every stored study from the rules")
+    # the common options (--config, --data-dir, --index ...) go before or after the action: `openpacs user
+    # --data-dir D list` and `openpacs user list --data-dir D` both work (leaves must not reset the group's values)
+    common(u)
+    common(dp)
+    probe = argparse.ArgumentParser(add_help=False)
+    common(probe)
+    shared = {a.dest for a in probe._actions}
     for group in (us, ds):
         for leaf in group.choices.values():
             common(leaf)
+            for action in leaf._actions:
+                if action.dest in shared:
+                    action.default = argparse.SUPPRESS
 
 
 def _password(args: argparse.Namespace, prompt: bool = True) -> str | None:
