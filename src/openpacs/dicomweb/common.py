@@ -172,7 +172,8 @@ def request_source(request: Request) -> Source:
     client = request.client
     principal = request.scope.get("openpacs.principal")
     user = str(getattr(principal, "name", "") or "")
-    return Source(protocol="DICOMWEB", address=f"{client.host}:{client.port}" if client else "", user=user)
+    return Source(protocol="DICOMWEB", address=f"{client.host}:{client.port}" if client else "", user=user,
+                  departments=getattr(principal, "departments", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -130,6 +130,9 @@ class IngestService:
             return StoreOutcome(status=0x0110, message=f"instance belongs to study {study}, not {expected_study_uid}",
                                 sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study,
                                 series_instance_uid=series_uid)
+        if source.departments is not None and not self._may_add_to(study, source.departments):
+            return self._fail(Status.NOT_AUTHORIZED, f"study {study} belongs to a department outside the sender's scope",
+                              cls, sop, source)
         outcome = StoreOutcome(status=Status.SUCCESS, sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study,
                                series_instance_uid=series_uid)
 
@@ -181,6 +184,16 @@ class IngestService:
             return
         if row is None or row.blob_key != key:
             self.store.delete(key)
+
+    def _may_add_to(self, study_uid: str, departments: tuple[str, ...]) -> bool:
+        """A scoped sender may create studies, and add to existing ones of its departments only."""
+        from sqlalchemy import select
+
+        from ..index.schema import studies
+
+        with self.index.engine.connect() as c:
+            row = c.execute(select(studies.c.department).where(studies.c.study_instance_uid == study_uid)).first()
+        return row is None or row[0] in departments
 
     def _duplicate_kept(self, outcome: StoreOutcome, source: Source) -> StoreOutcome:
         outcome.status = Status.WARNING_DUPLICATE

@@ -38,6 +38,9 @@ class Source:
     called_aet: str = ""
     address: str = ""
     user: str = ""
+    # Store scope of the sender (security): it may add instances only to studies of these departments or to new
+    # studies; None = anywhere.
+    departments: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -243,3 +243,18 @@ def test_security_headers_everywhere(world, client: TestClient) -> None:
 def test_browser_is_sent_to_login(world, client: TestClient) -> None:
     r = client.get("/ui/studies?PatientID=X", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"].startswith("/login?next=%2Fui%2Fstudies")
+
+
+def test_scoped_sender_cannot_add_to_another_departments_study(world, client: TestClient) -> None:
+    world.ctx.auth.add_user("cardiotech", "pw-ct-0123456789", "technologist", "cardiology")
+    tok = world.ctx.auth.create_token("cardiotech")[1]
+    rad_study, card_study = world.studies["radiology"][0], world.studies["cardiology"][0]
+    body, ct = stow_body(rad_study)  # an instance of the existing radiology study
+    r = client.post("/dicom-web/studies", content=body, headers={**bearer(tok), **ct})
+    assert r.status_code == 409
+    assert "00081197" in r.text and "292" in r.text  # FailureReason 0x0124 (292): refused, not authorized
+    assert len(world.ctx.retrieve.list_instances(rad_study)) == 1  # nothing added
+    body, ct = stow_body(card_study)
+    assert client.post("/dicom-web/studies", content=body, headers={**bearer(tok), **ct}).status_code == 200
+    body, ct = stow_body(None)  # a new study is fine (its department comes from the rules)
+    assert client.post("/dicom-web/studies", content=body, headers={**bearer(tok), **ct}).status_code == 200
