@@ -331,8 +331,12 @@ class WadoRS:
 
     # -- helpers ------------------------------------------------------------------------------------------------------
 
-    async def _instances(self, study: str, series: str | None = None, sop: str | None = None) -> list[InstanceRef]:
-        refs = await run_in_threadpool(self.ctx.retrieve.list_instances, study, series, sop)
+    async def _instances(
+        self, study: str, series: str | None = None, sop: str | None = None, request: Request | None = None
+    ) -> list[InstanceRef]:
+        # the caller's department scope (security middleware): an out-of-scope study is simply not found
+        departments = None if request is None else getattr(request.scope.get("openpacs.principal"), "departments", None)
+        refs = await run_in_threadpool(self.ctx.retrieve.list_instances, study, series, sop, departments)
         if not refs:
             what = "instance" if sop else "series" if series else "study"
             raise HTTPError(404, f"{what} not found")
@@ -340,7 +344,7 @@ class WadoRS:
 
     async def _one(self, request: Request) -> InstanceRef:
         p = request.path_params
-        refs = await self._instances(p["study"], p["series"], p["instance"])
+        refs = await self._instances(p["study"], p["series"], p["instance"], request)
         return refs[0]
 
     def _local_path(self, ref: InstanceRef) -> str | None:
@@ -379,7 +383,7 @@ class WadoRS:
     async def retrieve(self, request: Request) -> Response:
         p = request.path_params
         try:
-            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
             choices = dicom_syntax_choices(parse_accept(request.headers.get("accept")))
             if not choices:
                 raise HTTPError(406, 'acceptable: multipart/related; type="application/dicom"[; transfer-syntax=UID|*]')
@@ -491,7 +495,7 @@ class WadoRS:
             accept = parse_accept(request.headers.get("accept"))
             if not any(r.type in (DICOM_JSON, "application/json", "*/*", "application/*") for r in accept):
                 raise HTTPError(406, "metadata is available as application/dicom+json")
-            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
         except HTTPError as e:
             return _error_response(e)
         base = self.base_url(request)
@@ -602,7 +606,7 @@ class WadoRS:
         p = request.path_params
         try:
             params, multipart = rendered_params(request, thumbnail)
-            refs = await self._instances(p["study"], p.get("series"), p.get("instance"))
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
             image_refs = refs
             frames: list[int] | None = parse_frame_list(p["frames"]) if "frames" in p else None
             if thumbnail or (not multipart and "instance" not in p):
@@ -848,7 +852,7 @@ class WadoURI:
         study, series, sop = q.get("studyUID"), q.get("seriesUID"), q.get("objectUID")
         if not (study and series and sop):
             raise HTTPError(400, "studyUID, seriesUID and objectUID are required")
-        refs = await self.rs._instances(study, series, sop)
+        refs = await self.rs._instances(study, series, sop, request)
         ref = refs[0]
         requested = [_norm_media(c) for c in _split_outside_quotes(q.get("contentType", ""))]
         is_image = await run_in_threadpool(self._has_pixels, ref)

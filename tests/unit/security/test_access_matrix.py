@@ -258,3 +258,29 @@ def test_scoped_sender_cannot_add_to_another_departments_study(world, client: Te
     assert client.post("/dicom-web/studies", content=body, headers={**bearer(tok), **ct}).status_code == 200
     body, ct = stow_body(None)  # a new study is fine (its department comes from the rules)
     assert client.post("/dicom-web/studies", content=body, headers={**bearer(tok), **ct}).status_code == 200
+
+
+def test_routes_scope_on_their_own_without_the_middleware(world) -> None:
+    """Defense in depth: the DICOMweb routes narrow by the principal even if the middleware's path check were absent."""
+    from openpacs.dicomweb.app import build_dicomweb
+    from openpacs.services.auth import ROLES as RIGHTS
+    from openpacs.services.auth import Principal
+
+    inner = build_dicomweb(world.ctx)
+    scoped = Principal("c", "radiologist", RIGHTS["radiologist"], ("cardiology",), method="token")
+
+    async def app(scope, receive, send):
+        scope["openpacs.principal"] = scoped
+        await inner(scope, receive, send)
+
+    client = TestClient(app)
+    st, se, sop = world.studies["radiology"]
+    accept = {"Accept": 'multipart/related; type="application/dicom"'}
+    assert client.get(f"/studies/{st}", headers=accept).status_code == 404
+    assert client.get(f"/studies/{st}/metadata").status_code == 404
+    assert client.get(f"/studies/{st}/series/{se}/instances/{sop}/rendered").status_code == 404
+    assert client.get(f"/wado?requestType=WADO&studyUID={st}&seriesUID={se}&objectUID={sop}").status_code == 404
+    assert st not in client.get("/studies").text
+    cst = world.studies["cardiology"][0]
+    assert client.get(f"/studies/{cst}/metadata").status_code == 200
+    assert client.delete(f"/studies/{cst}").status_code == 403  # the delete right, checked by the route too
