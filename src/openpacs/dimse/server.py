@@ -272,21 +272,33 @@ def _listen(settings: Settings, port: int | None = None) -> socket.socket:
 
 
 async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Serve DICOM on (dicom_host, dicom_port) until ``stop`` is set; runs ``worker_count - 1`` worker processes."""
+    """Serve DICOM on (dicom_host, dicom_port) until ``stop`` is set; runs ``worker_count - 1`` worker processes.
+
+    ``ready`` is set once listening, and also when the start fails (the exception is this coroutine's result), so
+    that nobody waits for a listener that will never be."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
     endpoint = Endpoint(settings, ctx, loop, executor)
     tls_on = bool(settings.tls_cert) and settings.dicom_tls_port > 0
-    if tls_on:
-        endpoint.server_tls  # noqa: B018 - a bad certificate or key stops the start, before anything listens
-    lsock = _listen(settings)
+    try:
+        if tls_on:
+            endpoint.server_tls  # noqa: B018 - a bad certificate or key stops the start, before anything listens
+        lsock = _listen(settings)
+    except BaseException:
+        executor.shutdown(wait=False)
+        if ready is not None:
+            ready.set()
+        raise
     dispatcher = _Dispatcher(settings, endpoint, lsock)
     if tls_on:
         try:
             dispatcher.tls_sock = _listen(settings, settings.dicom_tls_port)
-        except OSError:
+        except OSError as exc:
             lsock.close()
-            raise
+            executor.shutdown(wait=False)
+            if ready is not None:
+                ready.set()
+            raise OSError(exc.errno, f"dicom_tls_port {settings.dicom_tls_port}: {exc.strerror}") from exc
     endpoint._on_closed = dispatcher.local_closed
     mp = multiprocessing.get_context("spawn")
     for index in range(1, settings.worker_count):
