@@ -242,3 +242,44 @@ def test_scripted_session_audit_trail(world, storescp) -> None:
     assert "2 instance(s) received" in by_kind[("InstancesTransferred", "OPENPACS", (study_a,))]["detail"]
     query = next(e for e in events if e["event"] == "Query")
     assert "PATA" in query["query"] and query["source_address"] == "127.0.0.1" and query["user"] == "CARDIO"
+
+
+def test_access_matrix(world, storescp) -> None:
+    """Every DIMSE service x every kind of caller (unknown AE, known AE on the wrong host, each configured peer),
+    on a study of each department: 0 unauthorized successes, 0 authorized failures."""
+    server, studies, base = world
+    port = server.dicom_port
+    scope = {"STORER": None, "CARDIO": "cardiology", "RADIO": "radiology", "FARAWAY": None, "INTRUDER": None}
+    allowed = {aet: set(PEERS[aet][1]) if aet in PEERS and PEERS[aet][0] == "127.0.0.1" else set() for aet in scope}
+    cells: list[tuple[str, str, str, bool, bool]] = []  # (aet, service, department, expected, got)
+    n = 0
+    for aet in scope:
+        cells.append((aet, "echo", "-", "echo" in allowed[aet], scu("echoscu", aet, port=port).returncode == 0))
+        n += 1
+        f = base / f"matrix-{n}.dcm"
+        write_instance(f, "US", f"MATRIX{n}")
+        r = dcmtk.store(port, [f], calling=aet)
+        cells.append((aet, "store", "-", "store" in allowed[aet], "(Success)" in r.output))
+        for dept, study in studies.items():
+            visible = "find" in allowed[aet] and scope[aet] in (None, dept)
+            found = base / f"matrix-find-{aet}-{dept}"
+            found.mkdir()
+            scu("findscu", aet, "-S", "-X", "-od", str(found), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", port=port)
+            matches = [str(pydicom.dcmread(p).StudyInstanceUID) for p in found.glob("rsp*.dcm")]
+            cells.append((aet, "find", dept, visible, matches == [study]))
+            out = base / f"matrix-get-{aet}-{dept}"
+            out.mkdir()
+            scu("getscu", aet, "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", port=port)
+            cells.append((aet, "get", dept, "get" in allowed[aet] and scope[aet] in (None, dept),
+                           len(list(out.iterdir())) == 1))
+            storescp.clear()
+            scu("movescu", aet, "-S", "-aem", "DESTSCP", "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", port=port)
+            cells.append((aet, "move", dept, "move" in allowed[aet] and scope[aet] in (None, dept),
+                          len(storescp.files()) == 1))
+    unauthorized = [c for c in cells if c[4] and not c[3]]
+    refused = [c for c in cells if c[3] and not c[4]]
+    assert unauthorized == [] and refused == [], (unauthorized, refused)
+    assert sum(1 for c in cells if c[4]) >= 10  # the matrix is not vacuous

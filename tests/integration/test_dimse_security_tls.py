@@ -285,3 +285,20 @@ def test_move_to_a_tls_destination(world) -> None:
     assert res.final_status() not in (0, None) and not res.final_counts().get("completed"), r.output
     assert fake.files() == []
     assert "CERTIFICATE_VERIFY_FAILED" in server.log_text()
+
+
+def test_without_tls_ca_client_certificates_are_not_required(world, tmp_path) -> None:
+    _, pki, _, _, _, _ = world
+    server = TlsServer(tmp_path / "data", settings={"tls_cert": str(pki["cert"]), "tls_key": str(pki["key"]),
+                                                    "dicom_tls_port": free_port()})
+    server.ca = pki["ca"]
+    server.tls_port = int(server.settings["dicom_tls_port"])  # type: ignore[call-overload]
+    server.start()
+    try:
+        r = dcmtk.run("echoscu", "+tla", "+cf", str(pki["ca"]), "-aec", "OPENPACS", "127.0.0.1", str(server.tls_port))
+        assert r.returncode == 0, r.output
+        r = dcmtk.run("echoscu", "-to", "10", "-ta", "10", "-aec", "OPENPACS", "127.0.0.1", str(server.tls_port),
+                      timeout=60)
+        assert r.returncode != 0  # still TLS only
+    finally:
+        server.stop()
