@@ -14,7 +14,28 @@ from ..config import RemoteAE, Settings
 from ..services.types import Query
 from . import pdu
 
-OPERATIONS = ("echo", "store", "find", "move", "get")
+# Names ``RemoteAE.allow`` may use: the services negotiated today, and those registered later with
+# ``negotiation.register_service`` (Modality Worklist, MPPS, Storage Commitment), which permissive mode also allows.
+OPERATIONS = ("echo", "store", "find", "move", "get", "worklist", "mpps", "commit")
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Access-control settings that are probably mistakes (logged at start): a misspelt operation silently denies."""
+    out: list[str] = []
+    for name, remote in settings.remote_aes.items():
+        unknown = sorted(set(remote.allow) - set(OPERATIONS))
+        if unknown:
+            out.append(
+                f"[remote_aes.{name}] allow: unknown operation(s) {', '.join(unknown)} (known: {', '.join(OPERATIONS)})"
+            )
+        if remote.tls and not settings.tls_ca:
+            out.append(
+                f"[remote_aes.{name}] tls = true without tls_ca: its certificate is checked against the "
+                "system CA store only"
+            )
+    if not settings.dicom_accept_unknown and not settings.remote_aes:
+        out.append("dicom_accept_unknown = false and no [remote_aes.*]: every association will be rejected")
+    return out
 
 
 @functools.lru_cache(maxsize=256)

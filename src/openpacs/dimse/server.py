@@ -277,6 +277,8 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
     ``ready`` is set once listening, and also when the start fails (the exception is this coroutine's result), so
     that nobody waits for a listener that will never be."""
     loop = asyncio.get_running_loop()
+    for warning in access.settings_warnings(settings):
+        log.warning("%s", warning)
     executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
     endpoint = Endpoint(settings, ctx, loop, executor)
     tls_on = bool(settings.tls_cert) and settings.dicom_tls_port > 0

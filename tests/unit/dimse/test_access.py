@@ -53,7 +53,7 @@ def test_check_association() -> None:
 def test_allowed_operations() -> None:
     strict = settings(remote_aes=PEERS, dicom_accept_unknown=False)
     assert access.allowed_operations(strict, "CARDIO", "127.0.0.1") == {"echo", "find"}
-    assert access.allowed_operations(strict, "ALL", "127.0.0.1") == set(access.OPERATIONS)
+    assert access.allowed_operations(strict, "ALL", "127.0.0.1") == set(RemoteAE.allow)
     assert access.allowed_operations(strict, "EVIL", "127.0.0.1") == set()
     permissive = settings(remote_aes=PEERS)
     assert access.allowed_operations(permissive, "EVIL", "10.0.0.1") == set(access.OPERATIONS)
@@ -148,3 +148,12 @@ def test_received_instances_are_audited_once_per_study_at_the_end() -> None:
     ]
     assert "2 instance(s)" in next(kw["detail"] for _, kw in events if kw["study_uids"] == ["9.1"])
     assert all(kw["source_aet"] == "TESTSCU" and kw["destination"] == "OPENPACS" for _, kw in events)
+
+
+def test_settings_warnings() -> None:
+    s = settings(remote_aes={"X": RemoteAE("X", "h", 104, allow=("echo", "fnd"), tls=True)},
+                 dicom_accept_unknown=False)
+    warnings = access.settings_warnings(s)
+    assert any("fnd" in w for w in warnings) and any("tls_ca" in w for w in warnings)
+    assert any("every association" in w for w in access.settings_warnings(settings(dicom_accept_unknown=False)))
+    assert access.settings_warnings(settings(remote_aes=PEERS)) == []
