@@ -29,6 +29,7 @@ PEERS = {  # AE title: (host, allow, departments)
     "CARDIO": ("127.0.0.1", ["echo", "find", "get", "move"], ["cardiology"]),
     "RADIO": ("127.0.0.1", ["echo", "find", "get", "move"], ["radiology"]),
     "FARAWAY": ("192.0.2.1", ["echo", "store", "find", "get", "move"], None),  # TEST-NET-1: never us
+    "ECHOCART": ("127.0.0.1", ["echo", "store"], ["cardiology"]),  # a modality of cardiology
 }
 
 
@@ -283,3 +284,24 @@ def test_access_matrix(world, storescp) -> None:
     refused = [c for c in cells if c[3] and not c[4]]
     assert unauthorized == [] and refused == [], (unauthorized, refused)
     assert sum(1 for c in cells if c[4]) >= 10  # the matrix is not vacuous
+
+
+def test_a_scoped_sender_adds_only_to_its_departments_studies(world) -> None:
+    """Store scope: a cardiology modality may create studies and add to cardiology ones, not to radiology's."""
+    server, studies, base = world
+    after = server.last_audit_id()
+    f_rad = base / "scoped-rad.dcm"
+    write_instance(f_rad, "US", "SECRAD", study=studies["radiology"])
+    f_card = base / "scoped-card.dcm"
+    write_instance(f_card, "US", "SECCARD", study=studies["cardiology"])
+    f_new = base / "scoped-new.dcm"
+    new_study = write_instance(f_new, "US", "SCOPEDNEW")
+    r = dcmtk.store(server.dicom_port, [f_rad, f_card, f_new], calling="ECHOCART")
+    statuses = dcmtk.parse_store_log(r.output)
+    assert REFUSED.search(statuses[str(f_rad)]) or "Refused" in statuses[str(f_rad)], r.output
+    assert statuses[str(f_card)] == "Success" and statuses[str(f_new)] == "Success", r.output
+    events = [e for e in server.audit(after) if e["protocol"] == "DIMSE"]
+    alerts = [e for e in events if e["event"] == "SecurityAlert"]
+    assert len(alerts) == 1 and alerts[0]["event_type"] == "110132" and studies["radiology"] in alerts[0]["detail"]
+    received = sorted(tuple(e["study_uids"]) for e in events if e["event"] == "InstancesTransferred")
+    assert received == sorted([(studies["cardiology"],), (new_study,)])

@@ -82,6 +82,7 @@ class Association(asyncio.BufferedProtocol):
         self.tls_peer = ""  # subject CN of the peer's verified TLS certificate
         # study UID -> instances received on this association: one audit event per study, when it ends
         self.stored_studies: dict[str, int] = {}
+        self.store_refusals: list[str] = []  # C-STOREs refused 0x0124 by ingest (store scope): one alert at the end
         self.peer_max_pdu = 0
         self._reject_limit = reject_limit
         limit = self.settings.max_pdu if self.settings.max_pdu > 0 else HARD_PDU_LIMIT
@@ -163,6 +164,18 @@ class Association(asyncio.BufferedProtocol):
             self.closed.set_result(None)
         if self.stored_studies:
             self._audit_received()
+        if self.store_refusals:
+            refusals, self.store_refusals = self.store_refusals, []
+            access.audit(
+                self.endpoint.ctx,
+                "SecurityAlert",
+                self.calling_aet,
+                self.peer_address,
+                outcome=4,
+                event_type="110132",
+                destination=self.settings.aet,
+                detail=f"C-STORE refused (0x0124) for {len(refusals)} instance(s): {refusals[0]}"[:500],
+            )
         self.endpoint.association_closed(self)
 
     def _audit_received(self) -> None:
@@ -406,6 +419,10 @@ class Association(asyncio.BufferedProtocol):
             return
         self.allowed = access.allowed_operations(self.settings, rq.calling_aet, self.peer_address)
         self.departments = access.department_scope(self.settings, rq.calling_aet, self.peer_address)
+        if self.departments is not None:  # store scope: no instances added to another department's study (0x0124)
+            self.source = Source(
+                "DIMSE", rq.calling_aet, rq.called_aet, self.peer_address, departments=self.departments
+            )
         results, self.contexts, roles = negotiate(rq)
         self.peer_max_pdu = rq.user.max_length
         user = pdu.UserInformation(

@@ -181,6 +181,8 @@ def _c_store(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: lis
                     stored[study] = stored.get(study, 0) + 1
             else:
                 log.warning("C-STORE %s from %s failed: status 0x%04X %s", sop_instance, assoc._who(), status, message)
+                if status == Status.NOT_AUTHORIZED:
+                    assoc.store_refusals.append(message)
         if assoc.state in ("Sta6",):
             _final(assoc, ctx.context_id, cmd, commands.C_STORE_RSP, status, comment=message)
         else:
