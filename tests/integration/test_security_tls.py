@@ -35,7 +35,8 @@ def https_server(tmp_path_factory) -> HttpsServer:
     base = tmp_path_factory.mktemp("https")
     pki = make_pki(base / "pki")
     server = HttpsServer(
-        base / "data", settings={"auth": "on", "tls_cert": str(pki["cert"]), "tls_key": str(pki["key"])}
+        base / "data", settings={"auth": "on", "tls_cert": str(pki["cert"]), "tls_key": str(pki["key"]),
+                            "dicom_tls_port": 0}  # HTTPS only here: no DICOM TLS listener on the fixed default port
     )
     server.ca = pki["ca"]
     server.start()
