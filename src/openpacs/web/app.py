@@ -32,7 +32,6 @@ def build_app(ctx: Context) -> Starlette:
     if ctx.auth is not None:
         from .auth import SecurityMiddleware, audit_routes
         from .login import login_routes
-
         from .security_admin import security_admin_routes
 
         routes += login_routes(ctx) + audit_routes(ctx) + security_admin_routes(ctx)
