@@ -21,6 +21,7 @@ PY=${PYTHON:-python3}
 .venv/bin/openpacs install-viewer
 
 .venv/bin/ruff check src tests
+.venv/bin/mypy src
 export TCP_NODELAY=1
 export OPENPACS_TEST_REQUIRE_ALL=1  # a missing DCMTK/Chromium/OHIF/PostgreSQL fails the tests instead of skipping them
 exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -93,8 +95,7 @@ async def _serve(settings: Settings) -> None:
             tls.update(ssl_ca_certs=settings.tls_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             lifespan="off", access_log=False, timeout_graceful_shutdown=10, **tls)  # type: ignore[arg-type]
-    http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http = _EmbeddedServer(config)
 
     dimse_ready = asyncio.Event()
     dimse_task = asyncio.create_task(serve_dimse(settings, ctx, stop, dimse_ready), name="dimse")
@@ -103,7 +104,8 @@ async def _serve(settings: Settings) -> None:
     log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
              settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
     stop_wait = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({stop_wait, dimse_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    services: set[asyncio.Task[object]] = {stop_wait, dimse_task, http_task}  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(services, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     http.should_exit = True
     for t in (dimse_task, http_task):
@@ -116,9 +118,18 @@ async def _serve(settings: Settings) -> None:
                          detail="OpenPACS stopped")
     await asyncio.to_thread(ctx.close)
     log.info("OpenPACS stopped")
-    for t in done:
-        if t is not stop_wait and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    for finished in done:
+        exc = None if finished is stop_wait else finished.exception()
+        if exc is not None:
+            raise exc
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our event loop: SIGTERM/SIGINT belong to `serve`, which stops every service in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def serve(settings: Settings) -> int:

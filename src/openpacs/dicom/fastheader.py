@@ -69,8 +69,8 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
         group, elem = _TAG.unpack_from(mv, off)
         if group != 0x0002:
             break
-        vr = bytes(mv[off + 4 : off + 6])
-        if vr in _LONG_VRS:
+        meta_vr = bytes(mv[off + 4 : off + 6])
+        if meta_vr in _LONG_VRS:
             length = _U32.unpack_from(mv, off + 8)[0]
             voff = off + 12
         else:

@@ -278,7 +278,7 @@ class QueryService:
             return DicomSequence()
         item = Dataset()
         for kw in REQUEST_ATTRIBUTES:
-            item.add(DataElement(tag_for_keyword(kw), "SH", values.get(kw) or None))
+            item.add(DataElement(REQUEST_ATTRIBUTES[kw].tag, "SH", values.get(kw) or None))
         return DicomSequence([item])
 
     def count(self, query: Query) -> int:
