@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v storescu >/dev/null || need_apt+=(dcmtk)
+[ -x /usr/bin/storescu ] || need_apt+=(dcmtk)  # not `command -v`: pynetdicom ships a storescu too
 [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
