@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import create_engine, delete, event, exc, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from .schema import changes, instances, patients, series, settings_table, studies
+from .schema import changes, instances, patients, series, studies
 from .writer import BatchWriter, NewInstance, WriteResult
 
 __all__ = ["Index", "NewInstance", "WriteResult"]
@@ -237,8 +237,3 @@ class Index:
             num_studies=len(rows), num_series=sum(r.num_series for r in rows),
             num_instances=sum(r.num_instances for r in rows),
         ))
-
-    # -- settings in the index -------------------------------------------------------------------------------
-    def get_setting(self, key: str) -> str | None:
-        with self.engine.connect() as c:
-            return c.execute(select(settings_table.c.value).where(settings_table.c.key == key)).scalar_one_or_none()

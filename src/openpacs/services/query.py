@@ -280,6 +280,3 @@ class QueryService:
         for kw in REQUEST_ATTRIBUTES:
             item.add(DataElement(REQUEST_ATTRIBUTES[kw].tag, "SH", values.get(kw) or None))
         return DicomSequence([item])
-
-    def count(self, query: Query) -> int:
-        return sum(1 for _ in self.find(query))

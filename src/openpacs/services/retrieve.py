@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from pydicom import Dataset
 from sqlalchemy import select
 
 from ..config import Settings
-from ..dicom.header import as_text, dataset_offset
+from ..dicom.header import as_text
 from ..index.db import Index
 from ..index.matching import MatchError
 from ..index.query import _JOIN
@@ -88,14 +86,6 @@ class RetrieveService:
     def read_file(self, ref: InstanceRef) -> bytes:
         """The Part 10 file exactly as stored."""
         return self.store.read(ref.blob_key)
-
-    def stream_file(self, ref: InstanceRef, chunk: int = 1 << 20) -> Iterator[bytes]:
-        return self.store.stream(ref.blob_key, chunk=chunk)
-
-    def read_dataset(self, ref: InstanceRef) -> tuple[memoryview, str]:
-        """The data set without File Meta Information (what a C-STORE sub-operation sends), and its syntax."""
-        data = self.store.read(ref.blob_key)
-        return memoryview(data)[dataset_offset(data):], ref.transfer_syntax_uid
 
 
 def _tag(keyword: str) -> int:
