@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import requests
 from helpers import dcmtk, dicomdata
-from helpers.orthanc import Orthanc, OrthancError, find_dicomweb_plugin, find_orthanc
+from helpers.orthanc import Orthanc, find_dicomweb_plugin, find_orthanc
 from helpers.server import OpenPACSServer, make_server, stop_cleanly
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -460,12 +460,6 @@ def _stow(peers: Peers, files: list[bytes]) -> None:
     assert r.status_code == 200, r.text[:1000]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OrthancError,
-    reason="OpenPACS answers 400 to the 73-character multipart boundary of Orthanc's DICOMweb plugin "
-    "(notes/test-findings.md)",
-)
 def test_orthanc_dicomweb_stow_into_openpacs(peers, require_orthanc_dicomweb) -> None:
     o = peers.orthanc
     st = _make_study("OPEERW06", "WEB^STOW", "20240202", 2, ("emri_small_jpeg_ls_lossless.dcm",))

@@ -653,13 +653,15 @@ async def c_move(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
             remote.port,
             exc,
         )
+        # a known destination we cannot reach: PS3.4 C.4.2.1.4 "Unable to perform sub-operations", every one failed
         _final(
             assoc,
             ctx.context_id,
             cmd,
             commands.C_MOVE_RSP,
-            Status.MOVE_DESTINATION_UNKNOWN,
+            0xA702,
             comment=f"cannot associate with {remote.aet}"[:64],
+            extra={commands.COMPLETED: 0, commands.FAILED: len(refs), commands.WARNING: 0},
         )
         return
     try:

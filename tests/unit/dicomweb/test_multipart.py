@@ -120,7 +120,7 @@ def test_writer_accepts_lazy_sync_iterables() -> None:
 
 @pytest.mark.parametrize(
     "boundary",
-    ["", None, "x" * 71, "bad boundary ", "semi;colon", "\u00e9t\u00e9"],
+    ["", None, "x" * 201, "bad boundary ", "semi;colon", "\u00e9t\u00e9"],
 )
 def test_invalid_boundary(boundary: str | None) -> None:
     with pytest.raises(MultipartError) as e:
@@ -276,3 +276,11 @@ def test_iter_parts_raises_at_end_on_truncation() -> None:
     assert asyncio.run(run(data)) == [b"a", b"b"]
     with pytest.raises(MultipartError):
         asyncio.run(run(data[:-8]))
+
+
+def test_long_boundary_of_real_clients_is_accepted():
+    """Orthanc's DICOMweb plugin sends two UUIDs (73 characters), past RFC 2046's 70."""
+    from openpacs.dicomweb.multipart import check_boundary
+
+    b = "c4996141-514b-45d8-a024-dbfd5218e5f3-c4996141-514b-45d8-a024-dbfd5218e5f3"
+    assert check_boundary(b) == b
