@@ -39,7 +39,7 @@ class Context:
 
 def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.resolved_storage_url)
+    store = open_store(settings.resolved_storage_url, sync=settings.blob_sync)
     index = Index(settings.resolved_index_url)
     if migrate:
         index.migrate()

@@ -10,8 +10,8 @@ from .filesystem import FilesystemBlobStore
 __all__ = ["BlobStore", "StoredBlob", "FilesystemBlobStore", "open_store"]
 
 
-def open_store(url: str) -> BlobStore:
+def open_store(url: str, sync: str = "auto") -> BlobStore:
     u = urlparse(url)
     if u.scheme in ("file", ""):
-        return FilesystemBlobStore(u.path if u.scheme else url)
+        return FilesystemBlobStore(u.path if u.scheme else url, sync=sync)
     raise ValueError(f"unsupported storage URL {url!r} (supported: file://)")

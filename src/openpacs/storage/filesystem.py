@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
@@ -12,7 +14,7 @@ from .base import StoredBlob
 
 
 class FilesystemBlobStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], sync: str = "auto") -> None:
         self.root = os.path.abspath(root)
         self.tmp = os.path.join(self.root, ".tmp")
         os.makedirs(self.tmp, exist_ok=True)
@@ -20,6 +22,18 @@ class FilesystemBlobStore:
         self._new_dirs: set[str] = set()  # written into since the last sync, entry in the parent not yet synced
         self._durable_dirs: set[str] = set()  # directories whose own entry is known to be on stable storage
         self._lock = threading.Lock()
+        self._pending = False
+        # Group durability. "syncfs" (the default where Linux has it): put() only writes, and the group commit makes
+        # every blob of the batch durable, data and directory entries, with one syncfs(2) of the blob filesystem
+        # ("the same guarantees as fsync() called on every file"; write-back errors reported since Linux 5.8).
+        # Measured against "fsync" (one fsync per blob + one per directory), 4 storescu, alternating runs:
+        # 512 KB CT 383-433 vs 309-365 inst/s, 8 KB 648-692 vs 542-617. "fsync" suits a blob store that shares its
+        # filesystem with busy unrelated writers, whose dirty data syncfs would also flush.
+        if sync not in ("auto", "syncfs", "fsync"):
+            raise ValueError(f"blob sync mode must be auto, syncfs or fsync, not {sync!r}")
+        self._syncfs = None if sync == "fsync" else _load_syncfs()
+        if sync == "syncfs" and self._syncfs is None:
+            raise OSError("syncfs(2) is not available on this system: use blob_sync = \"fsync\"")
         # temp files older than this store are crash leftovers; newer ones may be writes in flight (in this process
         # or in a sibling worker process), which clean_temp must not pull from under their rename
         self._stale_tmp = [f.name for f in os.scandir(self.tmp)]  # partial writes of a previous run
@@ -47,7 +61,8 @@ class FilesystemBlobStore:
                 view = memoryview(c)
                 while view:
                     view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if self._syncfs is None:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
@@ -60,6 +75,7 @@ class FilesystemBlobStore:
             os.makedirs(d, exist_ok=True)
             os.rename(tmp, final)
         with self._lock:
+            self._pending = True
             self._dirty.add(d)
             if d not in self._durable_dirs:
                 # The directory may be new: made by this call, or by a concurrent put whose own bookkeeping may land
@@ -70,6 +86,18 @@ class FilesystemBlobStore:
         return StoredBlob(key=key, size=size)
 
     def sync_pending(self) -> None:
+        if self._syncfs is not None:
+            with self._lock:
+                pending, self._pending = self._pending, False
+            if pending:
+                fd = os.open(self.root, os.O_RDONLY)
+                try:
+                    if self._syncfs(fd) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"syncfs({self.root}): {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+            return
         with self._lock:
             dirs, self._dirty = self._dirty, set()
             new, self._new_dirs = self._new_dirs, set()
@@ -131,3 +159,14 @@ class FilesystemBlobStore:
             n += 1
         self._stale_tmp = []
         return n
+
+
+def _load_syncfs():  # type: ignore[no-untyped-def]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn

@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from openpacs.storage import FilesystemBlobStore, open_store
+from openpacs.storage.filesystem import _load_syncfs
 
 
 @pytest.fixture
 def store(tmp_path):
-    return FilesystemBlobStore(tmp_path / "blobs")
+    # the per-file fsync mode: these tests watch its fsync calls; the syncfs mode has its own tests below
+    return FilesystemBlobStore(tmp_path / "blobs", sync="fsync")
 
 
 def test_put_read_roundtrip_and_size(store):
@@ -92,7 +94,7 @@ def test_clean_temp_removes_partial_writes(store, tmp_path):
         with open(p, "wb") as f:
             f.write(b"half")
         os.utime(p, (1000, 1000))  # left by an earlier process
-    store = type(store)(store.root)  # the restarted process opens the store
+    store = type(store)(store.root, sync="fsync")  # the restarted process opens the store
     k = store.put([b"whole"]).key
     assert store.clean_temp() == 3
     assert os.listdir(store.tmp) == []
@@ -105,7 +107,7 @@ def test_clean_temp_spares_writes_in_flight(store, monkeypatch):
     leftover = os.path.join(store.tmp, "0" * 32)
     with open(leftover, "wb") as f:
         f.write(b"old")
-    store = type(store)(store.root)
+    store = type(store)(store.root, sync="fsync")
     started, release = threading.Event(), threading.Event()
     real_fsync = os.fsync
 
@@ -187,7 +189,7 @@ def test_directory_created_by_another_thread_is_still_synced_for_this_blob(store
     k0 = store.put([b"probe"]).key
     d = os.path.dirname(store.path(k0))
     store.delete(k0)
-    fresh = FilesystemBlobStore(store.root)  # knows nothing about which directories are durable
+    fresh = FilesystemBlobStore(store.root, sync="fsync")  # knows nothing about which directories are durable
     synced: list[str] = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     k = fresh.put([b"A"]).key
@@ -217,3 +219,33 @@ def test_open_store_urls(tmp_path):
     assert isinstance(open_store(str(tmp_path / "y")), FilesystemBlobStore)
     with pytest.raises(ValueError):
         open_store("s3://bucket/prefix")
+
+
+@pytest.mark.skipif(_load_syncfs() is None, reason="no syncfs(2) on this system")
+def test_syncfs_mode_syncs_once_per_group_and_never_fsyncs_each_blob(tmp_path, monkeypatch):
+    store = FilesystemBlobStore(tmp_path / "blobs", sync="syncfs")
+    calls: list[int] = []
+    real = store._syncfs
+    store._syncfs = lambda fd: calls.append(fd) or real(fd)
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("per-blob fsync in syncfs mode"))
+    keys = [store.put([b"blob", str(i).encode()]).key for i in range(5)]
+    store.sync_pending()
+    assert len(calls) == 1  # one call makes the whole group durable
+    store.sync_pending()
+    assert len(calls) == 1  # nothing written since: no call
+    assert [store.read(k) for k in keys] == [b"blob" + str(i).encode() for i in range(5)]
+
+
+def test_syncfs_failure_is_reported(tmp_path):
+    store = FilesystemBlobStore(tmp_path / "blobs", sync="auto")
+    if store._syncfs is None:
+        pytest.skip("no syncfs(2) on this system")
+    store._syncfs = lambda fd: -1
+    store.put([b"x"])
+    with pytest.raises(OSError, match="syncfs"):
+        store.sync_pending()
+
+
+def test_unknown_sync_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sync mode"):
+        FilesystemBlobStore(tmp_path / "blobs", sync="sometimes")
