@@ -23,7 +23,6 @@ from starlette.routing import Route
 
 from ..context import Context
 from ..dicom.json import dumps
-from ..services.query import QueryError
 from ..services.types import Query, StoreOutcome
 from . import multipart as mp
 from .common import (
@@ -165,27 +164,8 @@ async def _receive(
     return done, error
 
 
-def _series_of(ctx: Context, outcomes: list[StoreOutcome]) -> dict[str, str]:
-    """SOP Instance UID -> Series Instance UID for the RetrieveURLs (StoreOutcome does not carry the series)."""
-    want = [o.sop_instance_uid for o in outcomes if o.ok and o.sop_instance_uid]
-    out: dict[str, str] = {}
-    for i in range(0, len(want), 500):
-        q = Query(
-            level="IMAGE",
-            filters={"SOPInstanceUID": "\\".join(want[i : i + 500])},
-            return_keys=["SeriesInstanceUID", "StudyInstanceUID"],
-        )
-        try:
-            for ds in ctx.query.find(q):
-                out[str(ds.SOPInstanceUID)] = str(ds.get("SeriesInstanceUID", ""))
-        except QueryError:
-            log.exception("looking up series of stored instances")
-    return out
-
-
 def _response_body(ctx: Context, root: str, outcomes: list[StoreOutcome]) -> tuple[dict[str, Any], int, int]:
     """DICOM JSON response data set, and the number stored and failed."""
-    series_of = _series_of(ctx, outcomes)
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     studies: set[str] = set()
@@ -198,7 +178,7 @@ def _response_body(ctx: Context, root: str, outcomes: list[StoreOutcome]) -> tup
         }
         if o.ok:
             studies.add(o.study_instance_uid)
-            series = getattr(o, "series_instance_uid", "") or series_of.get(o.sop_instance_uid, "")
+            series = o.series_instance_uid
             if series:
                 item[_RETRIEVE_URL] = {
                     "vr": "UR",

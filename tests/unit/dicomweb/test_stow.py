@@ -38,10 +38,11 @@ class FakeIngest:
             kind, _, sop = data.decode().partition(":")
             if kind == "ok":
                 return StoreOutcome(
-                    0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, study_instance_uid=STUDY
+                    0, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, study_instance_uid=STUDY,
+                    series_instance_uid="9.9",
                 )
             if kind == "warn":
-                return StoreOutcome(0xB007, "kept first", "1.2.840.10008.5.1.4.1.1.2", sop, STUDY)
+                return StoreOutcome(0xB007, "kept first", "1.2.840.10008.5.1.4.1.1.2", sop, STUDY, "9.9")
             if kind == "full":
                 return StoreOutcome(0xA700, "disk full", "1.2.840.10008.5.1.4.1.1.2", sop)
             if kind == "oserror":
@@ -54,21 +55,9 @@ class FakeIngest:
                 self._active -= 1
 
 
-class FakeQuery:
-    def find(self, q, cancelled=None):
-        from pydicom.dataset import Dataset
-
-        for sop in q.filters["SOPInstanceUID"].split("\\"):
-            ds = Dataset()
-            ds.SOPInstanceUID = sop
-            ds.SeriesInstanceUID = "9.9"
-            ds.StudyInstanceUID = STUDY
-            yield ds
-
-
 def app(ingest: FakeIngest) -> Starlette:
     inner = Starlette(routes=stow.routes(None))  # type: ignore[arg-type]
-    inner.state.ctx = SimpleNamespace(settings=SimpleNamespace(), ingest=ingest, query=FakeQuery())
+    inner.state.ctx = SimpleNamespace(settings=SimpleNamespace(), ingest=ingest)
     return Starlette(routes=[Mount("/dicom-web", app=inner)])
 
 
