@@ -338,3 +338,24 @@ def prepare_conformance_files(directory: Path) -> list[ConformanceFile]:
                                    str(ds.file_meta.TransferSyntaxUID), str(ds.StudyInstanceUID),
                                    str(ds.SeriesInstanceUID)))
     return out
+
+
+def department_instance(modality: str, patient_id: str, study: str | None = None, name_prefix: str = "SEC^",
+                        study_date: str = "20240102") -> Dataset:
+    """A minimal Secondary Capture instance (with File Meta) whose modality steers the department rules of the
+    security tests; a new study unless ``study`` is given."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = name_prefix + patient_id
+    ds.Modality = modality
+    ds.StudyDate = study_date
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds

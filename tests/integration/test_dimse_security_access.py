@@ -18,10 +18,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from helpers import dcmtk
+from helpers.dicomdata import department_instance
 from helpers.server import OpenPACSServer, openpacs_command
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REFUSED = re.compile(r"0x0?124\b|not ?authori[sz]ed", re.I)
 PEERS = {  # AE title: (host, allow, departments)
@@ -61,20 +59,7 @@ class SecuredServer(OpenPACSServer):
 
 
 def write_instance(path: Path, modality: str, pid: str, study: str | None = None) -> str:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = pid
-    ds.PatientName = "SEC^" + pid
-    ds.Modality = modality
-    ds.StudyDate = "20240102"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds = department_instance(modality, pid, study)
     ds.save_as(path, enforce_file_format=True)
     return str(ds.StudyInstanceUID)
 

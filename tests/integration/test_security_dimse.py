@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.helpers import dcmtk
+from tests.helpers.dicomdata import department_instance
 from tests.helpers.server import OpenPACSServer, openpacs_command
 
 PEERS = {  # name: (allow, departments)
@@ -51,20 +50,7 @@ class SecuredServer(OpenPACSServer):
 
 
 def write_instance(path: Path, modality: str, pid: str) -> str:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = pid
-    ds.PatientName = "SEC^" + pid
-    ds.Modality = modality
-    ds.StudyDate = "20240102"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds = department_instance(modality, pid)
     ds.save_as(path, enforce_file_format=True)
     return str(ds.StudyInstanceUID)
 

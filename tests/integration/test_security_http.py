@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tests.helpers.dicomdata import department_instance
 from tests.helpers.server import OpenPACSServer, openpacs_command
 
 
@@ -26,20 +24,7 @@ def cli(server: OpenPACSServer, *args: str, stdin: str | None = None) -> str:
 
 
 def instance(modality: str, pid: str) -> tuple[bytes, str]:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = pid
-    ds.PatientName = "TEST^" + pid
-    ds.Modality = modality
-    ds.StudyDate = "20240101"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds = department_instance(modality, pid, name_prefix="TEST^", study_date="20240101")
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue(), ds.StudyInstanceUID
