@@ -25,11 +25,6 @@ pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1461.1"  # OpenPACS implementation class (private root)
 IMPLEMENTATION_VERSION_NAME = "OPENPACS_010"
 
-# Tags the ingest path reads from every instance: all indexed attributes plus what validation needs.
-INDEX_TAGS: list[int] = sorted(
-    {a.tag for a in ATTRIBUTES.values() if not a.computed}
-    | {0x00080005, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00400275}
-)
 
 
 def _even(b: bytes, pad: bytes = b"\0") -> bytes:
@@ -79,10 +74,6 @@ def read_header(data: bytes | memoryview, tags: Iterable[int] | None = None) -> 
     return dcmread(fp, stop_before_pixels=True, specific_tags=list(tags) if tags is not None else None)
 
 
-def read_meta_and_header(data: bytes | memoryview) -> Dataset:
-    return read_header(data, INDEX_TAGS)
-
-
 def as_text(ds: Dataset, tag: int) -> str | None:
     """The value of ``tag`` as its DICOM string form (multi-values joined by backslash), or None if absent."""
     elem = ds.get(tag)
@@ -98,6 +89,7 @@ def as_text(ds: Dataset, tag: int) -> str | None:
     return str(value)
 
 
+# Tags the ingest path reads from every instance (tag -> VR): all indexed attributes plus what validation needs.
 WANTED: dict[int, str] = {a.tag: a.vr for a in ATTRIBUTES.values() if not a.computed}
 WANTED.update({0x00080005: "CS", 0x00080016: "UI", 0x00080018: "UI", 0x0020000D: "UI", 0x0020000E: "UI",
                0x00400275: "SQ"})
@@ -119,7 +111,7 @@ def header_info(data: bytes | memoryview) -> HeaderInfo:
     fast = fastheader.parse(data, WANTED, ITEM_WANTED)
     if fast is not None:
         return HeaderInfo(fast.transfer_syntax_uid, fast.values, fast.item_values, fast.dataset_offset)
-    ds = read_meta_and_header(data)
+    ds = read_header(data, WANTED)
     values = {tag: v for tag in WANTED if tag != 0x00400275 and (v := as_text(ds, tag)) is not None}
     items: dict[int, str] = {}
     seq = ds.get(0x00400275)
