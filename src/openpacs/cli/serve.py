@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from .. import eventloop
 from ..config import Settings
 from ..context import Context, build_context
 
@@ -138,7 +139,7 @@ def serve(settings: Settings) -> int:
         log.error("%s", refusal)
         return 2
     try:
-        asyncio.run(_serve(settings))
+        eventloop.run(_serve(settings))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

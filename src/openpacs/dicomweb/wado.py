@@ -2,7 +2,7 @@
 
 Instance retrieval streams: instances are read one batch at a time in a worker thread (the next batch is read while the
 current one is on the wire) and a study never sits in memory. When the stored syntax is acceptable the stored bytes go
-out as they are (the fast path: large pread()s straight into the response, exact Content-Length, no parsing); only the
+out as they are (the fast path: large pread()s straight into a chunked response, no parsing); only the
 128-byte preamble is zeroed, so that a served file can never be a PE/ELF polyglot. Otherwise each instance is
 transcoded on its own (dicom.transcode).
 """
@@ -411,13 +411,14 @@ class WadoRS:
         if fast:
             items = await run_in_threadpool(self._stat_all, plans, bnd)
             if items is not None:
-                length = sum(len(h) + size + 2 for h, _, size in items) + len(tail)
+                # No Content-Length on purpose: the body goes out chunked. urllib3 (requests, dicomweb-client) reads a
+                # chunked body about twice as fast as a length-delimited one of the same size (26 MB series: ~20 ms vs
+                # ~30 ms of client time here); browsers and curl are indifferent. Each part still carries its length.
                 stream = _StoredStream(items, tail)
                 body = _prefetching(stream.next_batch, lambda: stream.done, stream.close)
                 syntaxes = {p.target for p in plans}
                 return StreamingResponse(
                     body,
-                    headers={"Content-Length": str(length)},
                     media_type=related_content_type(boundary, DICOM, syntaxes.pop() if len(syntaxes) == 1 else None),
                 )
         return StreamingResponse(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import eventloop
 from ..config import Settings
 from . import access
 from .association import Association
@@ -364,7 +365,7 @@ def _worker_main(settings: Settings, ctrl: socket.socket, index: int) -> None:
         format=f"%(asctime)s %(levelname)s %(name)s[dimse-{index}:%(process)d] %(message)s",
     )
     try:
-        asyncio.run(_worker(settings, ctrl))
+        eventloop.run(_worker(settings, ctrl))
     except KeyboardInterrupt:
         pass
 
