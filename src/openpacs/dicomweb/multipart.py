@@ -245,7 +245,9 @@ class MultipartParser:
                 return False
             if idx - pos > self._max_part:
                 raise MultipartError(413, f"a part exceeds the maximum of {self._max_part} bytes")
-            out.append(Part(self._headers, bytes(buf[pos:idx])))
+            with memoryview(buf) as view:  # one copy (bytes(buf[a:b]) would make two)
+                content = bytes(view[pos:idx])
+            out.append(Part(self._headers, content))
             self._count += 1
             self._headers = {}
             self._pos = self._scan = idx + len(self._delim)

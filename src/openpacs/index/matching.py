@@ -5,7 +5,7 @@ One place decides what a query string means; C-FIND and QIDO-RS both come throug
 
 from __future__ import annotations
 
-from sqlalchemy import Integer, and_, func, literal, or_
+from sqlalchemy import Integer, and_, case, func, literal, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
@@ -44,20 +44,48 @@ def _normalize_time(v: str, keyword: str, upper: bool) -> str:
     return v
 
 
-def _range(col: ColumnElement, vr: str, keyword: str, value: str) -> ColumnElement:
+def stored_time(v: str) -> str:
+    """A stored TM value in the comparable form of ``_time_column`` (the same rule, for values read from headers)."""
+    bare = v.replace(":", "")
+    return (bare + "0000")[:6] if len(bare) < 6 else bare
+
+
+def time_bounds(value: str, keyword: str) -> tuple[str, str]:
+    """A TM range query as comparable (lower, upper) bounds; either may be empty (open)."""
     lo, _, hi = value.partition("-")
-    if vr == "DA":
-        lo, hi = _normalize_date(lo, keyword), _normalize_date(hi, keyword)
-    elif vr == "TM":
-        lo, hi = _normalize_time(lo, keyword, False), _normalize_time(hi, keyword, True)
-    lo, hi = lo.strip(), hi.strip()
+    lo, hi = _normalize_time(lo, keyword, False).strip(), _normalize_time(hi, keyword, True).strip()
+    if lo and len(lo.split(".")[0]) < 6:  # a lower bound "0915" means from 09:15:00
+        lo = lo + "0" * (6 - len(lo.split(".")[0]))
     if not lo and not hi:
         raise MatchError(f"{keyword}: empty range {value!r}")
+    return lo, hi
+
+
+def _time_column(col: ColumnElement) -> ColumnElement:
+    """A stored TM value as HHMMSS[.FFFFFF] for range comparison, whatever precision or ACR-NEMA colons it was sent
+    with: "0915" -> "091500", "11" -> "110000", "13:05:30" -> "130530". (A fraction only follows full seconds.)
+    Stored values stay as received; this is applied at query time, on the few rows a time range is asked of."""
+    bare = func.replace(col, ":", "")
+    return case((func.length(bare) < 6, func.substr(bare + literal("0000"), 1, 6)), else_=bare)
+
+
+def _range(col: ColumnElement, vr: str, keyword: str, value: str) -> ColumnElement:
+    target = col
+    if vr == "TM":
+        lo, hi = time_bounds(value, keyword)
+        target = _time_column(col)
+    else:
+        lo, _, hi = value.partition("-")
+        if vr == "DA":
+            lo, hi = _normalize_date(lo, keyword), _normalize_date(hi, keyword)
+        lo, hi = lo.strip(), hi.strip()
+        if not lo and not hi:
+            raise MatchError(f"{keyword}: empty range {value!r}")
     conds: list[ColumnElement] = [col.is_not(None), col != ""]
     if lo:
-        conds.append(col >= lo)
+        conds.append(target >= lo)
     if hi:
-        conds.append(col <= hi)
+        conds.append(target <= hi)
     return and_(*conds)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from ..config import Settings
 from ..dicom.header import as_text, read_header
 from ..index.db import Index
-from ..index.matching import MatchError
+from ..index.matching import MatchError, stored_time, time_bounds
 from ..index.query import attributes_for, compile_query, rows
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
 from ..storage import BlobStore
@@ -79,7 +79,14 @@ def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True)
         query, values = query.upper(), [v.upper() for v in values]
     alternatives = query.split("\\") if vr != "PN" else [query]
     for alt in alternatives:
-        if vr in ("DA", "TM", "DT") and "-" in alt:
+        if vr == "TM" and "-" in alt:
+            try:
+                lo, hi = time_bounds(alt, "TM")
+            except MatchError:
+                return False
+            if any(v and (not lo or stored_time(v) >= lo) and (not hi or stored_time(v) <= hi) for v in values):
+                return True
+        elif vr in ("DA", "DT") and "-" in alt:
             lo, _, hi = alt.partition("-")
             if any(v and (not lo or v >= lo) and (not hi or v <= hi + ("\uffff" if vr != "DA" else "")) for v in values):
                 return True

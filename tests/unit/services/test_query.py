@@ -203,6 +203,36 @@ def test_time_ranges(qctx):
     assert hits(qctx, "STUDY", StudyTime="23:59:59-") == {"st3"}
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def short_times(request, tmp_path):
+    """Studies whose times were sent with less than second precision (HHMM, HH) and with ACR-NEMA colons."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_cluster").create_database("shorttimes")
+    ctx = build_context(Settings(data_dir=tmp_path / "data", index_url=url))
+    for name, time_ in (("hhmm", "0915"), ("hh", "11"), ("colons", "13:05:30"), ("full", "091459.999")):
+        ds = instance(patient_id="PT", study_uid=uid("t-" + name), series_uid=uid("ts-" + name),
+                      sop_uid=uid("ti-" + name), StudyDate="20220301", StudyTime=time_)
+        assert store(ctx, ds).status == 0
+    yield ctx
+    ctx.close()
+
+
+def test_time_ranges_against_times_stored_with_less_precision(short_times):
+    # "0915" is 09:15:00 for range matching; a plain string compare would put it before "091000"
+    def t(value: str) -> set[str]:
+        return {n[2:] for n in hits(short_times, "STUDY", StudyTime=value)}
+
+    assert t("091000-092000") == {"hhmm", "full"}
+    assert t("091500-091500") == {"hhmm"}
+    assert t("0915-") == {"hhmm", "hh", "colons"}
+    assert t("-091459") == {"full"}
+    assert t("110000-110000") == {"hh"}
+    assert t("130530-130530") == {"colons"}
+    assert t("1300-1310") == {"colons"}
+
+
 @pytest.mark.parametrize("bad", ["2020-13", "abc-", "-", "2020011"])
 def test_bad_date_is_an_identifier_error(qctx, bad):
     with pytest.raises(QueryError) as e:
