@@ -412,7 +412,7 @@ class WadoRS:
             items = await run_in_threadpool(self._stat_all, plans, bnd)
             if items is not None:
                 # No Content-Length on purpose: the body goes out chunked. urllib3 (requests, dicomweb-client) reads a
-                # chunked body about twice as fast as a length-delimited one of the same size (26 MB series: ~20 ms vs
+                # chunked body a third faster than a length-delimited one of the same size (26 MB series: ~20 ms vs
                 # ~30 ms of client time here); browsers and curl are indifferent. Each part still carries its length.
                 stream = _StoredStream(items, tail)
                 body = _prefetching(stream.next_batch, lambda: stream.done, stream.close)
