@@ -360,6 +360,79 @@ def test_stow_409_none_stored_and_reasons(base) -> None:
     assert requests.get(f"{base}/instances", params={"SOPInstanceUID": sop}, timeout=10).status_code == 204
 
 
+def _json_and_bulk(body_parts: list[tuple[str, bytes, str | None]], boundary: str = "jsonbulk") -> bytes:
+    out = b""
+    for ctype, content, location in body_parts:
+        head = f"--{boundary}\r\nContent-Type: {ctype}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        out += head.encode() + b"\r\n" + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _post_json(base: str, body: bytes) -> requests.Response:
+    ctype = 'multipart/related; type="application/dicom+json"; boundary=jsonbulk'
+    return requests.post(base + "/studies", data=body, timeout=60,
+                         headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+
+
+def test_stow_metadata_and_bulk_data(base, client) -> None:
+    """PS3.18 10.5.1.2: DICOM JSON written by pydicom (BulkDataURIs for the large binary values) and the bulk data in
+    parts named by Content-Location; the instance is then retrieved by dicomweb-client, pixels equal."""
+    import json
+
+    ds = pydicom.dcmread(io.BytesIO(new_instance(PatientName="Json^Bulk")))
+    ds.PixelData = bytes(range(256)) * (len(ds.PixelData) // 256) + bytes(len(ds.PixelData) % 256)
+    bulk: dict[str, bytes] = {}
+
+    def handler(elem: pydicom.DataElement) -> str:
+        uri = f"urn:openpacs-test:{elem.tag:08X}"
+        bulk[uri] = elem.value
+        return uri
+
+    meta = ds.to_json_dict(bulk_data_threshold=64, bulk_data_element_handler=handler)
+    assert meta["7FE00010"]["BulkDataURI"] == "urn:openpacs-test:7FE00010"
+    parts = [("application/dicom+json", json.dumps([meta]).encode(), None)]
+    parts += [("application/octet-stream", data, uri) for uri, data in bulk.items()]
+    r = _post_json(base, _json_and_bulk(parts))
+    assert r.status_code == 200, r.text
+    (ref,) = seq(r.json(), "00081199")
+    assert val(ref, "00081155") == ds.SOPInstanceUID
+    got = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert got.PixelData == ds.PixelData
+    assert str(got.PatientName) == "Json^Bulk" and got.Rows == ds.Rows
+
+    # small binary values inline (InlineBinary), no bulk parts at all
+    ds2 = pydicom.dcmread(io.BytesIO(new_instance()))
+    r = _post_json(base, _json_and_bulk([("application/dicom+json", json.dumps([ds2.to_json_dict(
+        bulk_data_threshold=1 << 30)]).encode(), None)]))
+    assert r.status_code == 200, r.text
+    assert client.retrieve_instance(ds2.StudyInstanceUID, ds2.SeriesInstanceUID, ds2.SOPInstanceUID).PixelData == \
+        ds2.PixelData
+
+
+def test_stow_metadata_failures(srv, base) -> None:
+    import json
+
+    ds = pydicom.dcmread(io.BytesIO(new_instance()))
+    meta = ds.to_json_dict(bulk_data_threshold=64, bulk_data_element_handler=lambda e: "urn:missing")
+    no_uid = pydicom.dcmread(io.BytesIO(new_instance())).to_json_dict(bulk_data_threshold=1 << 30)
+    del no_uid["00080018"]
+    body = _json_and_bulk([
+        ("application/dicom+json", json.dumps([meta, no_uid]).encode(), None),  # bulk part absent; no SOP UID
+        ("application/dicom+json", b"{not json", None),
+    ])
+    r = _post_json(base, body)
+    assert r.status_code == 409, r.text
+    failed = seq(r.json(), "00081198")
+    assert [val(f, "00081197") for f in failed] == [0xC000, 0xA900, 0xC000]
+    assert val(failed[0], "00081155") == ds.SOPInstanceUID
+    # no metadata part at all is a bad request
+    r = _post_json(base, _json_and_bulk([("application/octet-stream", b"x" * 10, "urn:x")]))
+    assert r.status_code == 400 and "metadata" in r.text
+    alive(srv, base)
+
+
 def test_stow_duplicates(base) -> None:
     inst = new_instance()
     assert post(base, [inst]).status_code == 200

@@ -376,6 +376,25 @@ def json_to_dataset(obj: Mapping[str, Any], bulk_loader: BulkLoader | None = Non
     return ds
 
 
+def part10_from_json(obj: Mapping[str, Any], bulk_loader: BulkLoader | None = None) -> bytes:
+    """A DICOM JSON object (STOW-RS metadata) as a Part 10 file in Explicit VR Little Endian."""
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = json_to_dataset(obj, bulk_loader)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    out = BytesIO()
+    dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
 def loads(data: bytes | str) -> list[Dataset]:
     """A JSON array of DICOM JSON objects (or one object) to Datasets."""
     try:

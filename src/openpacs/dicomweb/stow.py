@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..context import Context
-from ..dicom.json import dumps
+from ..dicom.json import DicomJSONError, dumps, part10_from_json
 from ..services.types import Query, StoreOutcome
 from . import multipart as mp
 from .common import (
@@ -49,6 +50,7 @@ INFLIGHT_BYTES = 256 << 20
 
 PROCESSING_FAILURE = 0x0110
 CANNOT_UNDERSTAND = 0xC000
+DATASET_MISMATCH = 0xA900
 OUT_OF_RESOURCES = 0xA700
 
 _FAILED_SOP_SEQUENCE = "00081198"
@@ -118,14 +120,20 @@ async def _receive(
             415, f'STOW-RS takes multipart/related; type="application/dicom", not {media or "nothing"!r}'
         )
     root_type = params.get("type", "").strip().lower()
-    if root_type not in ("", "application/dicom"):
-        raise MultipartError(415, f"multipart/related type {root_type!r} is not supported (use application/dicom)")
+    if root_type not in ("", "application/dicom", DICOM_JSON):
+        raise MultipartError(
+            415,
+            f"multipart/related type {root_type!r} is not supported (use application/dicom, or application/dicom+json "
+            "with bulk data parts)",
+        )
     max_part, max_body = _limits(ctx)
     parser = MultipartParser(params.get("boundary", ""), max_part_bytes=max_part)
     mp.check_content_length(request.headers.get("content-length"), max_body)
     body = decoded_body(request.stream(), request.headers.get("content-encoding"), max_body)
 
     source = request_source(request)
+    if root_type == DICOM_JSON:
+        return await _receive_metadata_and_bulk(ctx, body, parser, source, study)
     outcomes: list[StoreOutcome | None] = []
     budget = _Budget(STORE_CONCURRENCY, INFLIGHT_BYTES)
     tasks: set[asyncio.Task[None]] = set()
@@ -162,6 +170,65 @@ async def _receive(
             await asyncio.gather(*list(tasks), return_exceptions=True)
     done = [o for o in outcomes if o is not None]
     return done, error
+
+
+async def _receive_metadata_and_bulk(
+    ctx: Context, body: Any, parser: MultipartParser, source: Any, study: str | None
+) -> tuple[list[StoreOutcome], MultipartError | None]:
+    """PS3.18 10.5.1.2: DICOM JSON metadata parts, then bulk data parts whose Content-Location is a BulkDataURI of
+    the metadata. Each data set becomes a Part 10 instance (Explicit VR Little Endian: the bulk data is native) and
+    goes through the one ingest path. The whole request is held until it ends (bulk parts may follow the metadata)."""
+    metadata: list[tuple[Any, str | None]] = []  # (DICOM JSON object, or None with the reason it is unusable)
+    bulk: dict[str, tuple[str, bytes]] = {}
+    try:
+        async for part in iter_parts(body, parser):
+            ptype = parse_media_type(part.content_type)[0] if part.content_type else ""
+            if ptype in (DICOM_JSON, "application/json"):
+                try:
+                    doc = json.loads(part.content)
+                except (ValueError, UnicodeDecodeError) as e:
+                    metadata.append((None, f"metadata part is not JSON: {e}"))
+                    continue
+                for obj in doc if isinstance(doc, list) else [doc]:
+                    metadata.append((obj, None))
+            else:
+                location = part.headers.get("content-location", "").strip()
+                if location:
+                    bulk[location] = (ptype or "application/octet-stream", part.content)
+    except MultipartError as e:
+        return [], e
+    except ClientDisconnect:
+        return [], MultipartError(400, "client disconnected before the end of the request body")
+    if not metadata:
+        return [], MultipartError(400, "no application/dicom+json metadata part in the request")
+
+    def build(obj: Any, problem: str | None) -> StoreOutcome:
+        if problem is not None:
+            return StoreOutcome(status=CANNOT_UNDERSTAND, message=problem)
+
+        def load(uri: str) -> bytes:
+            if uri not in bulk:
+                raise DicomJSONError(f"bulk data {uri!r} is not in the request (no part with that Content-Location)")
+            media, content = bulk[uri]
+            if media != "application/octet-stream":
+                raise DicomJSONError(f"bulk data {uri!r} is {media}: only native (application/octet-stream) is taken")
+            return content
+
+        uids = {k: (obj.get(tag) or {}).get("Value") if isinstance(obj, dict) else None
+                for k, tag in (("SOP Class UID", "00080016"), ("SOP Instance UID", "00080018"))}
+        missing = [k for k, v in uids.items() if not (isinstance(v, list) and v and isinstance(v[0], str) and v[0])]
+        if missing:
+            sop = uids["SOP Instance UID"]
+            return StoreOutcome(status=DATASET_MISMATCH, message=f"metadata without {' and '.join(missing)}",
+                                sop_instance_uid=sop[0] if isinstance(sop, list) and sop and isinstance(sop[0], str)
+                                else "")
+        try:
+            return _store(ctx, part10_from_json(obj, load), source, study)
+        except (DicomJSONError, ValueError, TypeError, KeyError) as e:
+            return StoreOutcome(status=CANNOT_UNDERSTAND, message=f"unusable DICOM JSON: {e}",
+                                sop_instance_uid=uids["SOP Instance UID"][0])  # type: ignore[index]
+
+    return [await run_in_threadpool(build, obj, problem) for obj, problem in metadata], None
 
 
 def _response_body(ctx: Context, root: str, outcomes: list[StoreOutcome]) -> tuple[dict[str, Any], int, int]:
