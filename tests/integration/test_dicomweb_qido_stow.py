@@ -285,7 +285,38 @@ def test_accept_negotiation(data, base) -> None:
         r = requests.get(f"{base}/studies", params=q, headers=h, timeout=10)
         assert r.status_code == 200 and r.headers["content-type"].startswith(media), (accept, r.headers)
     r = requests.get(f"{base}/studies", params=q, headers={"Accept": "application/dicom+xml"}, timeout=10)
-    assert r.status_code == 406
+    assert r.status_code == 406  # XML results are multipart only (PS3.18 8.7.3.2)
+
+
+def test_results_as_dicom_xml(data, base) -> None:
+    """multipart/related; type="application/dicom+xml" (required by PS3.18): one NativeDicomModel per result, the
+    same attributes as the JSON results."""
+    import xml.etree.ElementTree as ET
+
+    from openpacs.dicomweb.multipart import MultipartParser, parse_media_type
+
+    q = {"AccessionNumber": "WACC10*", "includefield": "StudyDescription"}
+    as_json = requests.get(f"{base}/studies", params=q, timeout=10).json()
+    r = requests.get(f"{base}/studies", params=q, timeout=10,
+                     headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert r.status_code == 200, r.text
+    media, params = parse_media_type(r.headers["content-type"])
+    assert media == "multipart/related" and params["type"] == "application/dicom+xml"
+    parser = MultipartParser(params["boundary"])
+    parts = parser.feed(r.content)
+    parser.close()
+    assert len(parts) == len(as_json) >= 1
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    for part, obj in zip(parts, as_json, strict=True):
+        assert part.headers["content-type"] == "application/dicom+xml"
+        root = ET.fromstring(part.content)
+        assert root.tag == f"{{{ns['d']}}}NativeDicomModel"
+        tags = {a.get("tag") for a in root.findall("d:DicomAttribute", ns)}
+        assert tags == set(obj)
+        uid = root.find("d:DicomAttribute[@keyword='StudyInstanceUID']/d:Value", ns)
+        assert uid is not None and uid.text == obj["0020000D"]["Value"][0]
+        name = root.find("d:DicomAttribute[@tag='00100010']/d:PersonName/d:Alphabetic/d:FamilyName", ns)
+        assert name is not None and name.text == obj["00100010"]["Value"][0]["Alphabetic"].split("^")[0]
     r = requests.get(
         f"{base}/studies", params={**q, "accept": "application/json"}, headers={"Accept": "text/html"}, timeout=10
     )

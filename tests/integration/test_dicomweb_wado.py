@@ -303,6 +303,60 @@ def test_bulkdata_of_other_binary_values(live) -> None:
     assert r.status_code == 200 and r.content == bytes(info.ds[0x00281201].value)
 
 
+def _native_model(root) -> dict:
+    """A NativeDicomModel element as {tag: (vr, values)}; binary values, File Meta, group lengths and private
+    attributes (whose VR each toolkit takes from its own private dictionary) left out."""
+    out = {}
+    for attr in root:
+        if not attr.tag.endswith("DicomAttribute"):
+            continue
+        tag, vr = attr.get("tag"), attr.get("vr")
+        if tag.startswith("0002") or tag.endswith("0000") or int(tag[:4], 16) % 2 or any(
+            c.tag.split("}")[-1] in ("BulkData", "InlineBinary") for c in attr
+        ):
+            continue
+        values = []
+        for c in attr:
+            kind = c.tag.split("}")[-1]
+            if kind == "Item":
+                values.append(_native_model(c))
+            elif kind == "PersonName":
+                values.append({g.tag.split("}")[-1]: {p.tag.split("}")[-1]: p.text for p in g} for g in c})
+            elif vr in ("DS", "IS", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV"):
+                values.append(round(float(c.text), 6))
+            else:
+                values.append((c.text or "").strip())
+        out[tag] = (vr, values)
+    return out
+
+
+def test_metadata_as_dicom_xml_matches_dcmtk(live, require_dcmtk, tmp_path) -> None:
+    """WADO-RS metadata as multipart/related; type="application/dicom+xml" (required by PS3.18 Table 10.4.4-1),
+    compared attribute by attribute with DCMTK's own PS3.19 writer (dcm2xml --native-format) on the stored file."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    from helpers import dcmtk
+
+    base, infos, _ = live
+    for key in ("ct", "mr", "us", "ybr"):
+        info = infos[key]
+        r = requests.get(base + info.url + "/metadata",
+                         headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+        assert r.status_code == 200, r.text
+        [(headers, body)] = _parts(r)
+        assert headers["content-type"] == "application/dicom+xml"
+        ours = _native_model(ET.fromstring(body))
+        path = tmp_path / f"{key}.dcm"
+        path.write_bytes(info.bytes)
+        out = subprocess.run([dcmtk.find_tool("dcm2xml"), "--native-format", str(path)], capture_output=True,
+                             check=True, env=dcmtk.dcmtk_env())
+        theirs = _native_model(ET.fromstring(out.stdout))
+        assert len(ours) > 20
+        assert ours == theirs, {t: (ours.get(t), theirs.get(t)) for t in set(ours) | set(theirs)
+                                if ours.get(t) != theirs.get(t)}
+
+
 # --------------------------------------------------------------------------------------------------------------- frames
 
 

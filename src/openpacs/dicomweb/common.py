@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +16,7 @@ from .multipart import parse_media_type
 log = logging.getLogger("openpacs.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 JSON = "application/json"
 
 
@@ -115,6 +117,38 @@ def negotiate(request: Request, offered: list[str]) -> str | None:
         if best is None or key > best:
             best, choice = key, media
     return choice
+
+
+def negotiate_metadata(request: Request) -> str:
+    """application/dicom+json (default), application/json, or DICOM_XML for ``multipart/related;
+    type="application/dicom+xml"`` (PS3.18 requires both for QIDO-RS results and WADO-RS metadata); else 406."""
+    choice = negotiate(request, [DICOM_JSON, JSON])
+    if choice is not None:
+        return choice
+    for media, params, q in parse_accept(accept_values(request)):
+        if media == "multipart/related" and params.get("type", "").strip('"').lower() == DICOM_XML and q > 0:
+            return DICOM_XML
+    raise DicomWebError(
+        406,
+        f"none of the accepted media types ({accept_values(request)}) can be produced; use {DICOM_JSON} or "
+        f'multipart/related; type="{DICOM_XML}"',
+    )
+
+
+def xml_multipart_response(objects: list[dict[str, Any]] | list[bytes], headers: dict[str, str] | None = None
+                           ) -> Response:
+    """DICOM JSON objects (or ready XML documents) as ``multipart/related; type="application/dicom+xml"``."""
+    from ..dicom.xml import json_to_xml
+    from .multipart import new_boundary, related_content_type
+
+    boundary = new_boundary()
+    b = boundary.encode()
+    out = bytearray()
+    for obj in objects:
+        doc = obj if isinstance(obj, bytes) else json_to_xml(obj)
+        out += b"--" + b + b"\r\nContent-Type: " + DICOM_XML.encode() + b"\r\n\r\n" + doc + b"\r\n"
+    out += b"--" + b + b"--\r\n"
+    return Response(bytes(out), media_type=related_content_type(boundary, DICOM_XML), headers=headers)
 
 
 def negotiate_json(request: Request) -> str:

@@ -19,14 +19,16 @@ from ..dicom.json import dataset_to_json, dumps
 from ..services.query import QueryError, keyword_of
 from ..services.types import Level, Query
 from .common import (
+    DICOM_XML,
     DicomWebError,
     check_uid,
     error_response,
     log,
-    negotiate_json,
+    negotiate_metadata,
     request_departments,
     service_root,
     warning_header,
+    xml_multipart_response,
 )
 
 # PS3.18 Table 10.6.1-5: attributes every result carries at each level (and the levels above for the "all" resources).
@@ -234,7 +236,7 @@ def _handler(level: Level, path_keys: dict[str, str]):  # type: ignore[no-untype
         t0 = time.perf_counter()
         ctx: Context = request.app.state.ctx
         try:
-            media = negotiate_json(request)
+            media = negotiate_metadata(request)
             path = {kw: check_uid(request.path_params[p]) for p, kw in path_keys.items()}
             q, warnings, cap = build_query(request, level, path)
             q.departments = request_departments(request)
@@ -261,7 +263,11 @@ def _handler(level: Level, path_keys: dict[str, str]):  # type: ignore[no-untype
                 status = 200
             if status == 204:
                 return Response(status_code=204, headers=headers)
+            if media == DICOM_XML:
+                return xml_multipart_response([], headers)
             return Response(b"[]", status_code=200, media_type=media, headers=headers)
+        if media == DICOM_XML:
+            return xml_multipart_response(results, headers)
         return Response(dumps(results), media_type=media, headers=headers)
 
     return search

@@ -56,6 +56,7 @@ from ..dicom.render import (
     render_frame,
 )
 from ..services.types import InstanceRef
+from .common import DICOM_XML, DicomWebError, error_response, negotiate_metadata, xml_multipart_response
 
 log = logging.getLogger(__name__)
 
@@ -472,8 +473,9 @@ class WadoRS:
 
     # -- metadata -----------------------------------------------------------------------------------------------------
 
-    def _instance_metadata(self, ref: InstanceRef, base: str) -> bytes:
+    def _instance_metadata(self, ref: InstanceRef, base: str, xml: bool = False) -> bytes:
         from ..dicom import json as dj
+        from ..dicom.xml import json_to_xml
 
         path = self._local_path(ref)
         src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
@@ -488,18 +490,21 @@ class WadoRS:
             return prefix + dj.bulk_path_str(tag_path)
 
         obj = dj.dataset_to_json(ds, bulk_uri, BULK_THRESHOLD)
-        return dj.dumps(obj)
+        return json_to_xml(obj) if xml else dj.dumps(obj)
 
     async def metadata(self, request: Request) -> Response:
         p = request.path_params
         try:
-            accept = parse_accept(request.headers.get("accept"))
-            if not any(r.type in (DICOM_JSON, "application/json", "*/*", "application/*") for r in accept):
-                raise HTTPError(406, "metadata is available as application/dicom+json")
+            media = negotiate_metadata(request)
             refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
+        except DicomWebError as e:
+            return error_response(e.status, e.message, e.headers)
         except HTTPError as e:
             return _error_response(e)
         base = self.base_url(request)
+        if media == DICOM_XML:
+            docs = [await run_in_threadpool(self._instance_metadata, ref, base, True) for ref in refs]
+            return xml_multipart_response(docs)
 
         async def body() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()

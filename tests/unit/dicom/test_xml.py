@@ -1,0 +1,43 @@
+"""PS3.19 Native DICOM Model writer: structure, empty values, and values no XML parser may choke on."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from openpacs.dicom.xml import NAMESPACE, json_to_xml
+
+NS = {"d": NAMESPACE}
+
+
+def test_structure_person_names_sequences_and_bulk() -> None:
+    obj = {
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^John^^Dr", "Ideographic": "山田^太郎"}]},
+        "00180050": {"vr": "DS", "Value": [2.0, 0.75]},
+        "00081140": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}}]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": "http://x/bulk/7FE00010"},
+        "00281201": {"vr": "OW", "InlineBinary": "AAEC"},
+        "00080090": {"vr": "PN"},
+        "00185010": {"vr": "LO", "Value": ["a", None, "c"]},
+    }
+    root = ET.fromstring(json_to_xml(obj))
+    assert root.tag == f"{{{NAMESPACE}}}NativeDicomModel"
+    name = root.find("d:DicomAttribute[@keyword='PatientName']/d:PersonName[@number='1']", NS)
+    assert name is not None
+    assert [c.tag.split("}")[1] for c in name.find("d:Alphabetic", NS)] == ["FamilyName", "GivenName", "NamePrefix"]
+    assert name.find("d:Ideographic/d:GivenName", NS).text == "太郎"
+    assert [v.text for v in root.findall("d:DicomAttribute[@tag='00180050']/d:Value", NS)] == ["2", "0.75"]
+    item = root.find("d:DicomAttribute[@tag='00081140']/d:Item[@number='1']", NS)
+    assert item.find("d:DicomAttribute/d:Value", NS).text == "1.2.3"
+    assert root.find("d:DicomAttribute[@tag='7FE00010']/d:BulkData", NS).get("uri") == "http://x/bulk/7FE00010"
+    assert root.find("d:DicomAttribute[@tag='00281201']/d:InlineBinary", NS).text == "AAEC"
+    assert list(root.find("d:DicomAttribute[@tag='00080090']", NS)) == []
+    values = root.findall("d:DicomAttribute[@tag='00185010']/d:Value", NS)
+    assert [(v.get("number"), v.text) for v in values] == [("1", "a"), ("2", None), ("3", "c")]
+
+
+def test_hostile_values_stay_well_formed() -> None:
+    obj = {"00081030": {"vr": "LO", "Value": ["</Value><script>alert(1)</script>\x01\x1b&amp;"]}}
+    doc = json_to_xml(obj)
+    assert b"<script>" not in doc
+    value = ET.fromstring(doc).find("d:DicomAttribute/d:Value", NS).text
+    assert value == "</Value><script>alert(1)</script>\ufffd\ufffd&amp;"
