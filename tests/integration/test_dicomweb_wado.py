@@ -357,6 +357,34 @@ def test_metadata_as_dicom_xml_matches_dcmtk(live, require_dcmtk, tmp_path) -> N
                                 if ours.get(t) != theirs.get(t)}
 
 
+def test_pixeldata_and_bulk_data_of_whole_resources(live, client) -> None:
+    """PS3.18 10.4.1.1.5-6 (multipart/related; type="application/octet-stream" is required for them): dicomweb-client
+    fetches .../pixeldata of a series (native, and JPEG-LS decoded) and the bulk data of an instance resource; each
+    part carries the Content-Location of the BulkDataURI the metadata gives."""
+    base, infos, _ = live
+    for key, resource in (("ct", "series"), ("jls", "instance")):  # jls shares its series with emri
+        info = infos[key]
+        url = f"{base}/studies/{info.study}/series/{info.series}"
+        url += f"/instances/{info.sop}/pixeldata" if resource == "instance" else "/pixeldata"
+        [data] = client.retrieve_bulkdata(url, media_types=("application/octet-stream",))
+        assert data == info.pixels().astype("<u2").tobytes(), key
+    info = infos["pal"]  # pixel data, and the palette LUT data (OW) when large enough to be bulk data
+    meta = requests.get(base + info.url + "/metadata", timeout=30).json()[0]
+    uris = {v["BulkDataURI"] for v in meta.values() if "BulkDataURI" in v}
+    assert any(u.endswith("/bulkdata/7FE00010") for u in uris)
+    r = requests.get(base + info.url, headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+                     timeout=30)
+    assert r.status_code == 200, r.text
+    parts = _parts(r)
+    assert {h["content-location"] for h, _ in parts} == uris
+    for headers, body in parts:
+        direct = requests.get(headers["content-location"], headers={"Accept": "application/octet-stream"}, timeout=30)
+        assert direct.status_code == 200 and direct.content == body, headers["content-location"]
+    # pixeldata only as octet-stream parts
+    r = requests.get(base + info.url + "/pixeldata", headers={"Accept": "application/dicom"}, timeout=30)
+    assert r.status_code == 406
+
+
 # --------------------------------------------------------------------------------------------------------------- frames
 
 

@@ -385,7 +385,11 @@ class WadoRS:
         p = request.path_params
         try:
             refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
-            choices = dicom_syntax_choices(parse_accept(request.headers.get("accept")))
+            accept = parse_accept(request.headers.get("accept"))
+            choices = dicom_syntax_choices(accept)
+            if not choices and _wants_octet_parts(accept):
+                # PS3.18 Table 10.4.4-1: instance resources as their bulk data (the same as .../bulkdata)
+                return self._bulk_stream(refs, self.base_url(request), pixels_only=False)
             if not choices:
                 raise HTTPError(406, 'acceptable: multipart/related; type="application/dicom"[; transfer-syntax=UID|*]')
             plans: list[_Plan] = []
@@ -600,6 +604,64 @@ class WadoRS:
         value = _walk(ds, tag_path)
         return _bulk_response(value, accept, range_header)
 
+    # -- bulk data and pixel data of whole resources (PS3.18 10.4.1.1.5-6) ---------------------------------------------
+
+    async def pixeldata(self, request: Request) -> Response:
+        p = request.path_params
+        try:
+            if not _wants_octet_parts(parse_accept(request.headers.get("accept"))):
+                raise HTTPError(406, 'pixel data is available as multipart/related; type="application/octet-stream"')
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
+        except HTTPError as e:
+            return _error_response(e)
+        return self._bulk_stream(refs, self.base_url(request), pixels_only=True)
+
+    def _bulk_stream(self, refs: list[InstanceRef], base: str, pixels_only: bool) -> Response:
+        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
+
+        async def parts() -> AsyncIterator[OutPart]:
+            for ref in refs:  # one instance in memory at a time
+                for location, data in await run_in_threadpool(self._bulk_items, ref, base, pixels_only):
+                    yield OutPart(OCTET, data, {"Content-Location": location})
+
+        boundary = new_boundary()
+        return StreamingResponse(write_multipart(parts(), boundary), media_type=related_content_type(boundary, OCTET))
+
+    def _bulk_items(self, ref: InstanceRef, base: str, pixels_only: bool) -> list[tuple[str, bytes]]:
+        """Every bulk data value of an instance as (BulkDataURI, bytes), the URIs being those of its metadata; pixel
+        data native little endian (decoded when stored compressed), as .../bulkdata/7FE00010 serves it."""
+        from ..dicom import json as dj
+
+        path = self._local_path(ref)
+        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
+        ds = pydicom.dcmread(src, force=True)
+        prefix = (
+            f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
+            f"/instances/{ref.sop_instance_uid}/bulkdata/"
+        )
+        paths: list[tuple[int, ...]] = []
+
+        def capture(tag_path: tuple[int, ...]) -> str:
+            paths.append(tag_path)
+            return ""
+
+        dj.dataset_to_json(ds, capture, BULK_THRESHOLD)
+        out = []
+        for tag_path in paths:
+            if tag_path == (0x7FE00010,):
+                with self._reader(ref) as reader:
+                    frames = range(1, reader.number_of_frames + 1)
+                    if reader.is_native:
+                        data = b"".join(reader.stored_frame(n)[0] for n in frames)
+                    else:
+                        data = b"".join(reader.frame_as(n, ExplicitVRLittleEndian) for n in frames)
+            elif pixels_only and tag_path not in ((0x7FE00008,), (0x7FE00009,)):
+                continue
+            else:
+                data = _walk(ds, list(tag_path))
+            out.append((prefix + dj.bulk_path_str(tag_path), data))
+        return out
+
     # -- rendered / thumbnail ------------------------------------------------------------------------------------------
 
     async def rendered(self, request: Request) -> Response:
@@ -660,6 +722,10 @@ class WadoRS:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parameter parsing and negotiation helpers
+
+
+def _wants_octet_parts(accept: list[MediaRange]) -> bool:
+    return any(r.multipart and r.inner in (OCTET, "*/*", "") and r.q > 0 for r in accept)
 
 
 def parse_frame_list(value: str) -> list[int]:
@@ -932,6 +998,9 @@ def routes(ctx: Any) -> list[Route]:
         Route(i + "/metadata", rs.metadata, methods=get),
         Route(i + "/frames/{frames}", rs.frames, methods=get),
         Route(i + "/bulkdata/{path:path}", rs.bulkdata, methods=get),
+        Route(s + "/pixeldata", rs.pixeldata, methods=get),
+        Route(se + "/pixeldata", rs.pixeldata, methods=get),
+        Route(i + "/pixeldata", rs.pixeldata, methods=get),
         Route(s + "/rendered", rs.rendered, methods=get),
         Route(se + "/rendered", rs.rendered, methods=get),
         Route(i + "/rendered", rs.rendered, methods=get),
