@@ -458,6 +458,15 @@ def test_stow_metadata_failures(srv, base) -> None:
     failed = seq(r.json(), "00081198")
     assert [val(f, "00081197") for f in failed] == [0xC000, 0xA900, 0xC000]
     assert val(failed[0], "00081155") == ds.SOPInstanceUID
+    # hostile metadata: nesting deeper than any parser recursion, items that are not objects, attributes that are
+    # not objects: each is a failed data set, never a server error
+    body = _json_and_bulk([
+        ("application/dicom+json", b"[" * 200_000 + b"]" * 200_000, None),
+        ("application/dicom+json", b'[42, {"00080016": "x", "00080018": {"vr": "UI", "Value": [7]}}]', None),
+    ])
+    r = _post_json(base, body)
+    assert r.status_code == 409, r.text
+    assert [val(f, "00081197") for f in seq(r.json(), "00081198")] == [0xC000, 0xC000, 0xA900]
     # no metadata part at all is a bad request
     r = _post_json(base, _json_and_bulk([("application/octet-stream", b"x" * 10, "urn:x")]))
     assert r.status_code == 400 and "metadata" in r.text

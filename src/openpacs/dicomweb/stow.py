@@ -186,7 +186,7 @@ async def _receive_metadata_and_bulk(
             if ptype in (DICOM_JSON, "application/json"):
                 try:
                     doc = json.loads(part.content)
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
                     metadata.append((None, f"metadata part is not JSON: {e}"))
                     continue
                 for obj in doc if isinstance(doc, list) else [doc]:
@@ -214,19 +214,28 @@ async def _receive_metadata_and_bulk(
                 raise DicomJSONError(f"bulk data {uri!r} is {media}: only native (application/octet-stream) is taken")
             return content
 
-        uids = {k: (obj.get(tag) or {}).get("Value") if isinstance(obj, dict) else None
-                for k, tag in (("SOP Class UID", "00080016"), ("SOP Instance UID", "00080018"))}
-        missing = [k for k, v in uids.items() if not (isinstance(v, list) and v and isinstance(v[0], str) and v[0])]
+        if not isinstance(obj, dict):
+            return StoreOutcome(status=CANNOT_UNDERSTAND, message="a metadata item is not a DICOM JSON object")
+        uids: dict[str, str] = {}
+        for name, tag in (("SOP Class UID", "00080016"), ("SOP Instance UID", "00080018")):
+            attr = obj.get(tag)
+            values = attr.get("Value") if isinstance(attr, dict) else None
+            if isinstance(values, list) and values and isinstance(values[0], str) and values[0]:
+                uids[name] = values[0]
+        missing = [k for k in ("SOP Class UID", "SOP Instance UID") if k not in uids]
         if missing:
-            sop = uids["SOP Instance UID"]
             return StoreOutcome(status=DATASET_MISMATCH, message=f"metadata without {' and '.join(missing)}",
-                                sop_instance_uid=sop[0] if isinstance(sop, list) and sop and isinstance(sop[0], str)
-                                else "")
+                                sop_instance_uid=uids.get("SOP Instance UID", ""))
         try:
-            return _store(ctx, part10_from_json(obj, load), source, study)
-        except (DicomJSONError, ValueError, TypeError, KeyError) as e:
+            data = part10_from_json(obj, load)
+        except (DicomJSONError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             return StoreOutcome(status=CANNOT_UNDERSTAND, message=f"unusable DICOM JSON: {e}",
-                                sop_instance_uid=uids["SOP Instance UID"][0])  # type: ignore[index]
+                                sop_instance_uid=uids["SOP Instance UID"])
+        except Exception as e:  # a bug must fail this data set, not the request
+            log.exception("STOW-RS: DICOM JSON to Part 10 failed")
+            return StoreOutcome(status=CANNOT_UNDERSTAND, message=f"{type(e).__name__}: {e}",
+                                sop_instance_uid=uids["SOP Instance UID"])
+        return _store(ctx, data, source, study)
 
     return [await run_in_threadpool(build, obj, problem) for obj, problem in metadata], None
 
