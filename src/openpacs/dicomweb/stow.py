@@ -178,19 +178,13 @@ async def _receive_metadata_and_bulk(
     """PS3.18 10.5.1.2: DICOM JSON metadata parts, then bulk data parts whose Content-Location is a BulkDataURI of
     the metadata. Each data set becomes a Part 10 instance (Explicit VR Little Endian: the bulk data is native) and
     goes through the one ingest path. The whole request is held until it ends (bulk parts may follow the metadata)."""
-    metadata: list[tuple[Any, str | None]] = []  # (DICOM JSON object, or None with the reason it is unusable)
+    documents: list[bytes] = []
     bulk: dict[str, tuple[str, bytes]] = {}
     try:
         async for part in iter_parts(body, parser):
             ptype = parse_media_type(part.content_type)[0] if part.content_type else ""
             if ptype in (DICOM_JSON, "application/json"):
-                try:
-                    doc = json.loads(part.content)
-                except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                    metadata.append((None, f"metadata part is not JSON: {e}"))
-                    continue
-                for obj in doc if isinstance(doc, list) else [doc]:
-                    metadata.append((obj, None))
+                documents.append(part.content)
             else:
                 location = part.headers.get("content-location", "").strip()
                 if location:
@@ -199,8 +193,22 @@ async def _receive_metadata_and_bulk(
         return [], e
     except ClientDisconnect:
         return [], MultipartError(400, "client disconnected before the end of the request body")
-    if not metadata:
+    if not documents:
         return [], MultipartError(400, "no application/dicom+json metadata part in the request")
+
+    def parse() -> list[tuple[Any, str | None]]:
+        """(DICOM JSON object, None) per data set, or (None, the reason a metadata part is unusable)."""
+        out: list[tuple[Any, str | None]] = []
+        for raw in documents:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                out.append((None, f"metadata part is not JSON: {e}"))
+                continue
+            out.extend((obj, None) for obj in (doc if isinstance(doc, list) else [doc]))
+        return out
+
+    metadata = await run_in_threadpool(parse)  # large JSON off the event loop
 
     def build(obj: Any, problem: str | None) -> StoreOutcome:
         if problem is not None:
