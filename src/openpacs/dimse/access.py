@@ -138,6 +138,13 @@ def audit(services: object, event: str, calling_aet: str, address: str, **kw: ob
         logging.getLogger("openpacs.audit").exception("DIMSE audit record failed")
 
 
+def security_alert(
+    services: object, calling_aet: str, address: str, event_type: str, detail: str, **kw: object
+) -> None:
+    """A refused node or operation (PS3.15 A.5.3.11, outcome "serious failure"), its detail bounded."""
+    audit(services, "SecurityAlert", calling_aet, address, outcome=4, event_type=event_type, detail=detail[:500], **kw)
+
+
 def study_patients(services: Any, study_uids: Iterable[str]) -> dict[str, str]:
     """Patient ID of each study (for the audit trail's patient participant); blocking: run it in the executor."""
     uids = sorted({u for u in study_uids if u})

@@ -166,15 +166,13 @@ class Association(asyncio.BufferedProtocol):
             self._audit_received()
         if self.store_refusals:
             refusals, self.store_refusals = self.store_refusals, []
-            access.audit(
+            access.security_alert(
                 self.endpoint.ctx,
-                "SecurityAlert",
                 self.calling_aet,
                 self.peer_address,
-                outcome=4,
-                event_type="110132",
+                "110132",
+                f"C-STORE refused (0x0124) for {len(refusals)} instance(s): {refusals[0]}",
                 destination=self.settings.aet,
-                detail=f"C-STORE refused (0x0124) for {len(refusals)} instance(s): {refusals[0]}"[:500],
             )
         self.endpoint.association_closed(self)
 
@@ -478,15 +476,13 @@ class Association(asyncio.BufferedProtocol):
     def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
         log.warning("association from %s rejected: %s", self._who(), why)
         if alert:  # access control, not a protocol or load matter: a Security Alert (node authentication)
-            access.audit(
+            access.security_alert(
                 self.endpoint.ctx,
-                "SecurityAlert",
                 self.calling_aet,
                 self.peer_address,
-                outcome=4,
-                event_type="110126",
+                "110126",
+                f"A-ASSOCIATE-RJ: {why}",
                 destination=self.called_aet,
-                detail=f"A-ASSOCIATE-RJ: {why}"[:500],
             )
         self._write(pdu.encode_associate_rj(*rj))
         self.state = STA13

@@ -68,15 +68,13 @@ def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[byt
         return
     if ctx.service not in assoc.allowed:
         log.warning("%s from %s refused: not authorized", ctx.service.upper(), assoc._who())
-        access.audit(
+        access.security_alert(
             assoc.endpoint.ctx,
-            "SecurityAlert",
             assoc.calling_aet,
             assoc.peer_address,
-            outcome=4,
-            event_type="110132",
+            "110132",
+            f"{_DIMSE_NAME.get(field, hex(field))} refused (0x0124): {ctx.service} not allowed for this AE",
             destination=assoc.settings.aet,
-            detail=f"{_DIMSE_NAME.get(field, hex(field))} refused (0x0124): {ctx.service} not allowed for this AE",
         )
         _final(
             assoc,

@@ -154,16 +154,7 @@ class Endpoint:
         """A failed TLS handshake (plain DICOM on the TLS port, an untrusted or missing client certificate, an old
         protocol version) is a node authentication failure: audited as a Security Alert."""
         reason = getattr(exc, "reason", None) or str(exc)
-        access.audit(
-            self.ctx,
-            "SecurityAlert",
-            "",
-            peer,
-            user=peer,
-            outcome=4,
-            event_type="110126",
-            detail=f"DICOM TLS handshake refused: {reason}"[:500],
-        )
+        access.security_alert(self.ctx, "", peer, "110126", f"DICOM TLS handshake refused: {reason}", user=peer)
 
 
 class _Worker:
