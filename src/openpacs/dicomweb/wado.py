@@ -357,6 +357,24 @@ class WadoRS:
     def _read(self, ref: InstanceRef) -> bytes:
         return bytes(self.ctx.retrieve.read_file(ref))
 
+    def _source(self, ref: InstanceRef) -> Any:
+        """What pydicom should read: the stored file's path when it is local, else its bytes."""
+        path = self._local_path(ref)
+        return path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
+
+    def _metadata_dataset(self, ref: InstanceRef) -> Dataset:
+        """The instance without reading its large binary values (placeholders stand for them)."""
+        ds = pydicom.dcmread(self._source(ref), defer_size=BULK_THRESHOLD, force=True)
+        _placeholder_deferred(ds)
+        return ds
+
+    @staticmethod
+    def _bulk_prefix(ref: InstanceRef, base: str) -> str:
+        return (
+            f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
+            f"/instances/{ref.sop_instance_uid}/bulkdata/"
+        )
+
     def _reader(self, ref: InstanceRef) -> FrameReader:
         path = self._local_path(ref)
         if path is not None and os.path.exists(path):
@@ -481,19 +499,12 @@ class WadoRS:
         from ..dicom import json as dj
         from ..dicom.xml import json_to_xml
 
-        path = self._local_path(ref)
-        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
-        ds = pydicom.dcmread(src, defer_size=BULK_THRESHOLD, force=True)
-        _placeholder_deferred(ds)
-        prefix = (
-            f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
-            f"/instances/{ref.sop_instance_uid}/bulkdata/"
-        )
+        prefix = self._bulk_prefix(ref, base)
 
         def bulk_uri(tag_path: tuple[int, ...]) -> str:
             return prefix + dj.bulk_path_str(tag_path)
 
-        obj = dj.dataset_to_json(ds, bulk_uri, BULK_THRESHOLD)
+        obj = dj.dataset_to_json(self._metadata_dataset(ref), bulk_uri, BULK_THRESHOLD)
         return json_to_xml(obj) if xml else dj.dumps(obj)
 
     async def metadata(self, request: Request) -> Response:
@@ -585,8 +596,7 @@ class WadoRS:
                     if choice is None:
                         raise HTTPError(406, "pixel data is available as application/octet-stream")
                     if choice[1] == ExplicitVRLittleEndian:
-                        data = b"".join(reader.stored_frame(n)[0] for n in frame_numbers)
-                        return _bulk_response(data, accept, range_header)
+                        return _bulk_response(_native_pixel_data(reader), accept, range_header)
                 choice = choose_frame_media(accept, str(reader.transfer_syntax), single=False)
                 if choice is None:
                     raise HTTPError(406, "no acceptable media type for this pixel data")
@@ -598,10 +608,7 @@ class WadoRS:
                 if media == OCTET and tc.is_native(ts):
                     return _bulk_response(b"".join(parts), accept, range_header)
                 return _multipart_response([(f"{media}; transfer-syntax={ts}", p) for p in parts], media, ts)
-        path = self._local_path(ref)
-        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
-        ds = pydicom.dcmread(src, force=True)
-        value = _walk(ds, tag_path)
+        value = _walk(pydicom.dcmread(self._source(ref), force=True), tag_path)
         return _bulk_response(value, accept, range_header)
 
     # -- bulk data and pixel data of whole resources (PS3.18 10.4.1.1.5-6) ---------------------------------------------
@@ -632,33 +639,26 @@ class WadoRS:
         data native little endian (decoded when stored compressed), as .../bulkdata/7FE00010 serves it."""
         from ..dicom import json as dj
 
-        path = self._local_path(ref)
-        src: Any = path if path is not None and os.path.exists(path) else io.BytesIO(self._read(ref))
-        ds = pydicom.dcmread(src, force=True)
-        prefix = (
-            f"{base}/studies/{ref.study_instance_uid}/series/{ref.series_instance_uid}"
-            f"/instances/{ref.sop_instance_uid}/bulkdata/"
-        )
         paths: list[tuple[int, ...]] = []
 
         def capture(tag_path: tuple[int, ...]) -> str:
             paths.append(tag_path)
             return ""
 
-        dj.dataset_to_json(ds, capture, BULK_THRESHOLD)
+        # the paths exactly as the metadata finds them, without reading pixel data through pydicom as well
+        dj.dataset_to_json(self._metadata_dataset(ref), capture, BULK_THRESHOLD)
+        prefix = self._bulk_prefix(ref, base)
+        full: Dataset | None = None  # read only when a bulk value other than pixel data is asked for
         out = []
         for tag_path in paths:
             if tag_path == (0x7FE00010,):
                 with self._reader(ref) as reader:
-                    frames = range(1, reader.number_of_frames + 1)
-                    if reader.is_native:
-                        data = b"".join(reader.stored_frame(n)[0] for n in frames)
-                    else:
-                        data = b"".join(reader.frame_as(n, ExplicitVRLittleEndian) for n in frames)
+                    data = _native_pixel_data(reader)
             elif pixels_only and tag_path not in ((0x7FE00008,), (0x7FE00009,)):
                 continue
             else:
-                data = _walk(ds, list(tag_path))
+                full = full if full is not None else pydicom.dcmread(self._source(ref), force=True)
+                data = _walk(full, list(tag_path))
             out.append((prefix + dj.bulk_path_str(tag_path), data))
         return out
 
@@ -722,6 +722,14 @@ class WadoRS:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parameter parsing and negotiation helpers
+
+
+def _native_pixel_data(reader: FrameReader) -> bytes:
+    """All frames little endian uncompressed, decoded when stored compressed (what application/octet-stream means)."""
+    frames = range(1, reader.number_of_frames + 1)
+    if reader.is_native:
+        return b"".join(reader.stored_frame(n)[0] for n in frames)
+    return b"".join(reader.frame_as(n, ExplicitVRLittleEndian) for n in frames)
 
 
 def _wants_octet_parts(accept: list[MediaRange]) -> bool:
