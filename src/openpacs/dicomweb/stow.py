@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ..context import Context
 from ..dicom.json import DicomJSONError, dumps, part10_from_json
-from ..services.types import Query, StoreOutcome
+from ..services.types import Query, Status, StoreOutcome
 from . import multipart as mp
 from .common import (
     DICOM_JSON,
@@ -47,11 +47,6 @@ log = logging.getLogger("openpacs.dicomweb.stow")
 # Parts stored concurrently by one request, and the bytes they may hold (a part larger than the budget runs alone).
 STORE_CONCURRENCY = 8
 INFLIGHT_BYTES = 256 << 20
-
-PROCESSING_FAILURE = 0x0110
-CANNOT_UNDERSTAND = 0xC000
-DATASET_MISMATCH = 0xA900
-OUT_OF_RESOURCES = 0xA700
 
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
@@ -102,12 +97,12 @@ def _store(ctx: Context, data: bytes, source: Any, study: str | None) -> StoreOu
     try:
         return ctx.ingest.store_file(data, source, expected_study_uid=study)
     except OSError as e:
-        status = OUT_OF_RESOURCES if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM) else PROCESSING_FAILURE
+        status = Status.OUT_OF_RESOURCES if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM) else Status.PROCESSING_FAILURE
         log.exception("STOW store failed")
         return StoreOutcome(status=status, message=str(e))
     except Exception as e:  # a bug must fail this part, not the request or the server
         log.exception("STOW store failed")
-        return StoreOutcome(status=PROCESSING_FAILURE, message=f"{type(e).__name__}: {e}")
+        return StoreOutcome(status=Status.PROCESSING_FAILURE, message=f"{type(e).__name__}: {e}")
 
 
 async def _receive(
@@ -152,7 +147,7 @@ async def _receive(
             ptype = parse_media_type(part.content_type)[0] if part.content_type else "application/dicom"
             if ptype != "application/dicom":
                 outcomes[i] = StoreOutcome(
-                    status=CANNOT_UNDERSTAND, message=f"part media type {ptype!r} is not application/dicom"
+                    status=Status.CANNOT_UNDERSTAND, message=f"part media type {ptype!r} is not application/dicom"
                 )
                 continue
             data = part.content
@@ -212,7 +207,7 @@ async def _receive_metadata_and_bulk(
 
     def build(obj: Any, problem: str | None) -> StoreOutcome:
         if problem is not None:
-            return StoreOutcome(status=CANNOT_UNDERSTAND, message=problem)
+            return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message=problem)
 
         def load(uri: str) -> bytes:
             if uri not in bulk:
@@ -223,7 +218,7 @@ async def _receive_metadata_and_bulk(
             return content
 
         if not isinstance(obj, dict):
-            return StoreOutcome(status=CANNOT_UNDERSTAND, message="a metadata item is not a DICOM JSON object")
+            return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message="a metadata item is not a DICOM JSON object")
         uids: dict[str, str] = {}
         for name, tag in (("SOP Class UID", "00080016"), ("SOP Instance UID", "00080018")):
             attr = obj.get(tag)
@@ -232,16 +227,16 @@ async def _receive_metadata_and_bulk(
                 uids[name] = values[0]
         missing = [k for k in ("SOP Class UID", "SOP Instance UID") if k not in uids]
         if missing:
-            return StoreOutcome(status=DATASET_MISMATCH, message=f"metadata without {' and '.join(missing)}",
+            return StoreOutcome(status=Status.DATASET_MISMATCH, message=f"metadata without {' and '.join(missing)}",
                                 sop_instance_uid=uids.get("SOP Instance UID", ""))
         try:
             data = part10_from_json(obj, load)
         except (DicomJSONError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-            return StoreOutcome(status=CANNOT_UNDERSTAND, message=f"unusable DICOM JSON: {e}",
+            return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message=f"unusable DICOM JSON: {e}",
                                 sop_instance_uid=uids["SOP Instance UID"])
         except Exception as e:  # a bug must fail this data set, not the request
             log.exception("STOW-RS: DICOM JSON to Part 10 failed")
-            return StoreOutcome(status=CANNOT_UNDERSTAND, message=f"{type(e).__name__}: {e}",
+            return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message=f"{type(e).__name__}: {e}",
                                 sop_instance_uid=uids["SOP Instance UID"])
         return _store(ctx, data, source, study)
 

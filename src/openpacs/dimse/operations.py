@@ -26,7 +26,6 @@ log = logging.getLogger("openpacs.dimse")
 
 UNRECOGNIZED_OPERATION = 0x0211
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES_SUBOPS = 0xA702
 
 _REQUEST_OF_SERVICE = {
@@ -168,7 +167,7 @@ def _c_store(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks: lis
         exc = f.exception()
         if exc is not None:
             log.error("C-STORE %s from %s failed: %r", sop_instance, assoc._who(), exc, exc_info=exc)
-            status, message = PROCESSING_FAILURE, f"processing failure: {exc}"
+            status, message = Status.PROCESSING_FAILURE, f"processing failure: {exc}"
         else:
             outcome = f.result()
             status, message = outcome.status, outcome.message

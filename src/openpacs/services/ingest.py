@@ -127,7 +127,7 @@ class IngestService:
                               f"SOP Instance UID {sop} differs from the command's {command_instance}", cls, sop, source)
         # A File Meta that disagrees with its data set is common in the wild (edited files); the data set wins.
         if expected_study_uid is not None and study != expected_study_uid:
-            return StoreOutcome(status=0x0110, message=f"instance belongs to study {study}, not {expected_study_uid}",
+            return StoreOutcome(status=Status.PROCESSING_FAILURE, message=f"instance belongs to study {study}, not {expected_study_uid}",
                                 sop_class_uid=cls, sop_instance_uid=sop, study_instance_uid=study,
                                 series_instance_uid=series_uid)
         if source.departments is not None and not self._may_add_to(study, source.departments):
