@@ -139,16 +139,10 @@ def xml_multipart_response(objects: list[dict[str, Any]] | list[bytes], headers:
                            ) -> Response:
     """DICOM JSON objects (or ready XML documents) as ``multipart/related; type="application/dicom+xml"``."""
     from ..dicom.xml import json_to_xml
-    from .multipart import new_boundary, related_content_type
+    from .multipart import multipart_response
 
-    boundary = new_boundary()
-    b = boundary.encode()
-    out = bytearray()
-    for obj in objects:
-        doc = obj if isinstance(obj, bytes) else json_to_xml(obj)
-        out += b"--" + b + b"\r\nContent-Type: " + DICOM_XML.encode() + b"\r\n\r\n" + doc + b"\r\n"
-    out += b"--" + b + b"--\r\n"
-    return Response(bytes(out), media_type=related_content_type(boundary, DICOM_XML), headers=headers)
+    docs = (obj if isinstance(obj, bytes) else json_to_xml(obj) for obj in objects)
+    return multipart_response(((DICOM_XML, doc) for doc in docs), DICOM_XML, headers=headers)
 
 
 def negotiate_json(request: Request) -> str:

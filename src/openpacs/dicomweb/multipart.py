@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.concurrency import iterate_in_threadpool
+from starlette.responses import Response
 
 # Limits. Module constants so the lead can wire them to Settings; the STOW route reads them at request time.
 MAX_PART_BYTES = 1 << 30  # one DICOM instance (a part is held in memory whole: ingest takes bytes)
@@ -419,6 +420,33 @@ class OutPart:
 
 
 _COALESCE = 64 * 1024
+
+
+def part_head(boundary: bytes, content_type: str, length: int | None = None) -> bytes:
+    """Delimiter and headers of one part (Content-Length when known)."""
+    head = b"--" + boundary + b"\r\nContent-Type: " + content_type.encode("latin-1")
+    if length is not None:
+        head += b"\r\nContent-Length: " + str(length).encode()
+    return head + b"\r\n\r\n"
+
+
+def multipart_response(
+    parts: Iterable[tuple[str, bytes]],
+    type_: str,
+    transfer_syntax: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """A small multipart/related body built in memory: (content type, bytes) per part."""
+    boundary = new_boundary()
+    b = boundary.encode()
+    body = bytearray()
+    for ctype, data in parts:
+        body += part_head(b, ctype, len(data))
+        body += data
+        body += b"\r\n"
+    body += b"--" + b + b"--\r\n"
+    return Response(bytes(body), headers={**(headers or {}), "Content-Type": related_content_type(boundary, type_,
+                                                                                                transfer_syntax)})
 
 
 def _part_head(boundary: bytes, part: OutPart) -> bytes:

@@ -57,6 +57,7 @@ from ..dicom.render import (
 )
 from ..services.types import InstanceRef
 from .common import DICOM_XML, DicomWebError, error_response, negotiate_metadata, xml_multipart_response
+from .multipart import multipart_response, part_head
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +226,6 @@ def zero_preamble(data: bytes) -> bytes:
     if len(data) >= 132 and data[128:132] == b"DICM" and data[:128].strip(b"\0"):
         return bytes(128) + data[128:]
     return data
-
-
-def _part_head(boundary: bytes, content_type: str, length: int | None) -> bytes:
-    head = b"--" + boundary + b"\r\nContent-Type: " + content_type.encode("latin-1")
-    if length is not None:
-        head += b"\r\nContent-Length: " + str(length).encode()
-    return head + b"\r\n\r\n"
 
 
 class _StoredStream:
@@ -459,7 +453,7 @@ class WadoRS:
             except OSError:
                 return None
             ctype = f"{DICOM}; transfer-syntax={p.target}"
-            items.append((_part_head(bnd, ctype, size), path, size))
+            items.append((part_head(bnd, ctype, size), path, size))
         return items
 
     def _instance_bytes(self, plan: _Plan, choices: list[str]) -> tuple[bytes, str]:
@@ -488,7 +482,7 @@ class WadoRS:
             pending = (
                 loop.run_in_executor(None, self._instance_bytes, plans[i + 1], choices) if i + 1 < len(plans) else None
             )
-            yield _part_head(bnd, f"{DICOM}; transfer-syntax={ts}", len(data))
+            yield part_head(bnd, f"{DICOM}; transfer-syntax={ts}", len(data))
             yield data
             yield b"\r\n"
         yield tail
@@ -570,7 +564,7 @@ class WadoRS:
         ctype = f"{media}; transfer-syntax={ts}"
         if not multipart:
             return Response(parts[0], media_type=media, headers={"Content-Type": ctype})
-        return _multipart_response([(ctype, p) for p in parts], media, ts)
+        return multipart_response([(ctype, p) for p in parts], media, ts)
 
     # -- bulk data ----------------------------------------------------------------------------------------------------
 
@@ -607,7 +601,7 @@ class WadoRS:
                     raise HTTPError(406, str(e)) from e
                 if media == OCTET and tc.is_native(ts):
                     return _bulk_response(b"".join(parts), accept, range_header)
-                return _multipart_response([(f"{media}; transfer-syntax={ts}", p) for p in parts], media, ts)
+                return multipart_response([(f"{media}; transfer-syntax={ts}", p) for p in parts], media, ts)
         value = _walk(pydicom.dcmread(self._source(ref), force=True), tag_path)
         return _bulk_response(value, accept, range_header)
 
@@ -717,7 +711,7 @@ class WadoRS:
             raise HTTPError(404, "nothing to render")
         if not multipart:
             return Response(images[0], media_type=params.media_type)
-        return _multipart_response([(params.media_type, im) for im in images], params.media_type, None)
+        return multipart_response([(params.media_type, im) for im in images], params.media_type, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -867,20 +861,6 @@ def rendered_params(request: Request, thumbnail: bool) -> tuple[RenderParams, bo
     return RenderParams(media, window, viewport, quality), multipart and not thumbnail
 
 
-def _multipart_response(parts: list[tuple[str, bytes]], type_: str, ts: str | None) -> Response:
-    from .multipart import new_boundary, related_content_type
-
-    boundary = new_boundary()
-    b = boundary.encode()
-    body = bytearray()
-    for ctype, data in parts:
-        body += _part_head(b, ctype, len(data))
-        body += data
-        body += b"\r\n"
-    body += b"--" + b + b"--\r\n"
-    return Response(bytes(body), headers={"Content-Type": related_content_type(boundary, type_, ts)})
-
-
 def _bulk_response(data: bytes, accept: list[MediaRange], range_header: str | None) -> Response:
     if range_header:
         data = _apply_range(data, range_header)
@@ -888,7 +868,7 @@ def _bulk_response(data: bytes, accept: list[MediaRange], range_header: str | No
         inner = r.inner if r.multipart else r.type
         if inner in (OCTET, "*/*", "application/*", ""):
             if r.multipart or r.type == "*/*":
-                return _multipart_response([(OCTET, data)], OCTET, None)
+                return multipart_response([(OCTET, data)], OCTET, None)
             return Response(data, media_type=OCTET)
     raise HTTPError(406, "bulk data is available as application/octet-stream")
 

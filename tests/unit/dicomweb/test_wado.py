@@ -95,7 +95,7 @@ def test_stored_stream_batches_are_exact(tmp_path, monkeypatch) -> None:
         path = tmp_path / f"{n}.dcm"
         path.write_bytes(body)
         originals.append(body)
-        items.append((wado._part_head(boundary, "application/dicom", size), str(path), size))
+        items.append((wado.part_head(boundary, "application/dicom", size), str(path), size))
     tail = b"--" + boundary + b"--\r\n"
     stream = wado._StoredStream(items, tail)
     out = bytearray()
