@@ -202,15 +202,7 @@ class SecurityMiddleware:
                     await _redirect(send_wrapped, "/login?next=" + quote(target, safe=""))
                     return
                 if code in (401, 403, 404):
-                    self._audit(
-                        "SecurityAlert",
-                        principal,
-                        scope,
-                        address,
-                        outcome=4,
-                        event_type="110132",
-                        detail=f"{method} {path} denied: {why}",
-                    )
+                    self._denied(principal, scope, address, f"{method} {path} denied: {why}")
                 hdrs = {"www-authenticate": 'Bearer realm="openpacs"'} if code == 401 else {}
                 await _plain(send_wrapped, code, why if code != 404 else "not found", hdrs)
                 return
@@ -228,15 +220,7 @@ class SecurityMiddleware:
             if policy.audit and status:
                 self._audit_request(policy.audit, principal, scope, address, path, method, status)
             elif status in (401, 403) and scope.get("openpacs.denied"):
-                self._audit(
-                    "SecurityAlert",
-                    principal,
-                    scope,
-                    address,
-                    outcome=4,
-                    event_type="110132",
-                    detail=f"{method} {path} denied: {scope['openpacs.denied']}",
-                )
+                self._denied(principal, scope, address, f"{method} {path} denied: {scope['openpacs.denied']}")
 
     # -- identity --------------------------------------------------------------------------------------------
     def _decide(
@@ -349,6 +333,10 @@ class SecurityMiddleware:
             )
         except Exception:
             log.exception("audit record failed")
+
+    def _denied(self, p: Principal, scope: Scope, address: str, detail: str) -> None:
+        """A refused request: Security Alert, use of a restricted function (DCM 110132)."""
+        self._audit("SecurityAlert", p, scope, address, outcome=4, event_type="110132", detail=detail)
 
     def _audit_request(
         self, event: str, p: Principal, scope: Scope, address: str, path: str, method: str, status: int
