@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass, field
@@ -113,16 +114,22 @@ def write_rtstruct(path: Path, patient_id: str = "RTSTRUCT1") -> Path:
     return write_part10(ds, path)
 
 
-def write_part10(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+def part10_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """``ds`` as a Part 10 file (File Meta set from its SOP UIDs; ``ds`` gets that meta and a zero preamble)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = transfer_syntax
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, little_endian=True, implicit_vr=transfer_syntax == "1.2.840.10008.1.2")
+    return buf.getvalue()
+
+
+def write_part10(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True, little_endian=True,
-               implicit_vr=transfer_syntax == "1.2.840.10008.1.2")
+    path.write_bytes(part10_bytes(ds, transfer_syntax))
     return path
 
 

@@ -18,7 +18,6 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from helpers import dicomdata
 from helpers.server import OpenPACSServer, make_server, stop_cleanly
-from pydicom.dataset import FileMetaDataset
 
 warnings.filterwarnings("ignore", module="pydicom")
 
@@ -74,15 +73,7 @@ def new_instance(study: str | None = None, patient: str = "STOW1", **attrs: obje
     ds.Modality = "CT"
     for k, v in attrs.items():
         setattr(ds, k, v)
-    buf = io.BytesIO()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicomdata.part10_bytes(ds)
 
 
 def seq(body: dict, tag: str) -> list[dict]:

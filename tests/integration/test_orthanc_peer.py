@@ -22,7 +22,7 @@ import requests
 from helpers import dcmtk, dicomdata
 from helpers.orthanc import Orthanc, find_dicomweb_plugin, find_orthanc
 from helpers.server import OpenPACSServer, make_server, stop_cleanly
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 warnings.filterwarnings("ignore", module="pydicom")
@@ -118,13 +118,7 @@ def _synthetic(fill: int, **attrs: object) -> bytes:
     ds.Modality = "CT"
     for k, v in attrs.items():
         setattr(ds, k, v)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-    return _to_bytes(ds)
+    return dicomdata.part10_bytes(ds)
 
 
 @dataclass

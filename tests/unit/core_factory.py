@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from helpers.dicomdata import part10_bytes
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -65,16 +65,7 @@ def dataset_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) ->
 
 
 def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
-    ds = copy.copy(ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True, implicit_vr=transfer_syntax == "1.2.840.10008.1.2", little_endian=True)
-    return buf.getvalue()
+    return part10_bytes(copy.copy(ds), transfer_syntax)
 
 
 def store(ctx: Context, ds: Dataset, ts: str = ExplicitVRLittleEndian) -> Any:
