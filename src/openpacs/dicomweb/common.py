@@ -135,14 +135,12 @@ def negotiate_metadata(request: Request) -> str:
     )
 
 
-def xml_multipart_response(objects: list[dict[str, Any]] | list[bytes], headers: dict[str, str] | None = None
-                           ) -> Response:
-    """DICOM JSON objects (or ready XML documents) as ``multipart/related; type="application/dicom+xml"``."""
+def xml_multipart_response(objects: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Response:
+    """DICOM JSON objects (QIDO-RS results) as ``multipart/related; type="application/dicom+xml"``."""
     from ..dicom.xml import json_to_xml
     from .multipart import multipart_response
 
-    docs = (obj if isinstance(obj, bytes) else json_to_xml(obj) for obj in objects)
-    return multipart_response(((DICOM_XML, doc) for doc in docs), DICOM_XML, headers=headers)
+    return multipart_response(((DICOM_XML, json_to_xml(obj)) for obj in objects), DICOM_XML, headers=headers)
 
 
 def negotiate_json(request: Request) -> str:

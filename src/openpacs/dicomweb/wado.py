@@ -56,7 +56,7 @@ from ..dicom.render import (
     render_frame,
 )
 from ..services.types import InstanceRef
-from .common import DICOM_XML, DicomWebError, error_response, negotiate_metadata, xml_multipart_response
+from .common import DICOM_XML, DicomWebError, error_response, negotiate_metadata
 from .multipart import multipart_response, part_head
 
 log = logging.getLogger(__name__)
@@ -511,9 +511,17 @@ class WadoRS:
         except HTTPError as e:
             return _error_response(e)
         base = self.base_url(request)
-        if media == DICOM_XML:
-            docs = [await run_in_threadpool(self._instance_metadata, ref, base, True) for ref in refs]
-            return xml_multipart_response(docs)
+        if media == DICOM_XML:  # streamed like the JSON below: one instance's document at a time
+            from .multipart import OutPart, new_boundary, related_content_type, write_multipart
+
+            async def documents() -> AsyncIterator[OutPart]:
+                for ref in refs:
+                    yield OutPart(DICOM_XML, await run_in_threadpool(self._instance_metadata, ref, base, True))
+
+            boundary = new_boundary()
+            return StreamingResponse(
+                write_multipart(documents(), boundary), media_type=related_content_type(boundary, DICOM_XML)
+            )
 
         async def body() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
