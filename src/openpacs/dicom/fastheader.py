@@ -38,6 +38,10 @@ class Malformed(ValueError):
 Truncated = Malformed
 
 
+class NeedMore(Exception):
+    """Parsing a prefix (``total`` given): the elements to read or check go past it; parse the whole data."""
+
+
 @dataclass
 class FastHeader:
     transfer_syntax_uid: str
@@ -46,20 +50,31 @@ class FastHeader:
     dataset_offset: int
 
 
-def parse(data: bytes | memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) -> FastHeader | None:
-    """``wanted``/``item_wanted`` map tag -> VR. None when this reader can't handle the input (use pydicom)."""
+def parse(
+    data: bytes | memoryview, wanted: dict[int, str], item_wanted: dict[int, str], total: int | None = None
+) -> FastHeader | None:
+    """``wanted``/``item_wanted`` map tag -> VR. None when this reader can't handle the input (use pydicom).
+
+    ``total``: ``data`` is the first bytes of a data set of that many bytes (the rest is in other buffers). Its top
+    level is walked by element lengths, so a value that runs past the prefix (pixel data) is checked against
+    ``total`` without being read. Raises NeedMore when the prefix is not enough.
+    """
     mv = memoryview(data)
+    if total is not None and total <= len(mv):
+        mv, total = mv[:total], None
     try:
-        return _parse(mv, wanted, item_wanted)
-    except Truncated:
+        return _parse(mv, wanted, item_wanted, total)
+    except (Truncated, NeedMore, struct.error) as e:
+        if total is not None:  # whatever it is, the whole data decides
+            raise NeedMore() from None
+        if isinstance(e, struct.error):  # an element header cut short
+            raise Truncated(f"data ends inside an element header: {e}") from e
         raise
-    except struct.error as e:  # an element header cut short
-        raise Truncated(f"data ends inside an element header: {e}") from e
     except (_Unsupported, UnicodeDecodeError, IndexError, ValueError):
         return None
 
 
-def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) -> FastHeader | None:
+def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str], total: int | None) -> FastHeader | None:
     if bytes(mv[128:132]) != b"DICM":
         return None
     off = 132
@@ -84,6 +99,8 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
     explicit = ts != IMPLICIT_LE
     ds_off = off
     if ts == DEFLATED:
+        if total is not None:
+            raise NeedMore()
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         inflated = inflater.decompress(mv[off:], MAX_INFLATED)
         if inflater.unconsumed_tail:
@@ -107,14 +124,20 @@ def _parse(mv: memoryview, wanted: dict[int, str], item_wanted: dict[int, str]) 
                 off = _sequence(mv, voff, explicit, None, None)
             continue
         if voff + length > n:
-            raise Truncated(f"element ({group:04X},{elem:04X}) claims {length} bytes, {n - voff} remain")
+            if total is None or voff + length > total or (tag <= last and tag in wanted):
+                raise Truncated(f"element ({group:04X},{elem:04X}) claims {length} bytes, {n - voff} remain")
+            off = voff + length  # a value past the prefix that is not read: only its length is checked
+            break
         if tag <= last and tag in wanted:
             if tag == SEQ_TAG:
                 _sequence_defined(mv, voff, voff + length, explicit, item_wanted, item_raw)
             else:
                 raw[tag] = (wanted[tag] if vr in ("", "UN") else vr, bytes(mv[voff : voff + length]))
         off = voff + length
-    if off != n and any(bytes(mv[off:n])):
+    if total is not None:
+        if off != total:  # elements go on past the prefix
+            raise NeedMore()
+    elif off != n and any(bytes(mv[off:n])):
         raise Truncated(f"{n - off} stray bytes after the last element")
     # every value counts: "\\ISO 2022 IR 87" (first value empty = ASCII) switches to JIS through escape sequences
     charsets = [c.strip() for c in raw.get(0x00080005, ("CS", b""))[1].decode("ascii").strip("\0 ").split("\\")]

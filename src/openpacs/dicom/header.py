@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pydicom.config
@@ -119,6 +119,33 @@ def header_info(data: bytes | memoryview) -> HeaderInfo:
         items = {tag: v for tag in ITEM_WANTED if (v := as_text(seq.value[0], tag)) is not None}
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     return HeaderInfo(ts, values, items, dataset_offset(data))
+
+
+HEAD_BYTES = 64 * 1024  # what header_info_chunks joins first: every header short of pixel data fits in it
+
+
+def header_info_chunks(chunks: Sequence[bytes | memoryview]) -> HeaderInfo:
+    """header_info of the concatenation of ``chunks`` without making it when the header fits in the first
+    HEAD_BYTES (pixel data and other values past them are skipped by length, not read)."""
+    if len(chunks) == 1:
+        return header_info(chunks[0])
+    total = sum(len(c) for c in chunks)
+    head: list[bytes | memoryview] = []
+    size = 0
+    for c in chunks:
+        head.append(c)
+        size += len(c)
+        if size >= HEAD_BYTES:
+            break
+    if size < total:
+        prefix = b"".join(head)
+        try:
+            fast = fastheader.parse(prefix, WANTED, ITEM_WANTED, total=total)
+        except fastheader.NeedMore:
+            fast = None
+        if fast is not None:
+            return HeaderInfo(fast.transfer_syntax_uid, fast.values, fast.item_values, fast.dataset_offset)
+    return header_info(b"".join(chunks))
 
 
 def index_values(info: HeaderInfo) -> dict[str, dict[str, object]]:

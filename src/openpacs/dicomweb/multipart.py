@@ -102,10 +102,24 @@ def check_boundary(boundary: str | None) -> str:
     return boundary
 
 
-@dataclass
 class Part:
-    headers: dict[str, str]  # lower-cased names
-    content: bytes
+    """One part: its headers and its content as the pieces of the request chunks it came in (no copy was made).
+
+    ``chunks`` suits a consumer that writes or hashes piece by piece (STOW-RS ingest); ``content`` joins them once.
+    """
+
+    __slots__ = ("headers", "chunks", "size")
+
+    def __init__(self, headers: dict[str, str], chunks: list[bytes | memoryview]) -> None:
+        self.headers = headers  # lower-cased names
+        self.chunks = chunks
+        self.size = sum(len(c) for c in chunks)
+
+    @property
+    def content(self) -> bytes:
+        if len(self.chunks) != 1 or not isinstance(self.chunks[0], bytes):
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0]  # type: ignore[return-value]
 
     @property
     def content_type(self) -> str:
@@ -118,9 +132,13 @@ _PREAMBLE, _HEADERS, _BODY, _AFTER_DELIM, _EPILOGUE = range(5)
 class MultipartParser:
     """Incremental parser: ``feed()`` returns the parts completed by that chunk; ``close()`` checks the ending.
 
-    Work is linear in the body size: each byte is searched once (plus the delimiter length of overlap) and each part's
-    content is copied once when it is cut out of the buffer.
+    Work is linear in the body size: each byte is searched once (plus the delimiter length of overlap). Part content
+    is not copied: a part is the list of slices of the fed chunks that hold it (only the few bytes that might start a
+    delimiter split across two chunks are held back and copied). Delimiter lines and part headers go through a small
+    buffer, fed at most ``_WINDOW`` bytes at a time.
     """
+
+    _WINDOW = 8192
 
     def __init__(
         self,
@@ -141,6 +159,9 @@ class MultipartParser:
         self._scan = 0  # where the next delimiter search may start (absolute index in _buf)
         self._state = _PREAMBLE
         self._headers: dict[str, str] = {}
+        self._chunks: list[bytes | memoryview] = []  # content of the part being read
+        self._size = 0
+        self._carry = b""  # end of the previous chunk that may be the start of a delimiter
         self._count = 0
         self._epilogue = 0
 
@@ -158,22 +179,97 @@ class MultipartParser:
             self._scan = max(0, self._scan - self._pos)
             self._pos = 0
 
-    def feed(self, data: bytes) -> list[Part]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Part]:
         if self._state == _EPILOGUE:
             self._epilogue += len(data)
             if self._epilogue > MAX_PREAMBLE_BYTES:
                 raise MultipartError(400, "too much data after the closing multipart delimiter")
             return []
-        # Compact before growing so the buffer never holds more than one part plus one chunk.
-        if self._pos and (self._pos > len(self._buf) // 2 or self._pos > 1 << 20):
-            self._compact()
-        self._buf += data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # part content keeps slices of it: it must not change under them
         out: list[Part] = []
+        i, n = 0, len(data)
         while True:
-            progressed = self._step(out)
-            if not progressed:
+            if self._state == _BODY:
+                if self._pos < len(self._buf):
+                    # body bytes that came in the header window: scan them, keep what follows the part
+                    with memoryview(self._buf) as view:
+                        rest = bytes(view[self._pos :])
+                    self._buf = bytearray()
+                    self._pos = self._scan = 0
+                    j = self._body(rest, 0, out)
+                    if j < len(rest):
+                        self._buf += memoryview(rest)[j:]
+                    continue
+                if i >= n:
+                    break
+                i = self._body(data, i, out)
+                continue
+            if self._state == _EPILOGUE:
+                self._epilogue += n - i
+                if self._epilogue > MAX_PREAMBLE_BYTES:
+                    raise MultipartError(400, "too much data after the closing multipart delimiter")
                 break
+            if self._step(out):
+                continue
+            if i >= n:
+                break
+            # Compact before growing so the buffer stays small.
+            if self._pos and (self._pos > len(self._buf) // 2 or self._pos > 1 << 20):
+                self._compact()
+            take = min(n - i, self._WINDOW)
+            self._buf += memoryview(data)[i : i + take]
+            i += take
         return out
+
+    def _add(self, piece: bytes | memoryview) -> None:
+        self._size += len(piece)
+        if self._size > self._max_part:
+            raise MultipartError(413, f"a part exceeds the maximum of {self._max_part} bytes")
+        self._chunks.append(piece)
+
+    def _end_part(self, out: list[Part]) -> None:
+        out.append(Part(self._headers, self._chunks))
+        self._count += 1
+        self._headers = {}
+        self._chunks = []
+        self._size = 0
+        self._state = _AFTER_DELIM
+
+    def _body(self, data: bytes, i: int, out: list[Part]) -> int:
+        """Part content from ``data[i:]`` up to the next delimiter (the part then ends); returns where it stopped."""
+        delim = self._delim
+        hold = len(delim) - 1  # a shorter tail may be the start of a delimiter
+        n = len(data)
+        carry = self._carry
+        if carry:
+            window = carry + data[i : i + hold]
+            k = window.find(delim)
+            if k >= 0:  # it starts in the carried bytes
+                self._carry = b""
+                if k:
+                    self._add(window[:k])
+                self._end_part(out)
+                return i + k + len(delim) - len(carry)
+            if n - i < hold:  # still undecided: keep the tail
+                keep = len(window) - hold
+                if keep > 0:
+                    self._add(window[:keep])
+                self._carry = window[max(keep, 0) :]
+                return n
+            self._carry = b""
+            self._add(carry)
+        k = data.find(delim, i)
+        if k >= 0:
+            if k > i:
+                self._add(memoryview(data)[i:k])
+            self._end_part(out)
+            return k + len(delim)
+        end = max(i, n - hold)
+        if end > i:
+            self._add(memoryview(data)[i:end])
+        self._carry = data[end:]
+        return n
 
     def _step(self, out: list[Part]) -> bool:
         buf, pos = self._buf, self._pos
@@ -235,24 +331,7 @@ class MultipartParser:
                 raise MultipartError(400, f"part headers longer than {self._max_header} bytes")
             self._headers = _parse_headers(bytes(buf[pos:end]))
             self._pos = self._scan = hdr_end
-            self._state = _BODY
-            return True
-        if self._state == _BODY:
-            idx = buf.find(self._delim, max(pos, self._scan))
-            if idx < 0:
-                if len(buf) - pos > self._max_part + len(self._delim):
-                    raise MultipartError(413, f"a part exceeds the maximum of {self._max_part} bytes")
-                self._scan = max(pos, len(buf) - len(self._delim) + 1)
-                return False
-            if idx - pos > self._max_part:
-                raise MultipartError(413, f"a part exceeds the maximum of {self._max_part} bytes")
-            with memoryview(buf) as view:  # one copy (bytes(buf[a:b]) would make two)
-                content = bytes(view[pos:idx])
-            out.append(Part(self._headers, content))
-            self._count += 1
-            self._headers = {}
-            self._pos = self._scan = idx + len(self._delim)
-            self._state = _AFTER_DELIM
+            self._state = _BODY  # feed() reads the content
             return True
         return False
 

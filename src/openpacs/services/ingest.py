@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
-from ..dicom.header import file_meta_bytes, header_info, index_values, is_valid_uid
+from ..dicom.header import file_meta_bytes, header_info_chunks, index_values, is_valid_uid
 from ..index.db import Index, NewInstance, WriteResult
 from ..storage import BlobStore
 from .types import Source, Status, StoreOutcome
@@ -38,6 +38,22 @@ class IngestError(Exception):
 class _Pending:
     item: NewInstance
     future: Future[WriteResult]
+
+
+@dataclass
+class PendingStore:
+    """A store whose blob is written and whose index row waits for the group commit: ``result()`` waits for it.
+
+    Lets one thread hand several stores to the committer before waiting for any (STOW-RS parts of one request)."""
+
+    service: IngestService
+    pending: _Pending
+    outcome: StoreOutcome
+    source: Source
+    digest: str
+
+    def result(self) -> StoreOutcome:
+        return self.service._finish(self)
 
 
 class IngestService:
@@ -66,11 +82,24 @@ class IngestService:
             return self._fail(Status.CANNOT_UNDERSTAND, "invalid Affected SOP Class/Instance UID in the command",
                               sop_class_uid, sop_instance_uid, source)
         meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source.calling_aet)
-        return self._ingest([meta, *chunks], source, sop_class_uid, sop_instance_uid, digest=_sha256(chunks))
+        out = self._prepare([meta, *chunks], source, sop_class_uid, sop_instance_uid, digest=_sha256(chunks))
+        return out if isinstance(out, StoreOutcome) else out.result()
 
-    def store_file(self, data: bytes | memoryview, source: Source, expected_study_uid: str | None = None) -> StoreOutcome:
-        """A Part 10 file (import, STOW-RS). Stored as given, preamble and meta included."""
-        return self._ingest([data], source, None, None, expected_study_uid)  # digest after parsing the meta
+    def store_file(
+        self, data: bytes | memoryview | Sequence[bytes | memoryview], source: Source, expected_study_uid: str | None = None
+    ) -> StoreOutcome:
+        """A Part 10 file (import, STOW-RS), whole or as the pieces it arrived in. Stored as given, preamble and meta
+        included."""
+        out = self.submit_file(data, source, expected_study_uid)
+        return out if isinstance(out, StoreOutcome) else out.result()
+
+    def submit_file(
+        self, data: bytes | memoryview | Sequence[bytes | memoryview], source: Source, expected_study_uid: str | None = None
+    ) -> StoreOutcome | PendingStore:
+        """store_file without waiting for the index commit: the outcome now if the store already failed, else a
+        PendingStore whose ``result()`` must be called (it finishes the store)."""
+        chunks = [data] if isinstance(data, bytes | memoryview) else list(data)
+        return self._prepare(chunks, source, None, None, expected_study_uid)  # digest after parsing the meta
 
     def delete(self, level: str, uid: str, source: Source) -> int:
         keys = self.index.delete(level, [uid])
@@ -92,7 +121,7 @@ class IngestService:
                     source.calling_aet or source.address, message, sop or "?")
         return StoreOutcome(status=status, message=message, sop_class_uid=cls or "", sop_instance_uid=sop or "")
 
-    def _ingest(
+    def _prepare(
         self,
         chunks: list[bytes | memoryview],
         source: Source,
@@ -100,10 +129,10 @@ class IngestService:
         command_instance: str | None,
         expected_study_uid: str | None = None,
         digest: str | None = None,
-    ) -> StoreOutcome:
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    ) -> StoreOutcome | PendingStore:
+        """Check, write the blob and queue the index row for the group commit; a StoreOutcome if it failed."""
         try:
-            info = header_info(data)
+            info = header_info_chunks(chunks)
         except Exception as e:  # pydicom raises many kinds on garbage
             return self._fail(Status.CANNOT_UNDERSTAND, f"unparsable data set: {e}", command_class, command_instance, source)
         ts = info.transfer_syntax_uid
@@ -137,7 +166,7 @@ class IngestService:
                                series_instance_uid=series_uid)
 
         if digest is None:
-            digest = _sha256([memoryview(data)[info.dataset_offset:]])
+            digest = _sha256(chunks, skip=info.dataset_offset)
         policy = self.settings.duplicate_policy
         # Duplicates are rare: no lookup before writing; the index transaction detects them and the blob goes.
         try:
@@ -153,24 +182,35 @@ class IngestService:
         item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
                            transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
                            replace=policy == "overwrite")
+        if self._closed:
+            self.store.delete(blob.key)
+            return self._fail(Status.OUT_OF_RESOURCES, "ingest service is closed", cls, sop, source)
+        pending = _Pending(item, Future())
+        self._queue.put(pending)
+        return PendingStore(self, pending, outcome, source, digest)
+
+    def _finish(self, p: PendingStore) -> StoreOutcome:
+        """Wait for the group commit of a prepared store and settle it (duplicates, replaced blobs)."""
+        outcome, source, key = p.outcome, p.source, p.pending.item.blob_key
+        cls, sop = outcome.sop_class_uid, outcome.sop_instance_uid
         try:
-            result = self._commit(item)
+            result = p.pending.future.result()
         except Exception as e:
             log.exception("index write failed for %s", sop)
-            self._discard_unless_indexed(blob.key, sop)
+            self._discard_unless_indexed(key, sop)
             return self._fail(Status.OUT_OF_RESOURCES, f"index write failed: {e}", cls, sop, source)
-        if result.inserted or result.existing_blob_key == blob.key:
+        if result.inserted or result.existing_blob_key == key:
             # the second case: an earlier attempt of this very write committed (its COMMIT reported an error)
             return outcome
         if result.replaced:
             self.store.delete(result.existing_blob_key)
             return outcome
         # lost a race with a concurrent store of the same instance
-        self.store.delete(blob.key)
-        if result.existing_sha256 == digest:
+        self.store.delete(key)
+        if result.existing_sha256 == p.digest:
             outcome.duplicate = True
             return outcome
-        if policy == "reject":
+        if self.settings.duplicate_policy == "reject":
             return self._fail(Status.DUPLICATE_REJECTED, "duplicate SOP Instance UID with different content", cls, sop, source)
         return self._duplicate_kept(outcome, source)
 
@@ -202,13 +242,6 @@ class IngestService:
         return outcome
 
     # -- group commit ----------------------------------------------------------------------------------------
-    def _commit(self, item: NewInstance) -> WriteResult:
-        if self._closed:
-            raise RuntimeError("ingest service is closed")
-        fut: Future[WriteResult] = Future()
-        self._queue.put(_Pending(item, fut))
-        return fut.result()
-
     def _commit_loop(self) -> None:
         while True:
             first = self._queue.get()
@@ -250,8 +283,15 @@ class IngestService:
                 p.future.set_result(r)
 
 
-def _sha256(chunks: Sequence[bytes | memoryview]) -> str:
+def _sha256(chunks: Sequence[bytes | memoryview], skip: int = 0) -> str:
+    """SHA-256 of the concatenated chunks after their first ``skip`` bytes."""
     h = hashlib.sha256()
     for c in chunks:
+        if skip:
+            if skip >= len(c):
+                skip -= len(c)
+                continue
+            c = memoryview(c)[skip:]
+            skip = 0
         h.update(c)
     return h.hexdigest()

@@ -206,3 +206,74 @@ def test_fast_header_agrees_with_pydicom_on_test_files(monkeypatch, fname):
     assert fast.item_values == slow.item_values
     assert fast.transfer_syntax_uid == slow.transfer_syntax_uid
     assert fast.dataset_offset == slow.dataset_offset
+
+
+# -- header_info of a data set in pieces (STOW-RS parts and C-STORE PDVs are not joined for it) -----------------------
+
+
+def _big_ct(extra_header: int = 0) -> bytes:
+    import numpy as np
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Chunk^Test"
+    ds.PatientID = "P-CHUNK"
+    ds.Modality = "CT"
+    if extra_header:  # a large value before the pixel data: the header no longer fits in HEAD_BYTES
+        ds.add_new(0x00091010, "OB", b"\x01" * extra_header)
+    ds.Rows, ds.Columns = 256, 256
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.arange(256 * 256, dtype=np.uint16).tobytes()
+    return _part10(ds)
+
+
+def _pieces(data: bytes, size: int) -> list[memoryview]:
+    return [memoryview(data)[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("extra", [0, 100_000], ids=["header-in-prefix", "header-past-prefix"])
+@pytest.mark.parametrize("size", [7, 1000, 65536, 200_000])
+def test_header_info_of_pieces_equals_whole(extra, size):
+    data = _big_ct(extra)
+    whole = header.header_info(data)
+    parts = header.header_info_chunks(_pieces(data, size))
+    assert parts == whole
+    assert parts.values[0x00100020] == "P-CHUNK"
+
+
+def test_header_info_of_pieces_reads_only_the_prefix(monkeypatch):
+    data = _big_ct()
+    expected = header.header_info(data)
+    monkeypatch.setattr(header, "header_info", lambda d: pytest.fail("the whole data set was joined"))
+    assert header.header_info_chunks(_pieces(data, 16384)) == expected
+
+
+@pytest.mark.parametrize("fname", ["CT_small.dcm", "JPEG2000.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm",
+                                   "SC_rgb_jpeg_dcmtk.dcm"])
+def test_header_info_of_pieces_of_test_files(fname):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(fname)
+    if path is None:
+        pytest.skip(f"{fname} not in this pydicom")
+    data = open(path, "rb").read()
+    for size in (100, 4096):
+        assert header.header_info_chunks(_pieces(data, size)) == header.header_info(data)
+
+
+def test_header_info_of_pieces_refuses_what_the_whole_refuses():
+    data = _big_ct()
+    cut = data[:-1000]  # pixel data cut short in transit
+    with pytest.raises(header.fastheader.Malformed):
+        header.header_info(cut)
+    with pytest.raises(header.fastheader.Malformed):
+        header.header_info_chunks(_pieces(cut, 65536))
+    padded = data + b"\0" * 4  # trailing padding is tolerated, as for the whole
+    assert header.header_info_chunks(_pieces(padded, 65536)) == header.header_info(padded)
+    junk = data + b"\x01\x02\x03\x04\x05\x06\x07\x08\x09"
+    with pytest.raises(header.fastheader.Malformed):
+        header.header_info_chunks(_pieces(junk, 65536))

@@ -90,6 +90,32 @@ def test_any_chunking_round_trip(contents: list[bytes], chunk: int) -> None:
     assert [p.content for p in parse(data, chunk=chunk)] == contents
 
 
+def test_delimiter_prefixes_split_across_chunks() -> None:
+    # Content that ends with (or contains) every proper prefix of the delimiter, fed at every small chunk size: the
+    # bytes held back in case they start a delimiter go back into the part when they do not.
+    delim = b"\r\n--" + B.encode()
+    prefixes = [delim[:k] for k in range(1, len(delim))]
+    contents = [b"x" + p for p in prefixes] + [p + b"y" + p for p in prefixes] + [b"", delim[:-1]]
+    data = body(contents)
+    for chunk in range(1, len(delim) + 3):
+        assert [p.content for p in parse(data, chunk=chunk)] == contents, chunk
+
+
+def test_large_part_content_is_not_copied() -> None:
+    # A 1 MB part fed in 64 KB chunks comes back as slices of those chunks (STOW-RS writes them as they are).
+    content = os.urandom(1 << 20).replace(b"\r\n", b"xx")
+    data = body([content, b"tail"])
+    p = MultipartParser(B)
+    parts: list[mp.Part] = []
+    for i in range(0, len(data), 65536):
+        parts += p.feed(data[i : i + 65536])
+    p.close()
+    big = parts[0]
+    assert big.size == len(content)
+    assert sum(isinstance(c, memoryview) for c in big.chunks) >= 15
+    assert big.content == content and parts[1].content == b"tail"
+
+
 def test_writer_streams_iterables_and_large_bodies() -> None:
     big = os.urandom(300_000)
 

@@ -72,6 +72,21 @@ def test_store_file_success_stores_file_as_given(ctx):
     assert row(ctx, patients, patient_id="PID1").patient_name_norm == "MÜLLER^JÖRG"
 
 
+@pytest.mark.parametrize("size", [1, 97, 4096])
+def test_store_file_in_pieces_stores_the_same_bytes(ctx, size):
+    """STOW-RS hands a part over as the pieces it arrived in: stored and digested as if it were one buffer."""
+    ds = instance(PatientName="Pieces^Of", StudyDescription="x" * 5000)
+    data = part10(ds)
+    pieces = [memoryview(data)[i : i + size] for i in range(0, len(data), size)]
+    out = ctx.ingest.store_file(pieces, SRC)
+    assert out.status == Status.SUCCESS and out.study_instance_uid == ds.StudyInstanceUID
+    r = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
+    assert ctx.store.read(r.blob_key) == data
+    assert r.sha256 == hashlib.sha256(data[dataset_offset(data):]).hexdigest()
+    assert row(ctx, studies, study_instance_uid=ds.StudyInstanceUID).study_description == "x" * 5000
+    assert ctx.ingest.store_file(data, SRC).duplicate  # the same digest as the whole file
+
+
 def test_same_instance_by_file_and_by_network_is_a_duplicate(ctx):
     """sha256 covers only the data set, so the two entry points agree on identity."""
     ds = instance()
