@@ -382,6 +382,36 @@ def test_stow_409_none_stored_and_reasons(base) -> None:
     assert requests.get(f"{base}/instances", params={"SOPInstanceUID": sop}, timeout=10).status_code == 204
 
 
+def test_stow_response_in_dicom_xml(base) -> None:
+    """The Store Instances Response Module as a PS3.19 NativeDicomModel document when the client asks for XML."""
+    import xml.etree.ElementTree as ET
+
+    good = new_instance()
+    sop = pydicom.dcmread(io.BytesIO(good)).SOPInstanceUID
+    r = post(base, [good, b"this is not DICOM at all" * 10], Accept="application/dicom+xml")
+    assert r.status_code == 202, r.text
+    assert r.headers["content-type"].startswith("application/dicom+xml")
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    root = ET.fromstring(r.content)
+    assert root.tag == "{http://dicom.nema.org/PS3.19/models/NativeDICOM}NativeDicomModel"
+
+    def items(tag: str) -> list:
+        return root.findall(f"d:DicomAttribute[@tag='{tag}']/d:Item", ns)
+
+    (ref,) = items("00081199")
+    assert ref.find("d:DicomAttribute[@tag='00081155']/d:Value", ns).text == sop
+    assert ref.find("d:DicomAttribute[@tag='00081190']/d:Value", ns).text.endswith(f"/instances/{sop}")
+    (failed,) = items("00081198")
+    assert failed.find("d:DicomAttribute[@tag='00081197']", ns).get("vr") == "US"
+    assert int(failed.find("d:DicomAttribute[@tag='00081197']/d:Value", ns).text) == 0xC000
+    # neither JSON nor XML acceptable: 406 before the body is stored
+    other = new_instance()
+    r = post(base, [other], Accept="text/html")
+    assert r.status_code == 406, r.text
+    sop2 = pydicom.dcmread(io.BytesIO(other)).SOPInstanceUID
+    assert requests.get(f"{base}/instances", params={"SOPInstanceUID": sop2}, timeout=10).status_code == 204
+
+
 def _json_and_bulk(body_parts: list[tuple[str, bytes, str | None]], boundary: str = "jsonbulk") -> bytes:
     out = b""
     for ctype, content, location in body_parts:

@@ -28,18 +28,22 @@ from starlette.routing import Route
 
 from ..context import Context
 from ..dicom.json import DicomJSONError, dumps, part10_from_json
+from ..dicom.xml import json_to_xml
 from ..services.ingest import PendingStore
 from ..services.types import Query, Status, StoreOutcome
 from . import multipart as mp
 from .common import (
     DICOM_JSON,
+    DICOM_XML,
+    JSON,
     DicomWebError,
+    accept_values,
     authorize_delete,
     authorize_store,
     check_uid,
     error_response,
     instance_url,
-    negotiate_json,
+    negotiate,
     request_source,
     service_root,
     study_url,
@@ -337,7 +341,7 @@ async def stow(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     try:
         authorize_store(request)
-        media = negotiate_json(request)
+        media = _negotiate_response(request)
         study = check_uid(request.path_params["study"]) if "study" in request.path_params else None
         outcomes, error = await _receive(request, ctx, study)
     except DicomWebError as e:
@@ -356,7 +360,7 @@ async def stow(request: Request) -> Response:
         if not stored and not failed:
             return error_response(error.status, error.message)
         headers["Warning"] = warning_header(error.message + f"; {stored} instance(s) were stored before the error")
-        return Response(dumps(body), status_code=error.status, media_type=media, headers=headers)
+        return Response(_encode(body, media), status_code=error.status, media_type=media, headers=headers)
     w = _warnings(outcomes)
     if w:
         headers["Warning"] = w
@@ -366,7 +370,20 @@ async def stow(request: Request) -> Response:
         status = 202
     else:
         status = 200
-    return Response(dumps(body), status_code=status, media_type=media if media else DICOM_JSON, headers=headers)
+    return Response(_encode(body, media), status_code=status, media_type=media, headers=headers)
+
+
+def _negotiate_response(request: Request) -> str:
+    """The Store Instances Response Module in DICOM JSON (default) or in DICOM XML (PS3.19), as the Accept asks."""
+    media = negotiate(request, [DICOM_JSON, JSON, DICOM_XML])
+    if media is None:
+        raise DicomWebError(406, f"none of the accepted media types ({accept_values(request)}) can be produced; use "
+                                 f"{DICOM_JSON} or {DICOM_XML}")
+    return media
+
+
+def _encode(body: dict[str, Any], media: str) -> bytes:
+    return json_to_xml(body) if media == DICOM_XML else dumps(body)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
