@@ -349,6 +349,26 @@ def test_bad_uid_in_path(data, base) -> None:
 # STOW-RS status matrix
 
 
+def test_qido_empty_value_matching(base) -> None:
+    """PS3.18 8.3.4.5: emptyvaluematching=true makes AccessionNumber="" find the study that has none."""
+    empty_study, other_study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    r = post(base, [new_instance(empty_study, patient="EVM1", AccessionNumber=""),
+                    new_instance(other_study, patient="EVM1", AccessionNumber="EVM-ACC")])
+    assert r.status_code == 200, r.text
+    q = {"PatientID": "EVM1", "AccessionNumber": '""'}
+    r = requests.get(f"{base}/studies", params={**q, "emptyvaluematching": "true"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert [val(x, "0020000D") for x in r.json()] == [empty_study]
+    r = requests.get(f"{base}/studies", params={**q, "emptyvaluematching": "false"}, timeout=10)
+    assert r.status_code == 204, r.text
+    r = requests.get(f"{base}/studies", params={"PatientID": "EVM1", "multiplevaluematching": "true",
+                                                "AccessionNumber": "EVM-ACC\\NONE"}, timeout=10)
+    assert [val(x, "0020000D") for x in r.json()] == [other_study]
+    for bad in ({"emptyvaluematching": "yes"}, {"multiplevaluematching": "1"}):
+        r = requests.get(f"{base}/studies", params=bad, timeout=10)
+        assert r.status_code == 400 and "true or false" in r.text
+
+
 def test_stow_200_into_study_url(base) -> None:
     study = pydicom.uid.generate_uid()
     r = post(base, [new_instance(study), new_instance(study)], path=f"/studies/{study}")

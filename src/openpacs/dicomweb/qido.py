@@ -73,7 +73,8 @@ INSTANCE_DEFAULTS = [
 ]
 
 # The parameters of PS3.18 8.3.4 that are not attribute matches.
-RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "accept", "charset", "emptyresultstatus"}
+RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching", "multiplevaluematching", "accept",
+            "charset", "emptyresultstatus"}
 SEQUENCE_KEYS = {"RequestAttributesSequence"}
 # PS3.18 8.3.4.4.1 / Table 14.4.3-1: no matching results is 204 (No Content). CP-2473 proposes 200 with an empty
 # payload; the ``emptyresultstatus=200`` parameter (ours) gives that to clients that need it now.
@@ -99,6 +100,13 @@ def _int_param(name: str, value: str) -> int:
     return int(value)
 
 
+def _bool_param(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("true", "false"):
+        raise DicomWebError(400, f"{name} must be true or false, not {value!r}")
+    return v == "true"
+
+
 def _vr(keyword: str) -> str:
     tag = int(keyword, 16) if _TAG_RE.fullmatch(keyword) else tag_for_keyword(keyword)
     try:
@@ -122,10 +130,11 @@ def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Q
             elif lkey == "offset":
                 q.offset = _int_param("offset", value)
             elif lkey == "fuzzymatching":
-                v = value.strip().lower()
-                if v not in ("true", "false"):
-                    raise DicomWebError(400, f"fuzzymatching must be true or false, not {value!r}")
-                q.fuzzy = v == "true"
+                q.fuzzy = _bool_param(lkey, value)
+            elif lkey == "emptyvaluematching":  # PS3.18 8.3.4.5
+                q.empty_value_matching = _bool_param(lkey, value)
+            elif lkey == "multiplevaluematching":  # PS3.18 8.3.4.6: values split by "\\" are alternatives, always
+                _bool_param(lkey, value)
             elif lkey == "includefield":
                 includes += [f.strip() for f in value.split(",") if f.strip()]
             continue

@@ -14,6 +14,9 @@ RANGE_VRS = {"DA", "TM", "DT"}
 MULTI_VALUED_COLUMNS = {"modalities_in_study", "sop_classes_in_study", "other_patient_names"}
 
 
+EMPTY_VALUE = '""'
+
+
 class MatchError(ValueError):
     """A query value that is not valid for its attribute (bad range, wildcard in a UID...)."""
 
@@ -99,11 +102,15 @@ def compile_match(
     norm_col: ColumnElement | None = None,
     fuzzy: bool = False,
     case_insensitive_pn: bool = True,
+    empty_value: bool = False,
 ) -> ColumnElement | None:
-    """SQL condition for one matching key, or None for universal matching."""
+    """SQL condition for one matching key, or None for universal matching. ``empty_value``: a value of "" (two
+    quotation marks) matches an empty or absent attribute (PS3.4 C.2.2.2.1, Empty Value Matching)."""
     value = value.strip() if vr != "PN" else value.strip(" ")
     if value == "" or value == "*":
         return None
+    if empty_value and value == EMPTY_VALUE:
+        return col.is_(None) if isinstance(getattr(col, "type", None), Integer) else or_(col.is_(None), col == "")
     multi = column_name in MULTI_VALUED_COLUMNS
 
     if vr == "PN" and case_insensitive_pn:

@@ -10,7 +10,7 @@ from sqlalchemy import Select, and_, exists, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..services.types import Query
-from .matching import compile_match
+from .matching import EMPTY_VALUE, compile_match
 from .schema import ATTRIBUTES, LEVELS, REQUEST_ATTRIBUTES, Attribute, instances, patients, series, studies
 
 # Columns the services need besides the DICOM attributes (blob of a representative instance, department scope).
@@ -38,7 +38,7 @@ def attributes_for(level: str) -> list[Attribute]:
 
 
 def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElement | None:
-    if attr.keyword == "ModalitiesInStudy":
+    if attr.keyword == "ModalitiesInStudy" and not (q.empty_value_matching and value.strip() == EMPTY_VALUE):
         # Matched against the series' Modality, not the stored "CT\\MR" list: a LIKE wildcard on the list would
         # span values ("C*R" matching "CT\\MR"). Any series of the study matching any query value is a match.
         cond = compile_match(series.c.modality, "CS", attr.keyword, value)
@@ -49,7 +49,7 @@ def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElem
     col = table.c[attr.column]
     norm = table.c.get(attr.column + "_norm")
     return compile_match(col, attr.vr, attr.keyword, value, column_name=attr.column, norm_col=norm,
-                         fuzzy=q.fuzzy, case_insensitive_pn=pn_ci)
+                         fuzzy=q.fuzzy, case_insensitive_pn=pn_ci, empty_value=q.empty_value_matching)
 
 
 def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: bool = True) -> CompiledQuery:

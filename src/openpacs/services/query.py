@@ -21,7 +21,7 @@ from sqlalchemy import select
 from ..config import Settings
 from ..dicom.header import as_text, read_header
 from ..index.db import Index
-from ..index.matching import MatchError, stored_time, time_bounds
+from ..index.matching import EMPTY_VALUE, MatchError, stored_time, time_bounds
 from ..index.query import attributes_for, compile_query, rows
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
 from ..storage import BlobStore
@@ -67,11 +67,13 @@ def _wild_regex(value: str) -> re.Pattern[str]:
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value) + r"\Z", re.S)
 
 
-def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True) -> bool:
+def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True, empty_value: bool = False) -> bool:
     """PS3.4 matching of one key against a value read from a stored header (keys the index does not hold)."""
     query = query.strip()
     if query in ("", "*"):
         return True
+    if empty_value and query == EMPTY_VALUE:
+        return not stored
     if stored is None:
         return False
     values = stored.split("\\") if stored else [""]
@@ -186,7 +188,8 @@ class QueryService:
                     key = blob_of.get(entity_id)
                     header = self._header(key, header_keys) if key else Dataset()
                     if header_filters and not all(
-                        match_in_memory(_tag_vr(k)[1], v, as_text(header, _tag_vr(k)[0]), self.settings.pn_case_insensitive)
+                        match_in_memory(_tag_vr(k)[1], v, as_text(header, _tag_vr(k)[0]), self.settings.pn_case_insensitive,
+                                        query.empty_value_matching)
                         for k, v in header_filters.items()
                     ):
                         continue

@@ -93,5 +93,8 @@ class Query:
     limit: int | None = None
     offset: int = 0
     fuzzy: bool = False
+    # PS3.4 C.2.2.2.1 Empty Value Matching (QIDO-RS emptyvaluematching=true): a key of "" (two quotation marks)
+    # matches an entity whose attribute is empty or absent
+    empty_value_matching: bool = False
     patient_root: bool = False  # Patient Root model: PATIENT level allowed, patient attrs not returned below it
     departments: tuple[str, ...] | None = None  # access scope: None = everything

@@ -360,6 +360,25 @@ def test_fuzzy_person_names(qctx):
     assert names(qctx.query.find(q), "PatientID") == set()
 
 
+def test_empty_value_matching(qctx):
+    """PS3.4 C.2.2.2.1: with Empty Value Matching a key of "" matches empty or absent values, indexed or not."""
+
+    def evm(level, **filters):
+        q = Query(level=level, filters=filters, return_keys=[LEVEL_KEY[level]], empty_value_matching=True)
+        return names(qctx.query.find(q), LEVEL_KEY[level])
+
+    assert evm("STUDY", ReferringPhysicianName='""') == {"st4"}
+    assert evm("STUDY", StudyDate='""') == {"st5"}
+    assert evm("STUDY", StudyDate='""', StudyTime='""') == {"st5"}
+    assert evm("PATIENT", PatientBirthDate='""') == {"P4"}
+    assert evm("STUDY", AccessionNumber='""') == set()
+    # not in the index: matched in the stored headers, where it is absent from every series
+    assert evm("SERIES", PerformedProcedureStepDescription='""') == {f"se{n}" for n in range(1, 8)}
+    assert evm("SERIES", OperatorsName='""') == set()
+    # without it, "" is an ordinary value that no stored name has
+    assert hits(qctx, "STUDY", ReferringPhysicianName='""') == set()
+
+
 def test_numeric_attribute_query(qctx):
     assert hits(qctx, "IMAGE", Rows="1") == {f"i{n}" for n in range(1, 9)}
     assert hits(qctx, "IMAGE", Rows="2") == set()
