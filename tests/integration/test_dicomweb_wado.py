@@ -330,6 +330,11 @@ def _native_model(root) -> dict:
     return out
 
 
+def _private_tags(root) -> set[tuple[str, str | None]]:
+    return {(a.get("tag"), a.get("privateCreator")) for a in root
+            if a.tag.endswith("DicomAttribute") and int(a.get("tag")[:4], 16) % 2}
+
+
 def test_metadata_as_dicom_xml_matches_dcmtk(live, require_dcmtk, tmp_path) -> None:
     """WADO-RS metadata as multipart/related; type="application/dicom+xml" (required by PS3.18 Table 10.4.4-1),
     compared attribute by attribute with DCMTK's own PS3.19 writer (dcm2xml --native-format) on the stored file."""
@@ -339,6 +344,7 @@ def test_metadata_as_dicom_xml_matches_dcmtk(live, require_dcmtk, tmp_path) -> N
     from helpers import dcmtk
 
     base, infos, _ = live
+    private_seen = 0
     for key in ("ct", "mr", "us", "ybr"):
         info = infos[key]
         r = requests.get(base + info.url + "/metadata",
@@ -352,9 +358,14 @@ def test_metadata_as_dicom_xml_matches_dcmtk(live, require_dcmtk, tmp_path) -> N
         out = subprocess.run([dcmtk.find_tool("dcm2xml"), "--native-format", str(path)], capture_output=True,
                              check=True, env=dcmtk.dcmtk_env())
         theirs = _native_model(ET.fromstring(out.stdout))
+        # private attributes: the same gggg00ee tags, each naming the same Private Creator (PS3.19 Table A.1.5-2)
+        private = _private_tags(ET.fromstring(body))
+        assert private == _private_tags(ET.fromstring(out.stdout)), key
+        private_seen += len([t for t, creator in private if creator])
         assert len(ours) > 20
         assert ours == theirs, {t: (ours.get(t), theirs.get(t)) for t in set(ours) | set(theirs)
                                 if ours.get(t) != theirs.get(t)}
+    assert private_seen > 10  # the CT carries GE private blocks
 
 
 def test_pixeldata_and_bulk_data_of_whole_resources(live, client) -> None:

@@ -40,12 +40,31 @@ def _person_name(parent: ET.Element, number: int, value: Any) -> None:
                 ET.SubElement(g, name).text = _text(part)
 
 
+def _private_creator(obj: Mapping[str, Any], tag: int) -> str | None:
+    """The Private Creator of a private data element (gggg,xxee): the value of (gggg,00xx) in the same data set.
+    None for standard and Private Creator elements, and when the data set lacks the creator (the tag then stays
+    whole, as the only way to keep the block)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if not group & 1 or element < 0x1000:
+        return None
+    creator = obj.get(f"{group:04X}{element >> 8:04X}")
+    values = creator.get("Value") if isinstance(creator, Mapping) else None
+    if isinstance(values, list) and values and isinstance(values[0], str):
+        return values[0]
+    return None
+
+
 def _attributes(parent: ET.Element, obj: Mapping[str, Any]) -> None:
     for key in sorted(obj):
         attr = obj[key]
         tag = int(key, 16)
         vr = str(attr.get("vr", "UN"))
-        el = ET.SubElement(parent, "DicomAttribute", {"tag": key.upper(), "vr": vr})
+        creator = _private_creator(obj, tag)
+        if creator is not None:  # PS3.19 Table A.1.5-2: gggg00ee, the block named by privateCreator instead
+            el = ET.SubElement(parent, "DicomAttribute", {"tag": f"{tag & 0xFFFF00FF:08X}", "vr": vr,
+                                                          "privateCreator": _text(creator)})
+        else:
+            el = ET.SubElement(parent, "DicomAttribute", {"tag": key.upper(), "vr": vr})
         keyword = keyword_for_tag(tag)
         if keyword:
             el.set("keyword", keyword)

@@ -41,3 +41,29 @@ def test_hostile_values_stay_well_formed() -> None:
     assert b"<script>" not in doc
     value = ET.fromstring(doc).find("d:DicomAttribute/d:Value", NS).text
     assert value == "</Value><script>alert(1)</script>\ufffd\ufffd&amp;"
+
+
+def test_private_attributes_name_their_creator() -> None:
+    # (0009,0010) reserves block 10 of group 0009 for "ACME 1.0": (0009,10xx) are its elements (PS3.5 7.8.1)
+    obj = {
+        "00090010": {"vr": "LO", "Value": ["ACME 1.0"]},
+        "00090011": {"vr": "LO", "Value": ["OTHER"]},
+        "00091001": {"vr": "LO", "Value": ["in block 10"]},
+        "00091102": {"vr": "US", "Value": [7]},
+        "00093001": {"vr": "UN", "InlineBinary": "AA=="},  # block 30 has no creator in this data set
+        "00081140": {"vr": "SQ", "Value": [{"00290010": {"vr": "LO", "Value": ["NESTED"]},
+                                            "00291001": {"vr": "SH", "Value": ["x"]}}]},
+    }
+    root = ET.fromstring(json_to_xml(obj))
+
+    def creator(path: str) -> str | None:
+        return root.find(path, NS).get("privateCreator")
+
+    # PS3.19 Table A.1.5-2: a private tag is written gggg00ee, its block named by privateCreator
+    assert creator("d:DicomAttribute[@tag='00090001']") == "ACME 1.0"
+    assert root.find("d:DicomAttribute[@tag='00090001']/d:Value", NS).text == "in block 10"
+    assert creator("d:DicomAttribute[@tag='00090002']") == "OTHER"
+    assert root.find("d:DicomAttribute[@tag='00091001']", NS) is None
+    assert creator("d:DicomAttribute[@tag='00093001']") is None  # no creator to name: the whole tag is kept
+    assert creator("d:DicomAttribute[@tag='00090010']") is None  # the creator element itself is not in a block
+    assert creator("d:DicomAttribute[@tag='00081140']/d:Item/d:DicomAttribute[@tag='00290001']") == "NESTED"
