@@ -483,6 +483,79 @@ def test_stow_metadata_and_bulk_data(base, client) -> None:
         ds2.PixelData
 
 
+def _post_xml(base: str, body: bytes) -> requests.Response:
+    ctype = 'multipart/related; type="application/dicom+xml"; boundary=jsonbulk'
+    return requests.post(base + "/studies", data=body, timeout=60,
+                         headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+
+
+def test_stow_xml_metadata_written_by_dcmtk(base, client, require_dcmtk, tmp_path) -> None:
+    """PS3.18 10.5.1.2 with DICOM XML: DCMTK's own PS3.19 writer (dcm2xml --native-format, binary values inline)
+    makes the metadata of a GE CT with private blocks; the server stores it and dicomweb-client gets back the same
+    pixels, names and private values (their gggg00ee tags put back in the block their privateCreator holds)."""
+    import subprocess
+
+    from helpers import dcmtk
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    # 8-bit pixels (OB): dcm2xml writes 16-bit (OW) InlineBinary big endian, where DICOM JSON, dcm4che and we take
+    # the little-endian value field (PS3.18 F.2.7)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for k in ("WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope", "SmallestImagePixelValue",
+              "LargestImagePixelValue"):
+        ds.pop(k, None)
+    ds.PixelData = bytes(range(256)) * (ds.Rows * ds.Columns // 256)
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path)
+    xml = subprocess.run([dcmtk.find_tool("dcm2xml"), "--native-format", "+Eb", str(path)], capture_output=True,
+                         check=True, env=dcmtk.dcmtk_env()).stdout
+    assert b'privateCreator="GEMS_IDEN_01"' in xml and b"<InlineBinary>" in xml
+    r = _post_xml(base, _json_and_bulk([("application/dicom+xml", xml, None)]))
+    assert r.status_code == 200, r.text
+    got = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert got.PixelData == ds.PixelData
+    assert got.PatientName == ds.PatientName and got.ImagePositionPatient == ds.ImagePositionPatient
+    assert got[0x00091001].value == ds[0x00091001].value == "GE_GENESIS_FF"
+    assert got[0x00090010].value == "GEMS_IDEN_01"
+
+
+def test_stow_xml_metadata_and_bulk_data(base, client) -> None:
+    """Our own NativeDicomModel writer (WADO-RS metadata) read back by STOW-RS, pixel data as a bulk data part."""
+    from openpacs.dicom.xml import json_to_xml
+
+    ds = pydicom.dcmread(io.BytesIO(new_instance(PatientName="Xml^Bulk", PatientID="XMLBULK")))
+    meta = ds.to_json_dict(bulk_data_threshold=64, bulk_data_element_handler=lambda e: f"urn:x:{e.tag:08X}")
+    body = _json_and_bulk([("application/dicom+xml", json_to_xml(meta), None),
+                           ("application/octet-stream", ds.PixelData, "urn:x:7FE00010")])
+    r = _post_xml(base, body)
+    assert r.status_code == 200, r.text
+    got = client.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert got.PixelData == ds.PixelData and str(got.PatientName) == "Xml^Bulk" and got.Rows == ds.Rows
+    # unusable XML fails its data set with the reason, never the request or the server
+    ns = b'xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"'
+    bad = [
+        b"<NativeDicomModel><DicomAttribute",  # not well-formed
+        b"<Other/>",  # not a NativeDicomModel
+        b"<NativeDicomModel " + ns + b'><DicomAttribute tag="00090001" vr="LO" privateCreator="NOBODY">'
+        b"<Value number=\"1\">x</Value></DicomAttribute></NativeDicomModel>",  # a creator the data set lacks
+        b'<!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+        b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">'
+        b'<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">'
+        b'<!ENTITY g "&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;"><!ENTITY h "&g;&g;&g;&g;&g;&g;&g;&g;&g;&g;">]>'
+        b"<NativeDicomModel>&h;</NativeDicomModel>",  # entity expansion bomb
+        b"<NativeDicomModel>" + b"<DicomAttribute tag='00081140' vr='SQ'><Item>" * 100
+        + b"</Item></DicomAttribute>" * 100 + b"</NativeDicomModel>",  # nested past any IOD
+    ]
+    r = _post_xml(base, _json_and_bulk([("application/dicom+xml", b, None) for b in bad]))
+    assert r.status_code == 409, r.text
+    failed = seq(r.json(), "00081198")
+    assert [val(f, "00081197") for f in failed] == [0xC000] * len(bad)
+
+
 def test_stow_metadata_failures(srv, base) -> None:
     import json
 
@@ -547,7 +620,9 @@ def test_stow_gzip_body(base) -> None:
     ("content_type", "body", "status"),
     [
         ("application/dicom", b"DICM", 415),
-        ('multipart/related; type="application/dicom+xml"; boundary=stowtest', None, 415),
+        ('multipart/related; type="application/vnd.example"; boundary=stowtest', None, 415),
+        # XML metadata expected, only application/dicom parts sent: no metadata part
+        ('multipart/related; type="application/dicom+xml"; boundary=stowtest', None, 400),
         ("multipart/related; type=application/dicom", None, 400),  # no boundary
         ('multipart/related; type="application/dicom"; boundary="bad boundary "', None, 400),
         ('multipart/related; type="application/dicom"; boundary=other', None, 400),  # boundary not in the body

@@ -91,3 +91,106 @@ def json_to_xml(obj: Mapping[str, Any]) -> bytes:
     root = ET.Element("NativeDicomModel", {"xmlns": NAMESPACE, _XML_SPACE: "preserve"})
     _attributes(root, obj)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+# -- reading (STOW-RS of XML metadata) ----------------------------------------------------------------------------
+
+MAX_DEPTH = 64  # nested Items: far beyond any IOD, short of Python's recursion limit
+
+
+class DicomXMLError(ValueError):
+    """A NativeDicomModel document that cannot be turned into a data set."""
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def xml_to_json(data: bytes) -> dict[str, Any]:
+    """A PS3.19 NativeDicomModel document as the DICOM JSON object of the same data set (PS3.18 F): STOW-RS of XML
+    metadata then takes the JSON path. Private tags written gggg00ee are put back in the block their privateCreator
+    holds in that data set. Raises DicomXMLError."""
+    try:
+        root = ET.fromstring(data)  # expat: no external entities, bounded entity expansion
+    except ET.ParseError as e:
+        raise DicomXMLError(f"not well-formed XML: {e}") from None
+    if _local(root.tag) != "NativeDicomModel":
+        raise DicomXMLError(f"the root element is {_local(root.tag)!r}, not NativeDicomModel")
+    return _object(root, 0)
+
+
+def _object(parent: ET.Element, depth: int) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise DicomXMLError(f"Items nested more than {MAX_DEPTH} deep")
+    attrs = [a for a in parent if _local(a.tag) == "DicomAttribute"]
+    tags = [_tag_of(a) for a in attrs]
+    blocks: dict[tuple[int, str], int] = {}  # (group, Private Creator) -> block, from (gggg,0010-00FF)
+    for a, tag in zip(attrs, tags, strict=True):
+        if tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF:
+            v = a.find("{*}Value")
+            if v is not None and v.text:
+                blocks[(tag >> 16, v.text.strip())] = tag & 0xFF
+    out: dict[str, Any] = {}
+    for a, tag in zip(attrs, tags, strict=True):
+        creator = a.get("privateCreator")
+        if creator is not None and tag >> 16 & 1 and tag & 0xFF00 == 0:  # gggg00ee: element ee of the named block
+            block = blocks.get((tag >> 16, creator.strip()))
+            if block is None:
+                raise DicomXMLError(f"({tag:08X}) names private creator {creator!r}, which the data set does not hold")
+            tag = (tag & 0xFFFF0000) | block << 8 | tag & 0xFF
+        out[f"{tag:08X}"] = _attribute(a, tag, depth)
+    return out
+
+
+def _tag_of(a: ET.Element) -> int:
+    raw = a.get("tag", "")
+    if len(raw) != 8:
+        raise DicomXMLError(f"DicomAttribute tag {raw!r} is not 8 hex digits")
+    try:
+        return int(raw, 16)
+    except ValueError:
+        raise DicomXMLError(f"DicomAttribute tag {raw!r} is not 8 hex digits") from None
+
+
+def _attribute(a: ET.Element, tag: int, depth: int) -> dict[str, Any]:
+    vr = a.get("vr", "")
+    if len(vr) != 2 or not vr.isalpha() or not vr.isupper():
+        raise DicomXMLError(f"({tag:08X}) has no valid vr")
+    attr: dict[str, Any] = {"vr": vr}
+    values: list[tuple[int, Any]] = []
+    for c in a:
+        kind = _local(c.tag)
+        if kind in ("Value", "PersonName", "Item"):
+            try:
+                number = int(c.get("number", str(len(values) + 1)))
+            except ValueError:
+                raise DicomXMLError(f"({tag:08X}) {kind} number {c.get('number')!r} is not an integer") from None
+            if kind == "Item":
+                values.append((number, _object(c, depth + 1)))
+            elif kind == "PersonName":
+                values.append((number, _person_name_json(c)))
+            else:
+                values.append((number, c.text if c.text else None))
+        elif kind == "BulkData":
+            uri = c.get("uri")
+            if not uri:
+                raise DicomXMLError(f"({tag:08X}) BulkData without a uri (uuid references are not taken)")
+            attr["BulkDataURI"] = uri
+        elif kind == "InlineBinary":
+            attr["InlineBinary"] = "".join((c.text or "").split())
+    if values:
+        attr["Value"] = [v for _, v in sorted(values, key=lambda nv: nv[0])]
+    return attr
+
+
+def _person_name_json(pn: ET.Element) -> dict[str, str] | None:
+    out: dict[str, str] = {}
+    for group in pn:
+        name = _local(group.tag)
+        if name not in _PN_GROUPS:
+            continue
+        parts = {_local(c.tag): c.text or "" for c in group}
+        text = "^".join(parts.get(n, "") for n in _PN_COMPONENTS).rstrip("^")
+        if text:
+            out[name] = text
+    return out or None

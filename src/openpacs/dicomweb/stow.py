@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from ..context import Context
 from ..dicom.json import DicomJSONError, dumps, part10_from_json
-from ..dicom.xml import json_to_xml
+from ..dicom.xml import DicomXMLError, json_to_xml, xml_to_json
 from ..services.ingest import PendingStore
 from ..services.types import Query, Status, StoreOutcome
 from . import multipart as mp
@@ -173,11 +173,11 @@ async def _receive(
             415, f'STOW-RS takes multipart/related; type="application/dicom", not {media or "nothing"!r}'
         )
     root_type = params.get("type", "").strip().lower()
-    if root_type not in ("", "application/dicom", DICOM_JSON):
+    if root_type not in ("", "application/dicom", DICOM_JSON, DICOM_XML):
         raise MultipartError(
             415,
             f"multipart/related type {root_type!r} is not supported (use application/dicom, or application/dicom+json "
-            "with bulk data parts)",
+            "or application/dicom+xml with bulk data parts)",
         )
     max_part, max_body = _limits(ctx)
     parser = MultipartParser(params.get("boundary", ""), max_part_bytes=max_part)
@@ -185,7 +185,7 @@ async def _receive(
     body = decoded_body(request.stream(), request.headers.get("content-encoding"), max_body)
 
     source = request_source(request)
-    if root_type == DICOM_JSON:
+    if root_type in (DICOM_JSON, DICOM_XML):
         return await _receive_metadata_and_bulk(ctx, body, parser, source, study)
     outcomes: dict[int, StoreOutcome] = {}
     parts = 0
@@ -219,16 +219,17 @@ async def _receive(
 async def _receive_metadata_and_bulk(
     ctx: Context, body: Any, parser: MultipartParser, source: Any, study: str | None
 ) -> tuple[list[StoreOutcome], MultipartError | None]:
-    """PS3.18 10.5.1.2: DICOM JSON metadata parts, then bulk data parts whose Content-Location is a BulkDataURI of
-    the metadata. Each data set becomes a Part 10 instance (Explicit VR Little Endian: the bulk data is native) and
-    goes through the one ingest path. The whole request is held until it ends (bulk parts may follow the metadata)."""
-    documents: list[bytes] = []
+    """PS3.18 10.5.1.2: metadata parts, DICOM JSON (an array of data sets each) or DICOM XML (one NativeDicomModel
+    each), then bulk data parts whose Content-Location is a BulkDataURI of the metadata. Each data set becomes a
+    Part 10 instance (Explicit VR Little Endian: the bulk data is native) and goes through the one ingest path. The
+    whole request is held until it ends (bulk parts may follow the metadata)."""
+    documents: list[tuple[str, bytes]] = []
     bulk: dict[str, tuple[str, bytes]] = {}
     try:
         async for part in iter_parts(body, parser):
             ptype = parse_media_type(part.content_type)[0] if part.content_type else ""
-            if ptype in (DICOM_JSON, "application/json"):
-                documents.append(part.content)
+            if ptype in (DICOM_JSON, "application/json", DICOM_XML):
+                documents.append((ptype, part.content))
             else:
                 location = part.headers.get("content-location", "").strip()
                 if location:
@@ -238,12 +239,18 @@ async def _receive_metadata_and_bulk(
     except ClientDisconnect:
         return [], MultipartError(400, "client disconnected before the end of the request body")
     if not documents:
-        return [], MultipartError(400, "no application/dicom+json metadata part in the request")
+        return [], MultipartError(400, "no application/dicom+json or application/dicom+xml metadata part in the request")
 
     def parse() -> list[tuple[Any, str | None]]:
         """(DICOM JSON object, None) per data set, or (None, the reason a metadata part is unusable)."""
         out: list[tuple[Any, str | None]] = []
-        for raw in documents:
+        for ptype, raw in documents:
+            if ptype == DICOM_XML:
+                try:
+                    out.append((xml_to_json(raw), None))
+                except (DicomXMLError, RecursionError) as e:
+                    out.append((None, f"metadata part is not usable DICOM XML: {e}"))
+                continue
             try:
                 doc = json.loads(raw)
             except (ValueError, UnicodeDecodeError, RecursionError) as e:

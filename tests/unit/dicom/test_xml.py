@@ -67,3 +67,41 @@ def test_private_attributes_name_their_creator() -> None:
     assert creator("d:DicomAttribute[@tag='00093001']") is None  # no creator to name: the whole tag is kept
     assert creator("d:DicomAttribute[@tag='00090010']") is None  # the creator element itself is not in a block
     assert creator("d:DicomAttribute[@tag='00081140']/d:Item/d:DicomAttribute[@tag='00290001']") == "NESTED"
+
+
+def test_reading_back_what_we_write() -> None:
+    """xml_to_json(json_to_xml(x)) == x: the STOW-RS reader of XML metadata and the WADO-RS writer agree, private
+    blocks, person name groups, empty values, sequences and bulk data references included."""
+    from openpacs.dicom.xml import xml_to_json
+
+    obj = {
+        "00090010": {"vr": "LO", "Value": ["ACME 1.0"]},
+        "00091001": {"vr": "LO", "Value": ["in block 10"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^John^^Dr", "Ideographic": "山田^太郎"}]},
+        "00180050": {"vr": "DS", "Value": ["2", "0.75"]},
+        "00185010": {"vr": "LO", "Value": ["a", None, "c"]},
+        "00080090": {"vr": "PN"},
+        "00081140": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}}, {}]},
+        "00281201": {"vr": "OW", "InlineBinary": "AAEC"},
+        "7FE00010": {"vr": "OW", "BulkDataURI": "http://x/bulk/7FE00010"},
+    }
+    assert xml_to_json(json_to_xml(obj)) == obj
+
+
+def test_reading_refuses_what_is_not_a_data_set() -> None:
+    import pytest
+
+    from openpacs.dicom.xml import DicomXMLError, xml_to_json
+
+    for doc, why in [
+        (b"<NativeDicomModel><DicomAttribute", "well-formed"),
+        (b"<Other/>", "NativeDicomModel"),
+        (b'<NativeDicomModel><DicomAttribute tag="0010" vr="LO"/></NativeDicomModel>', "8 hex"),
+        (b'<NativeDicomModel><DicomAttribute tag="00100010" vr="pn"/></NativeDicomModel>', "vr"),
+        (b'<NativeDicomModel><DicomAttribute tag="00090001" vr="LO" privateCreator="X"/></NativeDicomModel>',
+         "private creator"),
+        (b'<NativeDicomModel><DicomAttribute tag="7FE00010" vr="OW"><BulkData uuid="u"/></DicomAttribute>'
+         b"</NativeDicomModel>", "uri"),
+    ]:
+        with pytest.raises(DicomXMLError, match=why):
+            xml_to_json(doc)
