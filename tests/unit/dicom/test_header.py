@@ -212,22 +212,11 @@ def test_fast_header_agrees_with_pydicom_on_test_files(monkeypatch, fname):
 
 
 def _big_ct(extra_header: int = 0) -> bytes:
-    import numpy as np
+    from core_factory import instance
 
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Chunk^Test"
-    ds.PatientID = "P-CHUNK"
-    ds.Modality = "CT"
+    ds = instance(patient_id="P-CHUNK", patient_name="Chunk^Test", pixels=120_000)  # pixel data past HEAD_BYTES
     if extra_header:  # a large value before the pixel data: the header no longer fits in HEAD_BYTES
         ds.add_new(0x00091010, "OB", b"\x01" * extra_header)
-    ds.Rows, ds.Columns = 256, 256
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = np.arange(256 * 256, dtype=np.uint16).tobytes()
     return _part10(ds)
 
 
