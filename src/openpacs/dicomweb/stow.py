@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -57,6 +58,7 @@ log = logging.getLogger("openpacs.dicomweb.stow")
 # threads that write them (two: one part's write overlaps the next one's digest and header).
 INFLIGHT_BYTES = 256 << 20
 WORKERS = 2
+STORE_THREADS = 32
 
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
@@ -84,7 +86,8 @@ class _PartStore:
         self.lock = threading.Lock()
         self.inflight = 0
         self.waiter: asyncio.Future[None] | None = None
-        self.workers = [asyncio.ensure_future(run_in_threadpool(self._run)) for _ in range(WORKERS)]
+        pool = _store_threads()
+        self.workers = [asyncio.wrap_future(pool.submit(self._run)) for _ in range(WORKERS)]
 
     async def put(self, index: int, chunks: list[bytes | memoryview], size: int) -> None:
         with self.lock:
@@ -131,6 +134,21 @@ class _PartStore:
             waiter, self.waiter = self.waiter, None
             if waiter is not None:
                 self.loop.call_soon_threadsafe(_wake, waiter)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _store_threads() -> ThreadPoolExecutor:
+    """The store threads of STOW-RS requests, apart from the thread pool that serves everything else: a request holds
+    its threads until its last part is stored, so many long uploads must not leave QIDO or WADO-RS without one.
+    Requests beyond STORE_THREADS / WORKERS wait for a thread (their parts, up to INFLIGHT_BYTES, wait in memory)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="stow-store")
+        return _POOL
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

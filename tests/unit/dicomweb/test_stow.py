@@ -24,6 +24,7 @@ class FakeIngest:
         self.calls: list[bytes] = []
         self.max_parallel = 0
         self.submitted = 0
+        self.threads: set[str] = set()
         self.submitted_at_first_result: int | None = None
         self._active = 0
         self._lock = threading.Lock()
@@ -31,6 +32,7 @@ class FakeIngest:
     def submit_file(self, data: list, source, expected_study_uid=None):
         """As IngestService.submit_file: the part is "written" now, its outcome comes from ``result()``."""
         self.submitted += 1
+        self.threads.add(threading.current_thread().name.split("_")[0])
         return FakePending(self, b"".join(data), source)
 
     def store_file(self, data: bytes, source, expected_study_uid=None) -> StoreOutcome:
@@ -108,6 +110,8 @@ def test_all_ok_is_200_with_urls_and_commits_together() -> None:
     assert r.json()["00081190"]["Value"] == ["http://pacs:8042/dicom-web/studies/1.2.3"]
     # every part was handed to ingest before the first commit was waited for: they share the group commit
     assert ing.submitted_at_first_result == 20
+    # by the STOW store threads, not the thread pool that QIDO and WADO-RS need meanwhile
+    assert ing.threads == {"stow-store"}
 
 
 def test_out_of_resources_and_exceptions() -> None:
