@@ -15,8 +15,8 @@ import asyncio
 import errno
 import json
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -70,70 +70,94 @@ _WARNING_REASON = "00081196"
 
 
 class _PartStore:
-    """Stores the parts of one request in order, in a worker thread of its own, without waiting for each part's
-    index commit (they join the group commit together); ``close()`` waits until every part is settled and durable.
+    """Stores the parts of one request in order without waiting for each part's index commit (they join the group
+    commit together); ``close()`` settles them all and returns when every part is durable.
 
-    Per part that is one hand-over to the worker (none while it is busy) instead of a thread-pool round trip and a
-    commit wait each: on a small machine thread switches, not bytes, are what a STOW-RS part costs. The bytes
-    handed over but not yet written are bounded: ``put`` waits while they exceed ``limit`` (a larger part goes alone).
+    Up to WORKERS store threads take queued parts while there are any and give their thread back when the queue is
+    empty, so a slow or stalled upload holds no thread between its parts. Per part that is at most one hand-over (none
+    while a worker is busy) instead of a thread-pool round trip and a commit wait each: on a small machine thread
+    switches, not bytes, are what a STOW-RS part costs. The bytes handed over but not yet written are bounded: ``put``
+    waits while they exceed ``limit`` (a larger part goes alone).
     """
 
     def __init__(self, ctx: Context, source: Any, study: str | None, limit: int = INFLIGHT_BYTES) -> None:
         self.ctx, self.source, self.study, self.limit = ctx, source, study, limit
         self.loop = asyncio.get_running_loop()
-        self.queue: queue.SimpleQueue[tuple[int, list[bytes | memoryview], int] | None] = queue.SimpleQueue()
+        self.queue: deque[tuple[int, list[bytes | memoryview], int]] = deque()
         self.outcomes: dict[int, StoreOutcome] = {}
-        self.lock = threading.Lock()
+        self.pending: list[tuple[int, PendingStore]] = []
+        self.lock = threading.Lock()  # queue, running, inflight, waiter, pending
+        self.running = 0
         self.inflight = 0
         self.waiter: asyncio.Future[None] | None = None
-        pool = _store_threads()
-        self.workers = [asyncio.wrap_future(pool.submit(self._run)) for _ in range(WORKERS)]
+        self.workers: list[asyncio.Future[None]] = []
 
     async def put(self, index: int, chunks: list[bytes | memoryview], size: int) -> None:
         with self.lock:
+            self.queue.append((index, chunks, size))
             self.inflight += size
-        self.queue.put((index, chunks, size))
-        if self.inflight > self.limit and not all(w.done() for w in self.workers):
-            waiter = self.loop.create_future()
-            with self.lock:
-                if self.inflight <= self.limit:
-                    return
-                self.waiter = waiter
+            start = self.running < WORKERS
+            if start:
+                self.running += 1
+        if start:
+            self.workers.append(asyncio.wrap_future(_store_threads().submit(self._run)))
+        waiter = None
+        with self.lock:
+            if self.inflight > self.limit and self.running:
+                waiter = self.waiter = self.loop.create_future()
+        if waiter is not None:
             await waiter
 
     async def close(self) -> dict[int, StoreOutcome]:
-        for _ in self.workers:
-            self.queue.put(None)
-        await asyncio.shield(asyncio.gather(*self.workers))
+        """Wait for the queued parts to be written, then for their commits (one thread, not one per part)."""
+        await asyncio.shield(asyncio.gather(*self.workers, return_exceptions=True))
+        with self.lock:  # left by a worker that died of something _guarded does not catch (MemoryError)
+            for index, _, _ in self.queue:
+                self.outcomes[index] = StoreOutcome(status=Status.PROCESSING_FAILURE, message="store thread failed")
+            self.queue.clear()
+        if self.pending:
+            await asyncio.shield(asyncio.wrap_future(_store_threads().submit(self._settle)))
         return self.outcomes
 
-    def _written(self, size: int) -> None:
-        with self.lock:
-            self.inflight -= size
-            waiter = self.waiter if self.inflight <= self.limit else None
+    def _run(self) -> None:
+        try:
+            waiter = self._take_parts()
+        except BaseException:
+            with self.lock:
+                self.running -= 1
+                waiter, self.waiter = self.waiter, None
             if waiter is not None:
-                self.waiter = None
+                self.loop.call_soon_threadsafe(_wake, waiter)
+            raise
         if waiter is not None:
             self.loop.call_soon_threadsafe(_wake, waiter)
 
-    def _run(self) -> None:
-        pending: list[tuple[int, PendingStore]] = []
-        try:
-            while (item := self.queue.get()) is not None:
-                index, chunks, size = item
-                out = _guarded(partial(self.ctx.ingest.submit_file, chunks, self.source, self.study))
-                del chunks, item
-                self._written(size)
+    def _take_parts(self) -> asyncio.Future[None] | None:
+        """Store queued parts until there are none; returns the waiting put() to wake, if any."""
+        while True:
+            with self.lock:
+                if not self.queue:  # checked and given up under the lock put() starts workers under
+                    self.running -= 1
+                    waiter, self.waiter = self.waiter, None
+                    return waiter
+                index, chunks, size = self.queue.popleft()
+            out = _guarded(partial(self.ctx.ingest.submit_file, chunks, self.source, self.study))
+            del chunks
+            with self.lock:
+                self.inflight -= size
                 if isinstance(out, StoreOutcome):
                     self.outcomes[index] = out
                 else:
-                    pending.append((index, out))
-        finally:
-            for index, p in pending:
-                self.outcomes[index] = _guarded(p.result)  # type: ignore[assignment]
-            waiter, self.waiter = self.waiter, None
+                    self.pending.append((index, out))
+                waiter = self.waiter if self.inflight <= self.limit else None
+                if waiter is not None:
+                    self.waiter = None
             if waiter is not None:
                 self.loop.call_soon_threadsafe(_wake, waiter)
+
+    def _settle(self) -> None:
+        for index, p in self.pending:
+            self.outcomes[index] = _guarded(p.result)  # type: ignore[assignment]
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -141,9 +165,9 @@ _POOL_LOCK = threading.Lock()
 
 
 def _store_threads() -> ThreadPoolExecutor:
-    """The store threads of STOW-RS requests, apart from the thread pool that serves everything else: a request holds
-    its threads until its last part is stored, so many long uploads must not leave QIDO or WADO-RS without one.
-    Requests beyond STORE_THREADS / WORKERS wait for a thread (their parts, up to INFLIGHT_BYTES, wait in memory)."""
+    """The store threads of STOW-RS requests, apart from the thread pool that serves everything else, so that many
+    uploads at once never leave QIDO or WADO-RS without a thread. Parts beyond STORE_THREADS writers wait for a
+    thread (up to INFLIGHT_BYTES per request, in memory)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
@@ -220,7 +244,7 @@ async def _receive(
                 )
                 continue
             if storer is None:
-                storer = _PartStore(ctx, source, study)
+                storer = _PartStore(ctx, source, study, limit=INFLIGHT_BYTES)
             chunks, size = part.chunks, part.size
             del part
             await storer.put(i, chunks, size)
@@ -268,6 +292,9 @@ async def _receive_metadata_and_bulk(
                     out.append((xml_to_json(raw), None))
                 except (DicomXMLError, RecursionError) as e:
                     out.append((None, f"metadata part is not usable DICOM XML: {e}"))
+                except Exception as e:  # a reader bug fails this metadata part, not the request
+                    log.exception("STOW-RS: reading DICOM XML failed")
+                    out.append((None, f"metadata part is not usable DICOM XML: {type(e).__name__}: {e}"))
                 continue
             try:
                 doc = json.loads(raw)

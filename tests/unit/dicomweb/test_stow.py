@@ -31,6 +31,8 @@ class FakeIngest:
 
     def submit_file(self, data: list, source, expected_study_uid=None):
         """As IngestService.submit_file: the part is "written" now, its outcome comes from ``result()``."""
+        if bytes(data[0][:11]) == b"submitboom:":
+            raise RuntimeError("bug while writing")
         self.submitted += 1
         self.threads.add(threading.current_thread().name.split("_")[0])
         return FakePending(self, b"".join(data), source)
@@ -115,9 +117,10 @@ def test_all_ok_is_200_with_urls_and_commits_together() -> None:
 
 
 def test_out_of_resources_and_exceptions() -> None:
-    r = send([b"ok:1.1", b"full:1.2", b"oserror:1.3", b"boom:1.4"])
+    r = send([b"ok:1.1", b"full:1.2", b"oserror:1.3", b"boom:1.4", b"submitboom:1.5", b"ok:1.6"])
     assert r.status_code == 202
-    assert reasons(r) == [0xA700, 0xA700, 0x0110]
+    assert reasons(r) == [0xA700, 0xA700, 0x0110, 0x0110]
+    assert len(r.json()["00081199"]["Value"]) == 2
     r = send([b"full:1.2"])
     assert r.status_code == 409 and reasons(r) == [0xA700]
 
@@ -148,3 +151,66 @@ def test_part_of_another_media_type_fails_alone() -> None:
     r = asyncio.run(run())
     assert r.status_code == 202 and reasons(r) == [0xC000]
     assert len(ing.calls) == len(body_parts)
+
+
+class _SlowIngest:
+    """submit_file takes 10 ms and records how many bytes the request had handed over but not yet written."""
+
+    def __init__(self) -> None:
+        self.store: stow._PartStore | None = None
+        self.inflight_seen: list[int] = []
+
+    def submit_file(self, chunks, source, expected_study_uid=None) -> StoreOutcome:
+        import time
+
+        self.inflight_seen.append(self.store.inflight)
+        time.sleep(0.01)
+        return StoreOutcome(0, sop_instance_uid=bytes(chunks[0]).decode())
+
+
+def _part_store(ingest: _SlowIngest, limit: int) -> stow._PartStore:
+    ctx = SimpleNamespace(ingest=ingest)
+    ingest.store = stow._PartStore(ctx, source=None, study=None, limit=limit)  # type: ignore[arg-type]
+    return ingest.store
+
+
+def test_part_store_backpressure_bounds_bytes_handed_over() -> None:
+    """With a limit below one part, put() waits until each part is written: never two parts handed over at once."""
+
+    async def run() -> tuple[dict[int, StoreOutcome], list[int]]:
+        ing = _SlowIngest()
+        store = _part_store(ing, limit=50)
+        for i in range(6):
+            await store.put(i, [f"p{i}".encode().ljust(100, b" ")], 100)
+        return await store.close(), ing.inflight_seen
+
+    outcomes, seen = asyncio.run(run())
+    assert [outcomes[i].sop_instance_uid.strip() for i in range(6)] == [f"p{i}" for i in range(6)]
+    assert max(seen) <= 200  # one part being written, at most one more just handed over
+
+    async def unbounded() -> list[int]:
+        ing = _SlowIngest()
+        store = _part_store(ing, limit=1 << 30)
+        for i in range(6):
+            await store.put(i, [f"p{i}".encode()], 100)
+        await store.close()
+        return ing.inflight_seen
+
+    assert max(asyncio.run(unbounded())) >= 400  # the same parts without the bound pile up: the check can fail
+
+
+def test_part_store_gives_its_threads_back_between_parts() -> None:
+    """A slow upload holds no store thread while its next part is still on the wire."""
+
+    async def run() -> tuple[int, int, dict[int, StoreOutcome]]:
+        ing = _SlowIngest()
+        store = _part_store(ing, limit=1 << 20)
+        await store.put(0, [b"first"], 5)
+        await asyncio.gather(*store.workers)
+        idle = store.running
+        await store.put(1, [b"second"], 6)  # a new worker starts for it
+        return idle, len(store.workers), await store.close()
+
+    idle, workers, outcomes = asyncio.run(run())
+    assert idle == 0 and workers == 2
+    assert [outcomes[i].sop_instance_uid for i in (0, 1)] == ["first", "second"]
