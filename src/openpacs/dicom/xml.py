@@ -112,7 +112,7 @@ def xml_to_json(data: bytes) -> dict[str, Any]:
     holds in that data set. Raises DicomXMLError."""
     try:
         root = ET.fromstring(data)  # expat: no external entities, bounded entity expansion
-    except ET.ParseError as e:
+    except (ET.ParseError, ValueError, LookupError) as e:  # also unknown or multi-byte declared encodings
         raise DicomXMLError(f"not well-formed XML: {e}") from None
     if _local(root.tag) != "NativeDicomModel":
         raise DicomXMLError(f"the root element is {_local(root.tag)!r}, not NativeDicomModel")
@@ -126,7 +126,8 @@ def _object(parent: ET.Element, depth: int) -> dict[str, Any]:
     tags = [_tag_of(a) for a in attrs]
     blocks: dict[tuple[int, str], int] = {}  # (group, Private Creator) -> block, from (gggg,0010-00FF)
     for a, tag in zip(attrs, tags, strict=True):
-        if tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF:
+        # a Private Creator element (gggg,0010-00FF); a private data element written gggg00ee names its creator
+        if tag >> 16 & 1 and 0x10 <= tag & 0xFFFF <= 0xFF and a.get("privateCreator") is None:
             v = a.find("{*}Value")
             if v is not None and v.text:
                 blocks[(tag >> 16, v.text.strip())] = tag & 0xFF
@@ -138,7 +139,10 @@ def _object(parent: ET.Element, depth: int) -> dict[str, Any]:
             if block is None:
                 raise DicomXMLError(f"({tag:08X}) names private creator {creator!r}, which the data set does not hold")
             tag = (tag & 0xFFFF0000) | block << 8 | tag & 0xFF
-        out[f"{tag:08X}"] = _attribute(a, tag, depth)
+        key = f"{tag:08X}"
+        if key in out:
+            raise DicomXMLError(f"({key}) is given twice")
+        out[key] = _attribute(a, tag, depth)
     return out
 
 

@@ -102,6 +102,25 @@ def test_reading_refuses_what_is_not_a_data_set() -> None:
          "private creator"),
         (b'<NativeDicomModel><DicomAttribute tag="7FE00010" vr="OW"><BulkData uuid="u"/></DicomAttribute>'
          b"</NativeDicomModel>", "uri"),
+        (b'<?xml version="1.0" encoding="shift_jis"?><NativeDicomModel/>', "well-formed"),  # expat: multi-byte
+        (b'<?xml version="1.0" encoding="no-such-charset"?><NativeDicomModel/>', "well-formed"),
+        (b'<NativeDicomModel><DicomAttribute tag="00100020" vr="LO"/><DicomAttribute tag="00100020" vr="LO"/>'
+         b"</NativeDicomModel>", "twice"),
     ]:
         with pytest.raises(DicomXMLError, match=why):
             xml_to_json(doc)
+
+
+def test_private_element_whose_value_looks_like_a_creator() -> None:
+    """(0009,1010) holding "B" is a data element of block 10, not a second reservation of "B": reading our XML back
+    must not move (0009,1101) of block "B" onto (0009,1001)."""
+    from openpacs.dicom.xml import xml_to_json
+
+    obj = {
+        "00090010": {"vr": "LO", "Value": ["A"]},
+        "00090011": {"vr": "LO", "Value": ["B"]},
+        "00091001": {"vr": "LO", "Value": ["in block A"]},
+        "00091010": {"vr": "LO", "Value": ["B"]},
+        "00091101": {"vr": "LO", "Value": ["in block B"]},
+    }
+    assert xml_to_json(json_to_xml(obj)) == obj
