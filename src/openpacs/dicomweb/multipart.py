@@ -127,6 +127,7 @@ class Part:
 
 
 _PREAMBLE, _HEADERS, _BODY, _AFTER_DELIM, _EPILOGUE = range(5)
+_PIN_LIMIT = 64 * 1024  # parts smaller than this are copied out of the chunks they arrived in
 
 
 class MultipartParser:
@@ -210,7 +211,7 @@ class MultipartParser:
                 if self._epilogue > MAX_PREAMBLE_BYTES:
                     raise MultipartError(400, "too much data after the closing multipart delimiter")
                 break
-            if self._step(out):
+            if self._step(out) or self._state == _EPILOGUE:
                 continue
             if i >= n:
                 break
@@ -229,7 +230,11 @@ class MultipartParser:
         self._chunks.append(piece)
 
     def _end_part(self, out: list[Part]) -> None:
-        out.append(Part(self._headers, self._chunks))
+        chunks = self._chunks
+        if self._size < _PIN_LIMIT and len(chunks) > 0:
+            # a small part is copied: as slices it would keep whole network chunks alive for a few bytes
+            chunks = [b"".join(chunks)]
+        out.append(Part(self._headers, chunks))
         self._count += 1
         self._headers = {}
         self._chunks = []
