@@ -65,6 +65,7 @@ class IngestService:
         self.classify_department: Callable[[dict[str, dict[str, Any]], str], str | None] | None = None
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
+        self._accepting = threading.Lock()
         self._committer = threading.Thread(target=self._commit_loop, name="ingest-committer", daemon=True)
         self._committer.start()
 
@@ -110,10 +111,12 @@ class IngestService:
         return len(keys)
 
     def close(self) -> None:
-        if not self._closed:
+        with self._accepting:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(None)
-            self._committer.join(timeout=60)
+        self._committer.join(timeout=60)
 
     # -- the path --------------------------------------------------------------------------------------------
     def _fail(self, status: int, message: str, cls: str | None, sop: str | None, source: Source) -> StoreOutcome:
@@ -182,11 +185,14 @@ class IngestService:
         item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
                            transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
                            replace=policy == "overwrite")
-        if self._closed:
+        pending = _Pending(item, Future())
+        with self._accepting:  # nothing is queued behind close()'s sentinel, where no commit would ever come
+            closed = self._closed
+            if not closed:
+                self._queue.put(pending)
+        if closed:
             self.store.delete(blob.key)
             return self._fail(Status.OUT_OF_RESOURCES, "ingest service is closed", cls, sop, source)
-        pending = _Pending(item, Future())
-        self._queue.put(pending)
         return PendingStore(self, pending, outcome, source, digest)
 
     def _finish(self, p: PendingStore) -> StoreOutcome:

@@ -509,3 +509,30 @@ def test_failed_write_with_unknown_outcome_keeps_a_blob_the_index_references(ctx
     # ...and what the index points at must exist
     r = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
     assert ctx.store.read(r.blob_key)[-len(dataset_bytes(ds)):] == dataset_bytes(ds)
+
+
+def test_stores_racing_close_all_get_an_answer(make_ctx):
+    """A store that reaches the commit queue after close() must fail, not wait forever for a commit that never
+    comes (the queue ends at close()'s sentinel); the ones queued before it are committed."""
+    ctx = make_ctx()
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def keep_storing() -> None:
+        while not stop.is_set():
+            outcomes.append(ctx.ingest.store_file(part10(instance()), SRC).status)
+
+    threads = [threading.Thread(target=keep_storing, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(outcomes) < 20:
+        threading.Event().wait(0.005)
+    ctx.ingest.close()
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert set(outcomes) <= {Status.SUCCESS, Status.OUT_OF_RESOURCES}
+    assert ctx.index.counts()["instances"] == outcomes.count(Status.SUCCESS)
+    late = ctx.ingest.store_file(part10(instance()), SRC)
+    assert late.status == Status.OUT_OF_RESOURCES and "closed" in late.message
