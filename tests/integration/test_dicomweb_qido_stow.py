@@ -364,6 +364,9 @@ def test_qido_empty_value_matching(base) -> None:
     r = requests.get(f"{base}/studies", params={"PatientID": "EVM1", "multiplevaluematching": "true",
                                                 "AccessionNumber": "EVM-ACC\\NONE"}, timeout=10)
     assert [val(x, "0020000D") for x in r.json()] == [other_study]
+    r = requests.get(f"{base}/studies", params={"PatientID": "EVM1", "multiplevaluematching": "false",
+                                                "AccessionNumber": "EVM-ACC\\NONE"}, timeout=10)
+    assert r.status_code == 400 and "multiplevaluematching=false" in r.text
     for bad in ({"emptyvaluematching": "yes"}, {"multiplevaluematching": "1"}):
         r = requests.get(f"{base}/studies", params=bad, timeout=10)
         assert r.status_code == 400 and "true or false" in r.text

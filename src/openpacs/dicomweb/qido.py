@@ -118,6 +118,7 @@ def _vr(keyword: str) -> str:
 def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Query, list[str], int | None]:
     """Query, warnings for the Warning header, and the server-side cap applied (None if the client set a limit)."""
     q = Query(level=level)
+    single_values = False  # multiplevaluematching=false given explicitly
     warnings: list[str] = []
     seen: dict[str, str] = {}
     includes: list[str] = []
@@ -133,8 +134,8 @@ def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Q
                 q.fuzzy = _bool_param(lkey, value)
             elif lkey == "emptyvaluematching":  # PS3.18 8.3.4.5
                 q.empty_value_matching = _bool_param(lkey, value)
-            elif lkey == "multiplevaluematching":  # PS3.18 8.3.4.6: values split by "\\" are alternatives, always
-                _bool_param(lkey, value)
+            elif lkey == "multiplevaluematching":  # PS3.18 8.3.4.6: values split by "\\" are alternatives
+                single_values = not _bool_param(lkey, value)
             elif lkey == "includefield":
                 includes += [f.strip() for f in value.split(",") if f.strip()]
             continue
@@ -159,6 +160,8 @@ def build_query(request: Request, level: Level, path: dict[str, str]) -> tuple[Q
             value = seen[kw] + "\\" + value
         seen[kw] = value
     for k, v in seen.items():
+        if single_values and "\\" in v and _vr(k) != "UI":
+            raise DicomWebError(400, f"{k} has several values ({v!r}) but multiplevaluematching=false was asked")
         if _vr(k) == "SQ":
             if k not in q.return_keys:
                 q.return_keys.append(k)
