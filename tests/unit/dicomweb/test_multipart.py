@@ -114,6 +114,11 @@ def test_large_part_content_is_not_copied() -> None:
     assert big.size == len(content)
     assert sum(isinstance(c, memoryview) for c in big.chunks) >= 15
     assert big.content == content and parts[1].content == b"tail"
+    # a small part is copied out: as a slice it would keep the whole chunk it came in alive
+    p = MultipartParser(B)
+    small, large = p.feed(body([b"small", content]))
+    assert [type(c) for c in small.chunks] == [bytes] and small.content == b"small"
+    assert any(isinstance(c, memoryview) for c in large.chunks)
 
 
 def test_writer_streams_iterables_and_large_bodies() -> None:
@@ -207,8 +212,11 @@ def test_too_many_parts() -> None:
 
 
 def test_epilogue_bounded() -> None:
-    with pytest.raises(MultipartError):
-        parse(body([b"x"], epilogue=b"e" * (mp.MAX_PREAMBLE_BYTES + 10)), chunk=1000)
+    for chunk in (1000, 1 << 20):  # also when the closing delimiter and the whole epilogue come in one chunk
+        with pytest.raises(MultipartError):
+            parse(body([b"x"], epilogue=b"e" * (mp.MAX_PREAMBLE_BYTES + 10)), chunk=chunk)
+        assert [p.content for p in parse(body([b"x"], epilogue=b"e" * (mp.MAX_PREAMBLE_BYTES - 10)), chunk=chunk)] \
+            == [b"x"]
 
 
 def test_buffer_stays_bounded_over_many_parts() -> None:
