@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -157,9 +157,10 @@ class _PartStore:
 
     def _settle(self) -> None:
         for index, p in self.pending:
-            self.outcomes[index] = _guarded(p.result)  # type: ignore[assignment]
+            self.outcomes[index] = _guarded(p.result)
 
 
+_T = TypeVar("_T")
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -188,11 +189,7 @@ def _limits(ctx: Context) -> tuple[int, int]:
     )
 
 
-def _store(ctx: Context, data: bytes, source: Any, study: str | None) -> StoreOutcome:
-    return _guarded(lambda: ctx.ingest.store_file(data, source, expected_study_uid=study))  # type: ignore[return-value]
-
-
-def _guarded(store: Callable[[], StoreOutcome | PendingStore]) -> StoreOutcome | PendingStore:
+def _guarded(store: Callable[[], _T]) -> _T | StoreOutcome:
     """A store whose unexpected failure fails that part, not the request or the server."""
     try:
         return store()
@@ -306,7 +303,7 @@ async def _receive_metadata_and_bulk(
 
     metadata = await run_in_threadpool(parse)  # large JSON off the event loop
 
-    def build(obj: Any, problem: str | None) -> StoreOutcome:
+    def build(obj: Any, problem: str | None) -> StoreOutcome | PendingStore:
         if problem is not None:
             return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message=problem)
 
@@ -339,9 +336,16 @@ async def _receive_metadata_and_bulk(
             log.exception("STOW-RS: DICOM JSON to Part 10 failed")
             return StoreOutcome(status=Status.CANNOT_UNDERSTAND, message=f"{type(e).__name__}: {e}",
                                 sop_instance_uid=uids["SOP Instance UID"])
-        return _store(ctx, data, source, study)
+        return _guarded(partial(ctx.ingest.submit_file, data, source, study))
 
-    return [await run_in_threadpool(build, obj, problem) for obj, problem in metadata], None
+    def build_all() -> list[StoreOutcome]:
+        """Every data set written and queued first, then their commits settled: they share the group commit."""
+        results = []
+        for obj, problem in metadata:
+            results.append(build(obj, problem))
+        return [r if isinstance(r, StoreOutcome) else _guarded(r.result) for r in results]
+
+    return await run_in_threadpool(build_all), None
 
 
 def _response_body(ctx: Context, root: str, outcomes: list[StoreOutcome]) -> tuple[dict[str, Any], int, int]:

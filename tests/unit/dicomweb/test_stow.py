@@ -214,3 +214,48 @@ def test_part_store_gives_its_threads_back_between_parts() -> None:
     idle, workers, outcomes = asyncio.run(run())
     assert idle == 0 and workers == 2
     assert [outcomes[i].sop_instance_uid for i in (0, 1)] == ["first", "second"]
+
+
+def test_metadata_data_sets_share_the_group_commit() -> None:
+    """STOW-RS of DICOM JSON: every data set is written and queued before the first commit is waited for."""
+    import io
+    import json
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    class Ingest:
+        submitted = 0
+        submitted_at_first_result: int | None = None
+
+        def submit_file(self, data, source, expected_study_uid=None):
+            ds = pydicom.dcmread(io.BytesIO(data))
+            self.submitted += 1
+            ingest = self
+
+            class Pending:
+                def result(self) -> StoreOutcome:
+                    if ingest.submitted_at_first_result is None:
+                        ingest.submitted_at_first_result = ingest.submitted
+                    return StoreOutcome(0, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                                        study_instance_uid=ds.StudyInstanceUID, series_instance_uid="9.9")
+
+            return Pending()
+
+    sops = [generate_uid() for _ in range(5)]
+    docs = [{"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.7"]}, "00080018": {"vr": "UI", "Value": [s]},
+             "0020000D": {"vr": "UI", "Value": [STUDY]}} for s in sops]
+    body = (b"--" + B.encode() + b"\r\nContent-Type: application/dicom+json\r\n\r\n" + json.dumps(docs).encode()
+            + b"\r\n--" + B.encode() + b"--\r\n")
+    ing = Ingest()
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app(ing))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs:8042/dicom-web") as c:
+            return await c.post("/studies", content=body, headers={
+                "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={B}'})
+
+    r = asyncio.run(run())
+    assert r.status_code == 200, r.text
+    assert [x["00081155"]["Value"][0] for x in r.json()["00081199"]["Value"]] == sops
+    assert ing.submitted_at_first_result == 5
