@@ -372,6 +372,47 @@ def test_qido_empty_value_matching(base) -> None:
         assert r.status_code == 400 and "true or false" in r.text
 
 
+def test_retrieve_capabilities_lists_what_the_routes_serve(base) -> None:
+    """PS3.18 8.9 / Annex H: OPTIONS on the service root gives a WADL document; every GET it lists answers (with
+    the first media type it offers) on a stored instance, i.e. the document describes real routes."""
+    import xml.etree.ElementTree as ET
+
+    inst = new_instance()
+    assert post(base, [inst]).status_code == 200
+    ds = pydicom.dcmread(io.BytesIO(inst))
+    values = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "instance": ds.SOPInstanceUID,
+              "frames": "1", "path": "7FE00010"}
+    r = requests.options(base + "/", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/vnd.sun.wadl+xml")
+    ns = {"w": "http://wadl.dev.java.net/2009/02"}
+    root = ET.fromstring(r.content)
+    assert root.find("w:resources", ns).get("base") == base + "/"
+    gets: list[tuple[str, str, str]] = []
+
+    def walk(el, prefix: str) -> None:
+        for res in el.findall("w:resource", ns):
+            path = prefix + "/" + res.get("path")
+            for m in res.findall("w:method", ns):
+                accept = m.find("w:request/w:param[@name='Accept']", ns)
+                if m.get("name") == "GET":
+                    gets.append((path, m.get("id"), accept.get("default")))
+            walk(res, path)
+
+    walk(root.find("w:resources", ns), "")
+    ids = {i for _, i, _ in gets}
+    assert {"SearchForStudies", "RetrieveStudy", "RetrieveSeriesMetadata", "RetrieveFrames", "RetrieveBulkdata",
+            "RetrieveRenderedInstance", "SearchForStudySeriesInstances"} <= ids
+    assert len(gets) >= 25
+    for path, mid, accept in gets:
+        url = base + path.format(**values)
+        got = requests.get(url, headers={"Accept": accept}, params={"PatientID": ds.PatientID}
+                           if mid.startswith("SearchFor") else None, timeout=30)
+        assert got.status_code == 200, (mid, url, accept, got.status_code, got.text[:200])
+    r = requests.options(base + "/", headers={"Accept": "application/json"}, timeout=10)
+    assert r.status_code == 406
+
+
 def test_stow_200_into_study_url(base) -> None:
     study = pydicom.uid.generate_uid()
     r = post(base, [new_instance(study), new_instance(study)], path=f"/studies/{study}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from ..context import Context
-from . import qido, stow, wado
+from . import capabilities, qido, stow, wado
 
 
 def build_dicomweb(ctx: Context) -> Starlette:
-    app = Starlette(routes=[*qido.routes(ctx), *wado.routes(ctx), *stow.routes(ctx)])
+    app = Starlette(routes=[*capabilities.routes(), *qido.routes(ctx), *wado.routes(ctx), *stow.routes(ctx)])
     app.state.ctx = ctx
     return app

@@ -93,6 +93,8 @@ def route_policy(path: str, method: str) -> RoutePolicy:
         return RoutePolicy(None, None)
     if path.startswith("/dicom-web/") or path == "/dicom-web":
         sub = path[len("/dicom-web") :]
+        if method == "OPTIONS":  # Retrieve Capabilities: what the service offers, no patient data
+            return RoutePolicy(authsvc.READ, None)
         if method == "POST":
             return RoutePolicy(authsvc.STORE, "InstancesTransferred")
         if method == "DELETE":
