@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .common import DICOM_JSON, accept_values, error_response, negotiate, service_root
+from .common import DICOM_JSON, DicomWebError, error_response, negotiate_or_406, service_root
 
 WADL_NS = "http://wadl.dev.java.net/2009/02"
 WADL = "application/vnd.sun.wadl+xml"
@@ -115,10 +115,10 @@ def _resource(parent: ET.Element, r: _Resource) -> None:
 
 
 async def capabilities(request: Request) -> Response:
-    media = negotiate(request, [WADL, "application/xml", "text/xml"])
-    if media is None:
-        return error_response(406, f"the capabilities are a WADL document ({WADL}), not any of "
-                                   f"{accept_values(request)}")
+    try:
+        media = negotiate_or_406(request, [WADL, "application/xml", "text/xml"])
+    except DicomWebError as e:
+        return error_response(e.status, e.message)
     return Response(wadl(service_root(request)), media_type=media, headers={"Allow": "GET, POST, DELETE, OPTIONS"})
 
 

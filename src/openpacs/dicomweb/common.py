@@ -143,12 +143,12 @@ def xml_multipart_response(objects: list[dict[str, Any]], headers: dict[str, str
     return multipart_response(((DICOM_XML, json_to_xml(obj)) for obj in objects), DICOM_XML, headers=headers)
 
 
-def negotiate_json(request: Request) -> str:
-    """application/dicom+json (default) or application/json; else 406."""
-    choice = negotiate(request, [DICOM_JSON, JSON])
+def negotiate_or_406(request: Request, offered: list[str]) -> str:
+    """The first of ``offered`` the Accept header takes (``negotiate``); 406 naming them when it takes none."""
+    choice = negotiate(request, offered)
     if choice is None:
         raise DicomWebError(
-            406, f"none of the accepted media types ({accept_values(request)}) can be produced; use {DICOM_JSON}"
+            406, f"none of the accepted media types ({accept_values(request)}) can be produced; use {' or '.join(offered)}"
         )
     return choice
 

@@ -21,7 +21,7 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response
 
 # Limits. Module constants so the lead can wire them to Settings; the STOW route reads them at request time.
-MAX_PART_BYTES = 1 << 30  # one DICOM instance (a part is held in memory whole: ingest takes bytes)
+MAX_PART_BYTES = 1 << 30  # one DICOM instance (a part is held in memory whole, as the chunks it arrived in)
 MAX_BODY_BYTES = 2 << 30  # one request, after content decoding
 MAX_HEADER_BYTES = 16 * 1024  # the header block of one part
 MAX_PREAMBLE_BYTES = 64 * 1024  # preamble and epilogue (ignored, but bounded)
@@ -231,7 +231,7 @@ class MultipartParser:
 
     def _end_part(self, out: list[Part]) -> None:
         chunks = self._chunks
-        if self._size < _PIN_LIMIT and len(chunks) > 0:
+        if self._size < _PIN_LIMIT:
             # a small part is copied: as slices it would keep whole network chunks alive for a few bytes
             chunks = [b"".join(chunks)]
         out.append(Part(self._headers, chunks))

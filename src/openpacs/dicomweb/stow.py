@@ -38,13 +38,12 @@ from .common import (
     DICOM_XML,
     JSON,
     DicomWebError,
-    accept_values,
     authorize_delete,
     authorize_store,
     check_uid,
     error_response,
     instance_url,
-    negotiate,
+    negotiate_or_406,
     request_source,
     service_root,
     study_url,
@@ -80,7 +79,7 @@ class _PartStore:
     waits while they exceed ``limit`` (a larger part goes alone).
     """
 
-    def __init__(self, ctx: Context, source: Any, study: str | None, limit: int = INFLIGHT_BYTES) -> None:
+    def __init__(self, ctx: Context, source: Any, study: str | None, limit: int) -> None:
         self.ctx, self.source, self.study, self.limit = ctx, source, study, limit
         self.loop = asyncio.get_running_loop()
         self.queue: deque[tuple[int, list[bytes | memoryview], int]] = deque()
@@ -126,11 +125,9 @@ class _PartStore:
             with self.lock:
                 self.running -= 1
                 waiter, self.waiter = self.waiter, None
-            if waiter is not None:
-                self.loop.call_soon_threadsafe(_wake, waiter)
+            self._wake(waiter)
             raise
-        if waiter is not None:
-            self.loop.call_soon_threadsafe(_wake, waiter)
+        self._wake(waiter)
 
     def _take_parts(self) -> asyncio.Future[None] | None:
         """Store queued parts until there are none; returns the waiting put() to wake, if any."""
@@ -152,8 +149,12 @@ class _PartStore:
                 waiter = self.waiter if self.inflight <= self.limit else None
                 if waiter is not None:
                     self.waiter = None
-            if waiter is not None:
-                self.loop.call_soon_threadsafe(_wake, waiter)
+            self._wake(waiter)
+
+    def _wake(self, waiter: asyncio.Future[None] | None) -> None:
+        """Let the put() waiting on ``waiter`` (taken from self.waiter under the lock) go on."""
+        if waiter is not None:
+            self.loop.call_soon_threadsafe(_set_done, waiter)
 
     def _settle(self) -> None:
         for index, p in self.pending:
@@ -176,7 +177,7 @@ def _store_threads() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+def _set_done(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
@@ -397,7 +398,8 @@ async def stow(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     try:
         authorize_store(request)
-        media = _negotiate_response(request)
+        # the Store Instances Response Module in DICOM JSON (default) or in DICOM XML (PS3.19)
+        media = negotiate_or_406(request, [DICOM_JSON, JSON, DICOM_XML])
         study = check_uid(request.path_params["study"]) if "study" in request.path_params else None
         outcomes, error = await _receive(request, ctx, study)
     except DicomWebError as e:
@@ -427,15 +429,6 @@ async def stow(request: Request) -> Response:
     else:
         status = 200
     return Response(_encode(body, media), status_code=status, media_type=media, headers=headers)
-
-
-def _negotiate_response(request: Request) -> str:
-    """The Store Instances Response Module in DICOM JSON (default) or in DICOM XML (PS3.19), as the Accept asks."""
-    media = negotiate(request, [DICOM_JSON, JSON, DICOM_XML])
-    if media is None:
-        raise DicomWebError(406, f"none of the accepted media types ({accept_values(request)}) can be produced; use "
-                                 f"{DICOM_JSON} or {DICOM_XML}")
-    return media
 
 
 def _encode(body: dict[str, Any], media: str) -> bytes:
