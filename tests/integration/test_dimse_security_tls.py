@@ -10,8 +10,6 @@ certificate) goes over TLS; a destination whose certificate we do not trust rece
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import socket
 import ssl
@@ -23,53 +21,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import dcmtk
 from helpers.ports import free_port, wait_for_port
 from helpers.server import OpenPACSServer
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-
-# ---- a throw-away PKI (RSA: what every DCMTK build handles) -----------------------------------------------------
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_pki(directory: Path, label: str) -> dict[str, Path]:
-    """{ca, cert, key, client_cert, client_key} of a fresh CA; certificates name 127.0.0.1 and localhost."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca = (x509.CertificateBuilder().subject_name(_name(f"{label} CA")).issuer_name(_name(f"{label} CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    out = {"ca": directory / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for kind in ("server", "client"):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = (x509.CertificateBuilder().subject_name(_name(f"{label}-{kind}")).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        prefix = "" if kind == "server" else "client_"
-        out[prefix + "cert"] = directory / f"{kind}.pem"
-        out[prefix + "key"] = directory / f"{kind}.key"
-        out[prefix + "cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[prefix + "key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    return out
+from unit.security.tlsutil import make_pki
 
 
 def tls(key: Path, cert: Path, ca: Path) -> list[str]:
@@ -163,8 +121,8 @@ class TlsStoreSCP:
 @pytest.fixture(scope="module")
 def world(require_dcmtk, tmp_path_factory):
     base = tmp_path_factory.mktemp("dimsetls")
-    pki = make_pki(base / "pki", "good")
-    rogue = make_pki(base / "rogue", "rogue")
+    pki = make_pki(base / "pki", "good", rsa_keys=True, dual_use=True)
+    rogue = make_pki(base / "rogue", "rogue", rsa_keys=True, dual_use=True)
     # a TLS move destination we trust, and one presenting a certificate of another CA
     dest = TlsStoreSCP(base / "dest", "TLSDEST", pki["key"], pki["cert"], pki["ca"]).start()
     fake = TlsStoreSCP(base / "fake", "FAKEDEST", rogue["key"], rogue["cert"], pki["ca"]).start()
@@ -201,7 +159,7 @@ def test_echo_and_store_over_tls_in_every_process(world) -> None:
     assert dcmtk.echo(server.dicom_port).returncode == 0
     events = [e for e in server.audit() if e["event"] == "InstancesTransferred" and e["source_aet"] == "TLSSCU"]
     assert len(events) == 3 and all(e["action"] == "C" and e["patient_id"] == "TLSPAT" for e in events)
-    assert all("over TLS (good-client)" in e["detail"] for e in events)
+    assert all("over TLS (good client)" in e["detail"] for e in events)
 
 
 def test_plain_untrusted_and_anonymous_clients_are_refused(world) -> None:

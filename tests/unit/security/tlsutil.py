@@ -30,8 +30,11 @@ def _new_key(rsa_keys: bool):  # type: ignore[no-untyped-def]
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def make_pki(directory: Path, name: str = "test", rsa_keys: bool = False) -> dict[str, Path]:
-    """{ca, cert, key, client_cert, client_key}: a CA, a server certificate and a client certificate it signed."""
+def make_pki(directory: Path, name: str = "test", rsa_keys: bool = False, dual_use: bool = False) -> dict[str, Path]:
+    """{ca, cert, key, client_cert, client_key}: a CA, a server certificate and a client certificate it signed.
+
+    ``dual_use``: both certificates may serve and authenticate a client (a DICOM node is both: it accepts
+    associations and, for C-MOVE, opens them with the same certificate)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = _new_key(rsa_keys)
@@ -65,7 +68,12 @@ def make_pki(directory: Path, name: str = "test", rsa_keys: bool = False) -> dic
                 ),
                 critical=False,
             )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if dual_use else [usage]
+                ),
+                critical=False,
+            )
             .sign(ca_key, hashes.SHA256())
         )
         prefix = "" if kind == "server" else "client_"
