@@ -53,9 +53,11 @@ from .multipart import MultipartError, MultipartParser, decoded_body, iter_parts
 
 log = logging.getLogger("openpacs.dicomweb.stow")
 
-# Bytes of one request's parts received but not yet written (a part larger than this is taken alone), and the
-# threads that write them (two: one part's write overlaps the next one's digest and header).
+# Bytes of one request's parts received but not yet written (a part larger than this is taken alone), the same for
+# all requests of the process together, and the threads that write them (two per request: one part's write overlaps
+# the next one's digest and header).
 INFLIGHT_BYTES = 256 << 20
+TOTAL_INFLIGHT_BYTES = 1 << 30
 WORKERS = 2
 STORE_THREADS = 32
 
@@ -68,6 +70,40 @@ _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
 
 
+class _Budget:
+    """Bytes handed over by all the STOW-RS requests of this process and not yet written, and the part stores waiting
+    for them to fall under ``limit``. Lock order: a store's lock, then this one's; a store's lock is never taken under
+    this one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.lock = threading.Lock()
+        self.blocked: list[_PartStore] = []
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.used += n
+
+    def block(self, store: _PartStore) -> bool:
+        """True, with ``store`` registered to be woken, if the process is over its limit."""
+        with self.lock:
+            if self.used <= self.limit:
+                return False
+            if store not in self.blocked:
+                self.blocked.append(store)
+            return True
+
+    def release(self, n: int) -> list[_PartStore]:
+        """Give back ``n`` written bytes; the stores to wake if that brought the process under its limit."""
+        with self.lock:
+            self.used -= n
+            if self.used > self.limit or not self.blocked:
+                return []
+            woken, self.blocked = self.blocked, []
+            return woken
+
+
 class _PartStore:
     """Stores the parts of one request in order without waiting for each part's index commit (they join the group
     commit together); ``close()`` settles them all and returns when every part is durable.
@@ -76,11 +112,13 @@ class _PartStore:
     empty, so a slow or stalled upload holds no thread between its parts. Per part that is at most one hand-over (none
     while a worker is busy) instead of a thread-pool round trip and a commit wait each: on a small machine thread
     switches, not bytes, are what a STOW-RS part costs. The bytes handed over but not yet written are bounded: ``put``
-    waits while they exceed ``limit`` (a larger part goes alone).
+    waits while they exceed ``limit``, or while those of every request together exceed ``total``'s limit (a larger
+    part goes alone: a request whose parts are all written may always hand over one more, so every upload advances).
+    All requests together hold at most ``total``'s limit plus two parts each.
     """
 
-    def __init__(self, ctx: Context, source: Any, study: str | None, limit: int) -> None:
-        self.ctx, self.source, self.study, self.limit = ctx, source, study, limit
+    def __init__(self, ctx: Context, source: Any, study: str | None, limit: int, total: _Budget) -> None:
+        self.ctx, self.source, self.study, self.limit, self.total = ctx, source, study, limit, total
         self.loop = asyncio.get_running_loop()
         self.queue: deque[tuple[int, list[bytes | memoryview], int]] = deque()
         self.outcomes: dict[int, StoreOutcome] = {}
@@ -95,6 +133,7 @@ class _PartStore:
         with self.lock:
             self.queue.append((index, chunks, size))
             self.inflight += size
+            self.total.add(size)
             start = self.running < WORKERS
             if start:
                 self.running += 1
@@ -102,7 +141,7 @@ class _PartStore:
             self.workers.append(asyncio.wrap_future(_store_threads().submit(self._run)))
         waiter = None
         with self.lock:
-            if self.inflight > self.limit and self.running:
+            if self.running and (self.inflight > self.limit or self.total.block(self)):
                 waiter = self.waiter = self.loop.create_future()
         if waiter is not None:
             await waiter
@@ -111,8 +150,9 @@ class _PartStore:
         """Wait for the queued parts to be written, then for their commits (one thread, not one per part)."""
         await asyncio.shield(asyncio.gather(*self.workers, return_exceptions=True))
         with self.lock:  # left by a worker that died of something _guarded does not catch (MemoryError)
-            for index, _, _ in self.queue:
+            for index, _, size in self.queue:
                 self.outcomes[index] = StoreOutcome(status=Status.PROCESSING_FAILURE, message="store thread failed")
+                self.total.release(size)
             self.queue.clear()
         if self.pending:
             await asyncio.shield(asyncio.wrap_future(_store_threads().submit(self._settle)))
@@ -138,18 +178,34 @@ class _PartStore:
                     waiter, self.waiter = self.waiter, None
                     return waiter
                 index, chunks, size = self.queue.popleft()
-            out = _guarded(partial(self.ctx.ingest.submit_file, chunks, self.source, self.study))
-            del chunks
+            try:
+                out = _guarded(partial(self.ctx.ingest.submit_file, chunks, self.source, self.study))
+            finally:
+                del chunks
+                others = self.total.release(size)
             with self.lock:
                 self.inflight -= size
                 if isinstance(out, StoreOutcome):
                     self.outcomes[index] = out
                 else:
                     self.pending.append((index, out))
-                waiter = self.waiter if self.inflight <= self.limit else None
+                ready = self.inflight <= self.limit and (self.inflight == 0 or self.total.used <= self.total.limit)
+                waiter = self.waiter if ready else None
                 if waiter is not None:
                     self.waiter = None
             self._wake(waiter)
+            for store in others:
+                if store is not self:
+                    store._room()
+
+    def _room(self) -> None:
+        """The process went under its limit: go on unless this request is over its own, or the process is over its
+        limit again (then wait for the next release)."""
+        with self.lock:
+            if self.waiter is None or self.inflight > self.limit or (self.inflight and self.total.block(self)):
+                return
+            waiter, self.waiter = self.waiter, None
+        self._wake(waiter)
 
     def _wake(self, waiter: asyncio.Future[None] | None) -> None:
         """Let the put() waiting on ``waiter`` (taken from self.waiter under the lock) go on."""
@@ -162,6 +218,7 @@ class _PartStore:
 
 
 _T = TypeVar("_T")
+_TOTAL = _Budget(TOTAL_INFLIGHT_BYTES)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -242,7 +299,7 @@ async def _receive(
                 )
                 continue
             if storer is None:
-                storer = _PartStore(ctx, source, study, limit=INFLIGHT_BYTES)
+                storer = _PartStore(ctx, source, study, limit=INFLIGHT_BYTES, total=_TOTAL)
             chunks, size = part.chunks, part.size
             del part
             await storer.put(i, chunks, size)

@@ -156,22 +156,50 @@ def test_part_of_another_media_type_fails_alone() -> None:
 class _SlowIngest:
     """submit_file takes 10 ms and records how many bytes the request had handed over but not yet written."""
 
-    def __init__(self) -> None:
+    def __init__(self, total_seen: list[int] | None = None) -> None:
         self.store: stow._PartStore | None = None
         self.inflight_seen: list[int] = []
+        self.total_seen = [] if total_seen is None else total_seen
 
     def submit_file(self, chunks, source, expected_study_uid=None) -> StoreOutcome:
         import time
 
         self.inflight_seen.append(self.store.inflight)
+        self.total_seen.append(self.store.total.used)
         time.sleep(0.01)
         return StoreOutcome(0, sop_instance_uid=bytes(chunks[0]).decode())
 
 
-def _part_store(ingest: _SlowIngest, limit: int) -> stow._PartStore:
+def _part_store(ingest: _SlowIngest, limit: int, total: stow._Budget | None = None) -> stow._PartStore:
     ctx = SimpleNamespace(ingest=ingest)
-    ingest.store = stow._PartStore(ctx, source=None, study=None, limit=limit)  # type: ignore[arg-type]
+    budget = stow._Budget(1 << 40) if total is None else total
+    ingest.store = stow._PartStore(ctx, source=None, study=None, limit=limit, total=budget)  # type: ignore[arg-type]
     return ingest.store
+
+
+def test_part_stores_share_a_process_wide_bound() -> None:
+    """Four uploads at once, each with room for all its parts: the bytes handed over by all of them together stay
+    within the process-wide limit plus two parts per upload, every upload completes, and the count returns to 0."""
+
+    async def run(total_limit: int) -> tuple[list[list[str]], list[int], int]:
+        total = stow._Budget(total_limit)
+        seen: list[int] = []
+
+        async def upload(name: str) -> list[str]:
+            store = _part_store(_SlowIngest(seen), limit=1 << 30, total=total)
+            for i in range(5):
+                await store.put(i, [f"{name}{i}".encode().ljust(100, b" ")], 100)
+            outcomes = await store.close()
+            return [outcomes[i].sop_instance_uid.strip() for i in range(5)]
+
+        done = await asyncio.gather(*(upload(n) for n in "abcd"))
+        return done, seen, total.used
+
+    done, seen, left = asyncio.run(run(150))
+    assert done == [[f"{n}{i}" for i in range(5)] for n in "abcd"] and left == 0
+    assert max(seen) <= 150 + 4 * 2 * 100  # over the limit, an upload waits unless none of its parts is unwritten
+    done, seen, left = asyncio.run(run(1 << 30))
+    assert left == 0 and max(seen) >= 1500  # without the bound the same uploads pile up: the check can fail
 
 
 def test_part_store_backpressure_bounds_bytes_handed_over() -> None:
