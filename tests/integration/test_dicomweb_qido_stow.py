@@ -312,6 +312,16 @@ def test_results_as_dicom_xml(data, base) -> None:
         f"{base}/studies", params={**q, "accept": "application/json"}, headers={"Accept": "text/html"}, timeout=10
     )
     assert r.status_code == 200
+    # q-values decide between the two (RFC 9110 12.5.1); at equal preference JSON, the default
+    xml_first = 'multipart/related; type="application/dicom+xml", application/dicom+json; q=0.1'
+    r = requests.get(f"{base}/studies", params=q, timeout=10, headers={"Accept": xml_first})
+    assert r.headers["content-type"].startswith("multipart/related")
+    json_first = 'multipart/related; type="application/dicom+xml"; q=0.2, application/dicom+json; q=0.5'
+    r = requests.get(f"{base}/studies", params=q, timeout=10, headers={"Accept": json_first})
+    assert r.headers["content-type"].startswith("application/dicom+json")
+    both = 'multipart/related; type="application/dicom+xml", */*'
+    r = requests.get(f"{base}/studies", params=q, timeout=10, headers={"Accept": both})
+    assert r.headers["content-type"].startswith("application/dicom+json")
 
 
 def test_no_results_is_204(data, base) -> None:

@@ -17,6 +17,7 @@ import requests
 from helpers import dicomdata
 from helpers.ports import free_port
 from PIL import Image
+from pydicom.encaps import generate_frames
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -279,12 +280,16 @@ def test_metadata_and_bulkdata(live, client) -> None:
         assert meta["00280010"]["Value"] == [int(info.ds.Rows)]
         uri = meta["7FE00010"]["BulkDataURI"]
         assert uri.startswith("http") and uri.endswith("/bulkdata/7FE00010")
+        # by default uncompressed little endian, decoded from a lossless stored form (PS3.18 8.7.3.4)
+        [data] = client.retrieve_bulkdata(uri)
         if info.ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            [data] = client.retrieve_bulkdata(uri)
             assert data == bytes(info.ds.PixelData)
         else:
-            frames = client.retrieve_bulkdata(uri)
-            assert len(frames) == int(info.ds.get("NumberOfFrames", 1))
+            assert data == info.pixels().tobytes()  # 16-bit grey: little endian on this machine as on the wire
+            # as stored when asked: one compressed frame per part
+            n = int(info.ds.get("NumberOfFrames", 1))
+            frames = client.retrieve_bulkdata(uri, media_types=(("image/jls", "*"),))
+            assert frames == list(generate_frames(info.ds.PixelData, number_of_frames=n))
     series_meta = client.retrieve_series_metadata(infos["mr"].study, infos["mr"].series)
     assert [m["00080018"]["Value"][0] for m in series_meta] == [infos["mr"].sop]
     study_meta = client.retrieve_study_metadata(infos["ct"].study)
@@ -479,16 +484,34 @@ def test_rendered(live, client) -> None:
     )
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert _image(r.content).size == (64, 64)
-    for bad in ({"window": "40"}, {"viewport": "0,0"}, {"quality": "1000"}):
+    for bad in (
+        {"window": "40"},
+        {"viewport": "0,0"},
+        {"quality": "1000"},
+        {"viewport": "64,64,0,0,0,0"},  # an empty source region
+        {"viewport": "64,64,500,500,10,10"},  # a source region outside the 128 x 128 image
+    ):
         assert requests.get(base + info.url + "/rendered", params=bad).status_code == 400, bad
     assert requests.get(base + info.url + "/rendered", headers={"Accept": "video/mp4"}).status_code == 406
     # frames and colour
     ybr = infos["ybr"]
     frame = client.retrieve_instance_frames_rendered(ybr.study, ybr.series, ybr.sop, frame_numbers=[15])
     assert _image(frame).mode == "RGB"
-    # series and study level rendered give an image
+    # a series, a study or a frame list is several images: multipart, and a single-part type alone is a 406
+    # (PS3.18 10.4.4)
     r = requests.get(f"{base}/studies/{info.study}/series/{info.series}/rendered")
-    assert r.status_code == 200 and _image(r.content).format == "JPEG"
+    assert r.status_code == 200 and r.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
+    assert [_image(body).format for _, body in _parts(r)] == ["JPEG"]  # the CT series holds one image
+    r = requests.get(f"{base}/studies/{ybr.study}/rendered", headers={"Accept": 'multipart/related; type="image/png"'})
+    images = [_image(body) for _, body in _parts(r)]
+    assert len(images) == 30 and {im.format for im in images} == {"PNG"}  # every frame of the 30-frame instance
+    for url in (f"/studies/{info.study}/rendered", ybr.url + "/frames/1,2/rendered"):
+        assert requests.get(base + url, headers={"Accept": "image/jpeg"}).status_code == 406, url
+    r = requests.get(base + ybr.url + "/frames/1,2/rendered")
+    assert len(_parts(r)) == 2
+    # the accept query parameter (PS3.18 8.3.3.1), for links such as <img src=".../rendered?accept=image/png">
+    r = requests.get(base + info.url + "/rendered", params={"accept": "image/png"}, headers={"Accept": "image/jpeg"})
+    assert r.headers["content-type"] == "image/png" and _image(r.content).format == "PNG"
     # MONOCHROME1 renders inverted: the brightest stored value is darkest
     m1 = infos["mono1"]
     r = requests.get(base + m1.url + "/rendered", headers={"Accept": "image/png"})
@@ -556,6 +579,13 @@ def test_wado_uri(live) -> None:
     assert requests.get(base + "/wado", params={**q, "objectUID": "1.2.3"}).status_code == 404
     assert requests.get(base + "/wado", params={**q, "contentType": "text/html"}).status_code == 406
     assert requests.get(base + "/wado", params={**q, "windowCenter": "x", "windowWidth": "1"}).status_code == 400
+    # not a UID: 400; a UID we cannot produce: 406 (PS3.18 9.4.2.4)
+    dicom = {**q, "contentType": "application/dicom"}
+    assert requests.get(base + "/wado", params={**dicom, "transferSyntax": "abc"}).status_code == 400
+    assert requests.get(base + "/wado", params={**dicom, "transferSyntax": "1.2.3.4"}).status_code == 406
+    # asked for a de-identified object: refused, never the identified one (PS3.18 9.4.2.3)
+    r = requests.get(base + "/wado", params={**dicom, "anonymize": "yes"})
+    assert r.status_code == 400 and b"anonymize" in r.content
 
 
 def test_wado_uri_at_root(live) -> None:
@@ -566,3 +596,72 @@ def test_wado_uri_at_root(live) -> None:
     r = requests.get(root + "/wado", params={**q, "contentType": "application/dicom", "transferSyntax": "*"})
     assert r.status_code == 200, "WADO-URI must also be mounted at /wado on the root (web/app.py)"
     assert r.content[128:] == info.bytes[128:]
+
+
+def test_single_part_dicom_and_accept_parameter(live) -> None:
+    """PS3.18 10.4.4: a bare application/dicom body for an instance, never for a study or series; the accept query
+    parameter overrides the header (8.3.3.1)."""
+    base, infos, _ = live
+    info = infos["jls"]
+    r = requests.get(base + info.url, headers={"Accept": "application/dicom"})
+    assert r.status_code == 200 and r.headers["content-type"] == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+    ds = pydicom.dcmread(io.BytesIO(r.content))
+    assert ds.SOPInstanceUID == info.sop and ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    np.testing.assert_array_equal(ds.pixel_array, info.pixels())
+    r = requests.get(base + info.url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert pydicom.dcmread(io.BytesIO(r.content)).file_meta.TransferSyntaxUID == info.ts
+    # the multipart form when it is preferred
+    accept = 'multipart/related; type="application/dicom", application/dicom; q=0.5'
+    assert len(_parts(requests.get(base + info.url, headers={"Accept": accept}))) == 1
+    for url in (f"/studies/{info.study}", f"/studies/{info.study}/series/{info.series}"):
+        assert requests.get(base + url, headers={"Accept": "application/dicom"}).status_code == 406, url
+    implicit = f'multipart/related; type="application/dicom"; transfer-syntax={ImplicitVRLittleEndian}'
+    r = requests.get(base + infos["ct"].url, params={"accept": implicit})
+    [(headers, _)] = _parts(r)
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={ImplicitVRLittleEndian}"
+
+
+def test_bulkdata_ranges_and_compressed_pixels(live) -> None:
+    base, infos, _ = live
+    ct, jls = infos["ct"], infos["jls"]
+    url = base + ct.url + "/bulkdata/7FE00010"
+    octet = {"Accept": "application/octet-stream"}
+    pixels = bytes(ct.ds.PixelData)
+    r = requests.get(url, headers={**octet, "Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == pixels[:100]
+    assert r.headers["content-range"] == f"bytes 0-99/{len(pixels)}"
+    r = requests.get(url, headers={**octet, "Range": "bytes=-10"})
+    assert r.status_code == 206 and r.content == pixels[-10:]
+    for unsatisfiable in ("bytes=-0", f"bytes={len(pixels)}-"):
+        r = requests.get(url, headers={**octet, "Range": unsatisfiable})
+        assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(pixels)}", unsatisfiable
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-2"):
+        r = requests.get(url, headers={**octet, "Range": ignored})
+        assert r.status_code == 200 and r.content == pixels, ignored
+    # a compressed instance's pixel data asked as a single octet-stream body: decoded, every frame
+    r = requests.get(base + jls.url + "/bulkdata/7FE00010", headers=octet)
+    assert r.status_code == 200 and r.content == jls.pixels().tobytes()
+    r = requests.get(base + infos["j2k"].url + "/frames/1", headers=octet)
+    assert r.status_code == 200 and len(r.content) == infos["j2k"].pixels().nbytes
+
+
+def test_pixeldata_of_an_instance_without_pixels(live) -> None:
+    base, _, ctx = live
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from openpacs.services.types import Source
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (pydicom.uid.generate_uid() for _ in range(3))
+    ds.PatientID, ds.Modality = "SR1", "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert ctx.ingest.store_file(buf.getvalue(), Source("TEST")).ok
+    url = f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    octet_parts = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    assert requests.get(url + "/pixeldata", headers=octet_parts).status_code == 404
+    assert requests.get(url + "/bulkdata/7FE00010").status_code == 404

@@ -41,6 +41,16 @@ _PIXEL_MODULE = (
 )
 
 
+# JPEG baseline/extended, MPEG-2/4 and HEVC video: never lossless
+_LOSSY_ONLY = frozenset(
+    ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"] + [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+)
+# JPEG-LS near-lossless, JPEG 2000, JPEG 2000 Part 2, HTJ2K: lossless only with NEAR=0 / a reversible wavelet
+_MAYBE_LOSSY = frozenset(
+    ["1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"]
+)
+
+
 class FrameError(ValueError):
     """The instance has no such frame or no pixel data."""
 
@@ -98,6 +108,17 @@ class FrameReader:
     @property
     def is_native(self) -> bool:
         return self.transfer_syntax in NATIVE
+
+    @property
+    def lossy(self) -> bool:
+        """The stored pixel data is (or may be) lossy compressed: Lossy Image Compression "01", a lossy-only syntax,
+        or a syntax that may be either (JPEG 2000, HTJ2K, JPEG-LS near-lossless) not marked "00"."""
+        flag = str(self.ds.get("LossyImageCompression", "") or "").strip()
+        if flag == "01":
+            return True
+        if self.transfer_syntax in _LOSSY_ONLY:
+            return True
+        return self.transfer_syntax in _MAYBE_LOSSY and flag != "00"
 
     def _check(self, number: int) -> None:
         if not self.has_pixels:

@@ -20,7 +20,8 @@ _XML_PARTS = 'multipart/related; type="application/dicom+xml"'
 _SEARCH = (DICOM_JSON, _XML_PARTS)
 _DICOM = ('multipart/related; type="application/dicom"', 'multipart/related; type="application/octet-stream"')
 _METADATA = (DICOM_JSON, _XML_PARTS)
-_RENDERED = ("image/jpeg", "image/png")
+_RENDERED = ("image/jpeg", "image/png")  # one image: an instance, one frame, a thumbnail
+_RENDERED_PARTS = ('multipart/related; type="image/jpeg"', 'multipart/related; type="image/png"')  # several
 _BULK = ('multipart/related; type="application/octet-stream"',)
 _FRAMES = ('multipart/related; type="application/octet-stream"', 'multipart/related; type="image/jls"',
            'multipart/related; type="image/jp2"', 'multipart/related; type="image/jphc"',
@@ -55,7 +56,11 @@ def _retrievable(level: str, uid: str, children: list[_Resource], store: bool = 
         methods.insert(1, _Method("POST", "StoreStudyInstances", _STORE_OUT, _STORE_IN))
     subs = [
         _Resource("metadata", [_Method("GET", f"Retrieve{level}Metadata", _METADATA)]),
-        _Resource("rendered", [_Method("GET", f"RetrieveRendered{level}", _RENDERED)]),
+        _Resource(
+            "rendered",
+            [_Method("GET", f"RetrieveRendered{level}", _RENDERED + _RENDERED_PARTS if level == "Instance" else
+                     _RENDERED_PARTS)],
+        ),
         _Resource("thumbnail", [_Method("GET", f"Retrieve{level}Thumbnail", _RENDERED)]),
         _Resource("pixeldata", [_Method("GET", f"Retrieve{level}PixelData", _BULK)]),
     ]
@@ -63,7 +68,7 @@ def _retrievable(level: str, uid: str, children: list[_Resource], store: bool = 
 
 
 _FRAME_LIST = _Resource("frames", [], [_Resource("{frames}", [_Method("GET", "RetrieveFrames", _FRAMES)], [
-    _Resource("rendered", [_Method("GET", "RetrieveRenderedFrames", _RENDERED)]),
+    _Resource("rendered", [_Method("GET", "RetrieveRenderedFrames", _RENDERED_PARTS + _RENDERED)]),
     _Resource("thumbnail", [_Method("GET", "RetrieveFramesThumbnail", _RENDERED)]),
 ])])
 _BULKDATA = _Resource("bulkdata", [], [_Resource("{path}", [_Method("GET", "RetrieveBulkdata", _BULK)])])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -51,7 +50,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 def parse_accept(value: str) -> list[tuple[str, dict[str, str], float]]:
     """``Accept`` as (media range, parameters, q) in the client's order; unparsable q counts as 1."""
     out: list[tuple[str, dict[str, str], float]] = []
-    for item in _split_commas(value):
+    for item in split_list(value):
         media, params = parse_media_type(item)
         if not media:
             continue
@@ -65,20 +64,26 @@ def parse_accept(value: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def _split_commas(value: str) -> Iterable[str]:
-    """Split on commas outside quoted strings (a ``type="a,b"`` parameter must not be cut)."""
+def split_list(value: str, sep: str = ",") -> list[str]:
+    """Split a header list on ``sep`` outside quoted strings (a ``type="a,b"`` parameter must not be cut; a quoted
+    string may escape a quote with a backslash); empty items are dropped."""
+    out: list[str] = []
     buf: list[str] = []
-    quoted = False
+    quoted = escaped = False
     for c in value:
-        if c == '"':
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
             quoted = not quoted
-        if c == "," and not quoted:
-            yield "".join(buf)
+        elif c == sep and not quoted:
+            out.append("".join(buf))
             buf = []
-        else:
-            buf.append(c)
-    if buf:
-        yield "".join(buf)
+            continue
+        buf.append(c)
+    out.append("".join(buf))
+    return [s for s in (x.strip() for x in out) if s]
 
 
 def accept_values(request: Request) -> str:
@@ -119,15 +124,34 @@ def negotiate(request: Request, offered: list[str]) -> str | None:
     return choice
 
 
+def _q_of(ranges: list[tuple[str, dict[str, str], float]], media: str) -> float:
+    """The q the most specific range matching ``media`` gives it (RFC 9110 12.5.1)."""
+    mtype = media.split("/", 1)[0]
+    best, spec = 0.0, -1
+    for rng, _params, q in ranges:
+        s = 2 if rng == media else 1 if rng == mtype + "/*" else 0 if rng in ("*/*", "*") else -1
+        if s > spec:
+            best, spec = q, s
+    return best
+
+
 def negotiate_metadata(request: Request) -> str:
     """application/dicom+json (default), application/json, or DICOM_XML for ``multipart/related;
     type="application/dicom+xml"`` (PS3.18 requires both for QIDO-RS results and WADO-RS metadata); else 406."""
     choice = negotiate(request, [DICOM_JSON, JSON])
-    if choice is not None:
-        return choice
-    for media, params, q in parse_accept(accept_values(request)):
-        if media == "multipart/related" and params.get("type", "").strip('"').lower() == DICOM_XML and q > 0:
-            return DICOM_XML
+    ranges = parse_accept(accept_values(request))
+    xml_q = max(
+        (
+            q
+            for media, params, q in ranges
+            if media == "multipart/related" and params.get("type", "").strip('"').lower() == DICOM_XML
+        ),
+        default=0.0,
+    )
+    if choice is not None and _q_of(ranges, choice) >= xml_q:
+        return choice  # equal preference: JSON, the default
+    if xml_q > 0:
+        return DICOM_XML
     raise DicomWebError(
         406,
         f"none of the accepted media types ({accept_values(request)}) can be produced; use {DICOM_JSON} or "

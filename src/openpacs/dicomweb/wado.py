@@ -13,7 +13,8 @@ import asyncio
 import io
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+import re
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,8 @@ from ..dicom.render import (
     render_frame,
 )
 from ..services.types import InstanceRef
-from .common import DICOM_XML, DicomWebError, error_response, negotiate_metadata
+from .common import DICOM_XML, DicomWebError, accept_values, error_response, negotiate_metadata, split_list
+from .common import parse_accept as common_parse_accept
 from .multipart import multipart_response, part_head
 
 log = logging.getLogger(__name__)
@@ -138,43 +140,12 @@ def _norm_media(value: str) -> str:
     return MEDIA_ALIASES.get(v, v)
 
 
-def _split_outside_quotes(value: str, sep: str = ",") -> list[str]:
-    out, buf, quoted, escaped = [], [], False, False
-    for ch in value:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-            continue
-        if ch == "\\" and quoted:
-            escaped = True
-            buf.append(ch)
-            continue
-        if ch == '"':
-            quoted = not quoted
-        if ch == sep and not quoted:
-            out.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    out.append("".join(buf))
-    return [s for s in (x.strip() for x in out) if s]
-
-
 def parse_accept(header: str | None) -> list[MediaRange]:
     """Media ranges of an Accept header, most preferred first (q=0 dropped). An empty header accepts anything."""
-    from .multipart import parse_media_type
-
     if not header or not header.strip():
         return [MediaRange("*/*")]
     ranges: list[MediaRange] = []
-    for item in _split_outside_quotes(header):
-        media, params = parse_media_type(item)
-        if not media:
-            continue
-        try:
-            q = float(params.pop("q", "1") or 1)
-        except ValueError:
-            q = 1.0
+    for media, params, q in common_parse_accept(header):
         if q <= 0:
             continue
         if "type" in params:
@@ -189,15 +160,20 @@ def _ts_param(r: MediaRange) -> str | None:
     return ts.strip() if ts else None
 
 
-def dicom_syntax_choices(accept: list[MediaRange]) -> list[str]:
-    """Acceptable transfer syntaxes for application/dicom parts, preferred first ('*' = as stored)."""
+def dicom_syntax_choices(accept: list[MediaRange], single_part: bool = False) -> list[str]:
+    """Acceptable transfer syntaxes for application/dicom, preferred first ('*' = as stored): in multipart/related
+    (wildcards included), or with ``single_part`` in a bare application/dicom body (PS3.18 10.4.4: instances only)."""
     choices: list[str] = []
     for r in accept:
         if r.multipart:
             inner = r.inner or DICOM
-        elif r.type in (DICOM, "*/*", "application/*"):
+        elif r.type in ("*/*", "application/*"):
+            inner = DICOM
+        elif r.type == DICOM and single_part:
             inner = DICOM
         else:
+            continue
+        if single_part != (r.type == DICOM):
             continue
         if inner not in (DICOM, "*/*", "application/*"):
             continue
@@ -397,8 +373,13 @@ class WadoRS:
         p = request.path_params
         try:
             refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
-            accept = parse_accept(request.headers.get("accept"))
+            accept = parse_accept(accept_values(request))
             choices = dicom_syntax_choices(accept)
+            if "instance" in p:
+                single = dicom_syntax_choices(accept, single_part=True)
+                first = next((r for r in accept if r.type == DICOM or (r.multipart and r.inner in (DICOM, ""))), None)
+                if single and (not choices or (first is not None and first.type == DICOM)):
+                    return await self._send_single(refs[0], single)
             if not choices and _wants_octet_parts(accept):
                 # PS3.18 Table 10.4.4-1: instance resources as their bulk data (the same as .../bulkdata)
                 return self._bulk_stream(refs, self.base_url(request), pixels_only=False)
@@ -417,6 +398,21 @@ class WadoRS:
         except HTTPError as e:
             return _error_response(e)
         return await self._send_instances(plans, choices)
+
+    async def _send_single(self, ref: InstanceRef, choices: list[str]) -> Response:
+        """One instance as a bare application/dicom body (the client accepted only that, or preferred it)."""
+        target = choose_syntax(ref.transfer_syntax_uid, choices)
+        if target is None:
+            raise HTTPError(
+                406,
+                f"instance {ref.sop_instance_uid} is stored in {ref.transfer_syntax_uid} and cannot be converted to "
+                f"any acceptable transfer syntax ({', '.join(choices)})",
+            )
+        try:
+            data, ts = await run_in_threadpool(self._instance_bytes, _Plan(ref, target, None), choices)
+        except tc.TranscodeError as e:
+            raise HTTPError(406, str(e)) from e
+        return Response(data, media_type=DICOM, headers={"Content-Type": f"{DICOM}; transfer-syntax={ts}"})
 
     async def _send_instances(self, plans: list[_Plan], choices: list[str]) -> Response:
         from .multipart import new_boundary, related_content_type
@@ -542,7 +538,7 @@ class WadoRS:
         try:
             numbers = parse_frame_list(request.path_params["frames"])
             ref = await self._one(request)
-            accept = parse_accept(request.headers.get("accept"))
+            accept = parse_accept(accept_values(request))
             result = await run_in_threadpool(self._frames_sync, ref, numbers, accept)
         except HTTPError as e:
             return _error_response(e)
@@ -555,7 +551,9 @@ class WadoRS:
             for n in numbers:
                 if n > reader.number_of_frames:
                     raise HTTPError(404, f"frame {n} does not exist (instance has {reader.number_of_frames})")
-            choice = choose_frame_media(accept, str(reader.transfer_syntax), single=len(numbers) == 1)
+            choice = choose_frame_media(
+                accept, str(reader.transfer_syntax), single=len(numbers) == 1, lossy=reader.lossy
+            )
             if choice is None:
                 raise HTTPError(
                     406,
@@ -580,7 +578,7 @@ class WadoRS:
         try:
             ref = await self._one(request)
             tag_path = parse_bulk_path(request.path_params["path"])
-            accept = parse_accept(request.headers.get("accept"))
+            accept = parse_accept(accept_values(request))
             return await run_in_threadpool(self._bulk_sync, ref, tag_path, accept, request.headers.get("range"))
         except HTTPError as e:
             return _error_response(e)
@@ -592,24 +590,25 @@ class WadoRS:
             with self._reader(ref) as reader:
                 if not reader.has_pixels:
                     raise HTTPError(404, "no pixel data")
-                frame_numbers = list(range(1, reader.number_of_frames + 1))
-                if reader.is_native:
-                    choice = choose_frame_media(accept, ExplicitVRLittleEndian, single=True)
-                    if choice is None:
-                        raise HTTPError(406, "pixel data is available as application/octet-stream")
-                    if choice[1] == ExplicitVRLittleEndian:
-                        return _bulk_response(_native_pixel_data(reader), accept, range_header)
-                choice = choose_frame_media(accept, str(reader.transfer_syntax), single=False)
+                n_frames = reader.number_of_frames
+                stored = str(reader.transfer_syntax)
+                # one octet-stream body holds every frame; one compressed image only a single frame
+                choice = choose_frame_media(accept, stored, single=True, lossy=reader.lossy)
+                if choice is not None and not choice[2] and choice[0] != OCTET and n_frames > 1:
+                    choice = choose_frame_media(accept, stored, single=False, lossy=reader.lossy)
                 if choice is None:
                     raise HTTPError(406, "no acceptable media type for this pixel data")
-                media, ts, _ = choice
+                media, ts, multipart = choice
+                if media == OCTET and tc.is_native(ts):
+                    return _bulk_response(_native_pixel_data(reader), accept, range_header)
                 try:
-                    parts = [reader.frame_as(n, ts) for n in frame_numbers]
+                    parts = [reader.frame_as(n, ts) for n in range(1, n_frames + 1)]
                 except tc.TranscodeError as e:
                     raise HTTPError(406, str(e)) from e
-                if media == OCTET and tc.is_native(ts):
-                    return _bulk_response(b"".join(parts), accept, range_header)
-                return multipart_response([(f"{media}; transfer-syntax={ts}", p) for p in parts], media, ts)
+            ctype = f"{media}; transfer-syntax={ts}"
+            if not multipart:
+                return Response(parts[0], media_type=media, headers={"Content-Type": ctype})
+            return multipart_response([(ctype, p) for p in parts], media, ts)
         value = _walk(pydicom.dcmread(self._source(ref), force=True), tag_path)
         return _bulk_response(value, accept, range_header)
 
@@ -618,12 +617,18 @@ class WadoRS:
     async def pixeldata(self, request: Request) -> Response:
         p = request.path_params
         try:
-            if not _wants_octet_parts(parse_accept(request.headers.get("accept"))):
+            if not _wants_octet_parts(parse_accept(accept_values(request))):
                 raise HTTPError(406, 'pixel data is available as multipart/related; type="application/octet-stream"')
             refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
+            if "instance" in p and not await run_in_threadpool(self._has_pixels, refs[0]):
+                raise HTTPError(404, "instance has no pixel data")
         except HTTPError as e:
             return _error_response(e)
         return self._bulk_stream(refs, self.base_url(request), pixels_only=True)
+
+    def _has_pixels(self, ref: InstanceRef) -> bool:
+        with self._reader(ref) as reader:
+            return reader.has_pixels
 
     def _bulk_stream(self, refs: list[InstanceRef], base: str, pixels_only: bool) -> Response:
         from .multipart import OutPart, new_boundary, related_content_type, write_multipart
@@ -673,53 +678,74 @@ class WadoRS:
         return await self._render(request, thumbnail=True)
 
     async def _render(self, request: Request, thumbnail: bool) -> Response:
+        """PS3.18 10.4.1.1.3: a rendered instance or frame is one image (or a multipart of its frames); a rendered
+        study, series or frame list is a multipart of images, streamed one instance at a time. Single-part media
+        types count only for single items (PS3.18 10.4.4). A thumbnail is one image of the resource."""
         p = request.path_params
         try:
-            params, multipart = rendered_params(request, thumbnail)
-            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
-            image_refs = refs
             frames: list[int] | None = parse_frame_list(p["frames"]) if "frames" in p else None
-            if thumbnail or (not multipart and "instance" not in p):
+            single_item = thumbnail or ("instance" in p and (frames is None or len(frames) == 1))
+            params, multipart = rendered_params(request, thumbnail, single_ok=single_item)
+            refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
+            if thumbnail and "instance" not in p:
                 # one representative image: the middle instance of the first series
                 first_series = [r for r in refs if r.series_instance_uid == refs[0].series_instance_uid]
-                image_refs = [first_series[(len(first_series) - 1) // 2]] if "instance" not in p else refs[:1]
-            result = await run_in_threadpool(self._render_sync, image_refs, frames, params, multipart, thumbnail)
+                refs = [first_series[(len(first_series) - 1) // 2]]
+            if thumbnail and frames is None:
+                frames = []  # the middle frame
+            images = self._rendered_images(refs, frames, params, thumbnail)
+            first = await run_in_threadpool(next, images, None)
+            if first is None:
+                raise HTTPError(404, "nothing to render")
         except HTTPError as e:
             return _error_response(e)
-        return result
+        if not multipart:
+            images.close()
+            return Response(first, media_type=params.media_type)
+        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
 
-    def _render_sync(
-        self, refs: list[InstanceRef], frames: list[int] | None, params: RenderParams, multipart: bool, thumbnail: bool
-    ) -> Response:
-        images: list[bytes] = []
+        async def parts() -> AsyncIterator[OutPart]:
+            try:
+                yield OutPart(params.media_type, first)
+                while (image := await run_in_threadpool(next, images, None)) is not None:
+                    yield OutPart(params.media_type, image)
+            finally:
+                images.close()
+
+        boundary = new_boundary()
+        return StreamingResponse(
+            write_multipart(parts(), boundary), media_type=related_content_type(boundary, params.media_type)
+        )
+
+    def _rendered_images(
+        self, refs: list[InstanceRef], frames: list[int] | None, params: RenderParams, thumbnail: bool
+    ) -> Generator[bytes, None, None]:
+        """The rendered frames of ``refs`` in order (``frames``: those of the one instance; [] its middle frame).
+        Instances without pixel data are skipped, and so are those that cannot be decoded once an image is out."""
+        produced = False
         for ref in refs:
             try:
                 with self._reader(ref) as reader:
                     if not reader.has_pixels:
                         if len(refs) == 1:
-                            raise HTTPError(406 if not thumbnail else 404, "instance has no pixel data to render")
+                            raise HTTPError(404 if thumbnail else 406, "instance has no pixel data to render")
                         continue
                     n_frames = reader.number_of_frames
-                    wanted = frames or (
-                        [(n_frames + 1) // 2] if thumbnail else list(range(1, n_frames + 1)) if multipart else [1]
-                    )
+                    wanted = [(n_frames + 1) // 2] if frames == [] else frames or list(range(1, n_frames + 1))
                     for n in wanted:
                         if n > n_frames:
                             raise HTTPError(404, f"frame {n} does not exist (instance has {n_frames})")
-                        images.append(render_frame(reader, n, params))
-                        if not multipart:
-                            break
-            except (tc.TranscodeError, ValueError) as e:
-                if isinstance(e, HTTPError | RenderError):
-                    raise
+                    for n in wanted:
+                        image = render_frame(reader, n, params)
+                        produced = True
+                        yield image
+            except RenderError as e:
+                raise HTTPError(400, str(e)) from e
+            except (tc.TranscodeError, FrameError, ValueError) as e:
+                if produced or len(refs) > 1:
+                    log.warning("rendered: skipping %s: %s", ref.sop_instance_uid, e)
+                    continue
                 raise HTTPError(406, f"cannot render {ref.sop_instance_uid}: {e}") from e
-            if images and not multipart:
-                break
-        if not images:
-            raise HTTPError(404, "nothing to render")
-        if not multipart:
-            return Response(images[0], media_type=params.media_type)
-        return multipart_response([(params.media_type, im) for im in images], params.media_type, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -804,8 +830,13 @@ def _in_dictionary(tag: int) -> bool:
     return dictionary_has_tag(tag)
 
 
-def choose_frame_media(accept: list[MediaRange], stored: str, single: bool) -> tuple[str, str, bool] | None:
-    """(media type, transfer syntax, multipart) for frames stored in ``stored``, or None (406)."""
+def choose_frame_media(
+    accept: list[MediaRange], stored: str, single: bool, lossy: bool = False
+) -> tuple[str, str, bool] | None:
+    """(media type, transfer syntax, multipart) for frames stored in ``stored``, or None (406).
+
+    A wildcard without a transfer syntax asks for the default: uncompressed little endian octet-stream, decoded when
+    stored compressed, unless the stored form is ``lossy`` (PS3.18 8.7.3.4) or cannot be decoded here."""
     stored_media = OCTET if tc.is_native(stored) else TS_MEDIA.get(stored, OCTET)
     native_stored = tc.is_native(stored)
     for r in accept:
@@ -823,6 +854,8 @@ def choose_frame_media(accept: list[MediaRange], stored: str, single: bool) -> t
                 return OCTET, (ExplicitVRLittleEndian if tc.can_decode(stored) else stored), multipart
             if inner == "image/*" and native_stored:
                 continue
+            if inner == "*/*" and ts is None and not native_stored and not lossy and tc.can_decode(stored):
+                return OCTET, ExplicitVRLittleEndian, multipart
             return stored_media, (ExplicitVRLittleEndian if native_stored else stored), multipart
         if inner == OCTET:
             if ts == "*":
@@ -848,17 +881,25 @@ def choose_frame_media(accept: list[MediaRange], stored: str, single: bool) -> t
     return None
 
 
-def rendered_params(request: Request, thumbnail: bool) -> tuple[RenderParams, bool]:
+def rendered_params(request: Request, thumbnail: bool, single_ok: bool) -> tuple[RenderParams, bool]:
+    """Render parameters and whether the answer is multipart. ``single_ok``: the resource is one image, so single-part
+    media types apply; otherwise they are ignored (PS3.18 10.4.4) and ``*/*`` means the multipart default."""
     q = request.query_params
-    accept = parse_accept(request.headers.get("accept"))
+    accept = parse_accept(accept_values(request))
     media, multipart = None, False
     for r in accept:
         inner = r.inner if r.multipart else r.type
+        if not (r.multipart or single_ok or r.type == "*/*"):
+            continue
         if inner in ("*/*", "image/*", "") or inner in RENDERED_MEDIA:
             media = "image/jpeg" if inner in ("*/*", "image/*", "") else inner
-            multipart = r.multipart
+            multipart = r.multipart or not single_ok
             break
     if media is None:
+        if not single_ok and any(r.type in RENDERED_MEDIA or r.type == "image/*" for r in accept):
+            raise HTTPError(
+                406, 'this resource holds several images: ask for multipart/related; type="image/jpeg" (or png, gif)'
+            )
         raise HTTPError(406, "rendered images are available as image/jpeg, image/png or image/gif")
     try:
         window = parse_window(q["window"]) if q.get("window") else None
@@ -870,37 +911,63 @@ def rendered_params(request: Request, thumbnail: bool) -> tuple[RenderParams, bo
 
 
 def _bulk_response(data: bytes, accept: list[MediaRange], range_header: str | None) -> Response:
-    if range_header:
-        data = _apply_range(data, range_header)
+    """A bulk data value as application/octet-stream, single part or multipart as accepted. A single part honours one
+    byte range (RFC 9110 14: 206 with Content-Range, 416 when it cannot be met); other Range headers are ignored."""
     for r in accept:
         inner = r.inner if r.multipart else r.type
         if inner in (OCTET, "*/*", "application/*", ""):
             if r.multipart or r.type == "*/*":
                 return multipart_response([(OCTET, data)], OCTET, None)
-            return Response(data, media_type=OCTET)
+            span = _byte_range(range_header, len(data)) if range_header else None
+            if span is None:
+                return Response(data, media_type=OCTET, headers={"Accept-Ranges": "bytes"})
+            start, end = span
+            if start > end:
+                return Response(
+                    b"", status_code=416, media_type=OCTET, headers={"Content-Range": f"bytes */{len(data)}"}
+                )
+            return Response(
+                data[start : end + 1],
+                status_code=206,
+                media_type=OCTET,
+                headers={"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
+            )
     raise HTTPError(406, "bulk data is available as application/octet-stream")
 
 
-def _apply_range(data: bytes, header: str) -> bytes:
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single ``bytes=`` range of a ``size``-byte value; first > last when it is not
+    satisfiable; None for a header to ignore (another unit, several ranges, bad syntax)."""
     h = header.strip().lower()
     if not h.startswith("bytes=") or "," in h:
-        raise HTTPError(400, "only a single bytes= range is supported")
-    start_s, _, end_s = h[6:].partition("-")
+        return None
+    start_s, sep, end_s = h[6:].strip().partition("-")
+    if not sep:
+        return None
     try:
         if start_s == "":
-            n = int(end_s)
-            return data[-n:] if n else b""
+            n = int(end_s)  # the last n bytes
+            if n < 0:
+                return None
+            return (max(0, size - n), size - 1) if n and size else (1, 0)
         start = int(start_s)
-        end = int(end_s) if end_s else len(data) - 1
-    except ValueError as exc:
-        raise HTTPError(400, "bad Range header") from exc
-    if start > end or start >= len(data):
-        raise HTTPError(416, "range not satisfiable")
-    return data[start : end + 1]
+        end = min(int(end_s), size - 1) if end_s else size - 1
+    except ValueError:
+        return None
+    if start < 0 or (end_s and int(end_s) < start):
+        return None  # an invalid range: ignored (RFC 9110 14.1.1)
+    return (start, end) if start < size else (1, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # WADO-URI
+
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _is_uid(value: str) -> bool:
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 class WadoURI:
@@ -920,10 +987,17 @@ class WadoURI:
         study, series, sop = q.get("studyUID"), q.get("seriesUID"), q.get("objectUID")
         if not (study and series and sop):
             raise HTTPError(400, "studyUID, seriesUID and objectUID are required")
+        if "anonymize" in q:
+            # PS3.18 9.4.2.3: a server unable to de-identify may answer an error; serving the identified object to a
+            # client that asked for a de-identified one would hand out the very data it meant to avoid
+            raise HTTPError(400, "anonymize is not supported by this server")
+        ts = q.get("transferSyntax", "").strip()
+        if ts and ts != "*" and not _is_uid(ts):  # "*": as stored, as in WADO-RS
+            raise HTTPError(400, f"transferSyntax {ts!r} is not a UID")
         refs = await self.rs._instances(study, series, sop, request)
         ref = refs[0]
-        requested = [_norm_media(c) for c in _split_outside_quotes(q.get("contentType", ""))]
-        is_image = await run_in_threadpool(self._has_pixels, ref)
+        requested = [_norm_media(c) for c in split_list(q.get("contentType", ""))]
+        is_image = await run_in_threadpool(self.rs._has_pixels, ref)
         if not requested:
             requested = ["image/jpeg"] if is_image else [DICOM]
         for media in requested:
@@ -934,10 +1008,6 @@ class WadoURI:
                     continue
                 return await self._rendered(ref, "image/jpeg" if media == "image/*" else media, q)
         raise HTTPError(406, f"contentType {q.get('contentType', '')!r} not available for this object")
-
-    def _has_pixels(self, ref: InstanceRef) -> bool:
-        with self.rs._reader(ref) as reader:
-            return reader.has_pixels
 
     async def _dicom(self, ref: InstanceRef, ts: str | None) -> Response:
         choices: list[str] = [ts.strip()] if ts and ts.strip() else [str(ExplicitVRLittleEndian)]
@@ -969,8 +1039,14 @@ class WadoURI:
                 raise RenderError("frameNumber must be >= 1")
         except (RenderError, ValueError) as e:
             raise HTTPError(400, str(e)) from e
-        params = RenderParams(media, window, viewport, quality)
-        return await run_in_threadpool(self.rs._render_sync, [ref], [frame], params, False, False)
+        images = self.rs._rendered_images([ref], [frame], RenderParams(media, window, viewport, quality), False)
+        try:
+            image = await run_in_threadpool(next, images, None)
+        finally:
+            images.close()
+        if image is None:
+            raise HTTPError(404, "nothing to render")
+        return Response(image, media_type=media)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

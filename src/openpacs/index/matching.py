@@ -142,7 +142,7 @@ def compile_match(
     if vr == "TM":
         return col == _normalize_time(value, keyword, False)
 
-    values = value.split("\\") if "\\" in value and vr != "PN" else [value]
+    values = value.split("\\") if "\\" in value else [value]  # a backslash never occurs in a value (PN neither)
     conds = [_one(col, vr, v, multi, fuzzy and vr == "PN") for v in values if v != ""]
     return conds[0] if len(conds) == 1 else or_(*conds)
 

@@ -79,7 +79,7 @@ def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True,
     values = stored.split("\\") if stored else [""]
     if vr == "PN" and pn_ci:
         query, values = query.upper(), [v.upper() for v in values]
-    alternatives = query.split("\\") if vr != "PN" else [query]
+    alternatives = query.split("\\")
     for alt in alternatives:
         if vr == "TM" and "-" in alt:
             try:

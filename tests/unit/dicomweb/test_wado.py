@@ -45,7 +45,11 @@ def test_dicom_syntax_choices_and_choose() -> None:
     ("accept", "stored", "expected"),
     [
         ("*/*", ExplicitVRLittleEndian, ("application/octet-stream", ExplicitVRLittleEndian, True)),
-        ("*/*", JPEGLSLossless, ("image/jls", JPEGLSLossless, True)),
+        # the default is uncompressed octet-stream, decoded from a lossless form, as stored only when lossy
+        ("*/*", JPEGLSLossless, ("application/octet-stream", ExplicitVRLittleEndian, True)),
+        ("*/*", JPEGBaseline8Bit, ("image/jpeg", JPEGBaseline8Bit, True)),
+        ('multipart/related; type="*/*"; transfer-syntax=*', JPEGLSLossless, ("image/jls", JPEGLSLossless, True)),
+        ("image/*", JPEGLSLossless, ("image/jls", JPEGLSLossless, False)),
         (
             'multipart/related; type="application/octet-stream"',
             JPEGLSLossless,
@@ -68,7 +72,8 @@ def test_dicom_syntax_choices_and_choose() -> None:
     ],
 )
 def test_choose_frame_media(accept: str, stored: str, expected: tuple[str, str, bool] | None) -> None:
-    assert wado.choose_frame_media(wado.parse_accept(accept), stored, single=True) == expected
+    lossy = stored == JPEGBaseline8Bit
+    assert wado.choose_frame_media(wado.parse_accept(accept), stored, single=True, lossy=lossy) == expected
 
 
 def test_frame_list_and_bulk_path() -> None:

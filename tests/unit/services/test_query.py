@@ -257,6 +257,14 @@ def test_long_uid_list(qctx):
     assert hits(qctx, "SERIES", SeriesInstanceUID="\\".join(many)) == {"se3"}
 
 
+def test_person_name_alternatives(qctx):
+    """A backslash separates alternatives for person names too (no PN value holds one), in SQL and in the stored-
+    header matcher alike."""
+    assert hits(qctx, "PATIENT", PatientName="Doe^John\\Smith^Anna") == {"P1", "P3"}
+    assert hits(qctx, "PATIENT", PatientName="doe^j*\\smithson*") == {"P1", "P2", "P4"}
+    assert hits(qctx, "SERIES", OperatorsName="Op^se4\\op^SE6") == {"se4", "se6"}
+
+
 def test_sop_classes_in_study(qctx):
     assert hits(qctx, "STUDY", SOPClassesInStudy=MR) == {"st1", "st2"}
 
@@ -463,7 +471,7 @@ def test_find_results_carry_query_retrieve_level(qctx):
     ("CS", "MR", "CT\\MR", True), ("DA", "20200101-20200131", "20200115", True),
     ("DA", "20200101-20200131", "20200201", False), ("DA", "-20200131", "", False),
     ("TM", "10-11", "113000", True), ("TM", "10-11", "120000", False),
-    ("LO", "a.c", "abc", False), ("LO", "a(b", "a(b", True),
+    ("LO", "a.c", "abc", False), ("LO", "a(b", "a(b", True), ("PN", "Roe^R\\doe^j*", "Doe^John", True),
 ])
 def test_match_in_memory(vr, query, stored, expected):
     assert match_in_memory(vr, query, stored) is expected
