@@ -53,6 +53,8 @@ class Settings:
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = 8042
+    http_header_timeout: float = 30.0  # a request's headers must arrive within this (slow clients are closed)
+    http_max_connections: int = 2000  # more are closed at once: descriptors stay for storage, index and DICOM
 
     # Security (README "Security"). auth "auto": required unless every listener is on loopback (development mode)
     auth: str = "auto"  # auto | on | off (off is refused on a non-loopback address)
@@ -195,6 +197,8 @@ def validate(s: Settings) -> None:
         port = getattr(s, name)
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be a TCP port (0-65535), not {port}")
+    if s.http_header_timeout <= 0 or s.http_max_connections < 1:
+        raise ValueError("http_header_timeout must be > 0 and http_max_connections >= 1")
     if not s.aet or len(s.aet) > 16:
         raise ValueError(f"aet must be 1 to 16 characters, not {s.aet!r}")
     if s.max_pdu < 4096:

@@ -460,6 +460,16 @@ def test_frames_errors(live) -> None:
     assert (
         requests.get(url + "/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'}).status_code == 406
     )
+    # a frame asked twice: 400 (PS3.4 Y.3.2.1.1); 1500 times frame 1 would otherwise be a 1500-frame response
+    assert requests.get(url + "/frames/1,1").status_code == 400
+    assert requests.get(base + infos["ybr"].url + "/frames/3,1,3/rendered").status_code == 400
+    # a long list of distinct frames streams in the order asked
+    ybr = infos["ybr"]
+    order = [30, *range(1, 30)]
+    r = requests.get(base + ybr.url + "/frames/" + ",".join(map(str, order)),
+                     headers={"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=*'})
+    parts = _parts(r)
+    assert len(parts) == 30 and parts[0][1] == list(generate_frames(ybr.ds.PixelData, number_of_frames=30))[29]
 
 
 # ------------------------------------------------------------------------------------------------------------- rendered

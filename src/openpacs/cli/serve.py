@@ -66,6 +66,7 @@ def first_start_admin(ctx: Context) -> None:
 async def _serve(settings: Settings) -> None:
     from ..dimse.server import serve_dimse
     from ..web.app import build_app
+    from ..web.protocol import protocol_kwargs
 
     started = time.time()
     ctx = build_context(settings)
@@ -95,7 +96,8 @@ async def _serve(settings: Settings) -> None:
         if settings.tls_ca:
             tls.update(ssl_ca_certs=settings.tls_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
-                            lifespan="off", access_log=False, timeout_graceful_shutdown=10, **tls)  # type: ignore[arg-type]
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=10,
+                            **protocol_kwargs(settings), **tls)  # type: ignore[arg-type]
     http = _EmbeddedServer(config)
 
     dimse_ready = asyncio.Event()

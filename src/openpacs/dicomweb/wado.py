@@ -545,7 +545,10 @@ class WadoRS:
         return result
 
     def _frames_sync(self, ref: InstanceRef, numbers: list[int], accept: list[MediaRange]) -> Response:
-        with self._reader(ref) as reader:
+        """One frame as a single part, or a multipart streamed one frame at a time (a 1,000-frame cine or a slide
+        is never held whole)."""
+        reader = self._reader(ref)
+        try:
             if not reader.has_pixels:
                 raise HTTPError(404, "instance has no pixel data")
             for n in numbers:
@@ -561,16 +564,26 @@ class WadoRS:
                     'type="application/octet-stream"; transfer-syntax=*)',
                 )
             media, ts, multipart = choice
-            parts = []
-            for n in numbers:
-                try:
-                    parts.append(reader.frame_as(n, ts))
-                except (tc.TranscodeError, FrameError) as e:
-                    raise HTTPError(406 if isinstance(e, tc.TranscodeError) else 404, str(e)) from e
+            first = _frame(reader, numbers[0], ts)
+        except BaseException:
+            reader.close()
+            raise
         ctype = f"{media}; transfer-syntax={ts}"
         if not multipart:
-            return Response(parts[0], media_type=media, headers={"Content-Type": ctype})
-        return multipart_response([(ctype, p) for p in parts], media, ts)
+            reader.close()
+            return Response(first, media_type=media, headers={"Content-Type": ctype})
+        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
+
+        async def parts() -> AsyncIterator[OutPart]:
+            try:
+                yield OutPart(ctype, first)
+                for n in numbers[1:]:
+                    yield OutPart(ctype, await run_in_threadpool(_frame, reader, n, ts))
+            finally:
+                reader.close()
+
+        boundary = new_boundary()
+        return StreamingResponse(write_multipart(parts(), boundary), media_type=related_content_type(boundary, media, ts))
 
     # -- bulk data ----------------------------------------------------------------------------------------------------
 
@@ -752,6 +765,13 @@ class WadoRS:
 # Parameter parsing and negotiation helpers
 
 
+def _frame(reader: FrameReader, number: int, ts: str) -> bytes:
+    try:
+        return reader.frame_as(number, ts)
+    except (tc.TranscodeError, FrameError) as e:
+        raise HTTPError(406 if isinstance(e, tc.TranscodeError) else 404, str(e)) from e
+
+
 def _native_pixel_data(reader: FrameReader) -> bytes:
     """All frames little endian uncompressed, decoded when stored compressed (what application/octet-stream means)."""
     frames = range(1, reader.number_of_frames + 1)
@@ -771,6 +791,9 @@ def parse_frame_list(value: str) -> list[int]:
         raise HTTPError(400, "frame numbers must be positive integers separated by commas") from exc
     if not numbers or any(n < 1 for n in numbers) or len(numbers) > 10_000:
         raise HTTPError(400, "frame numbers must be positive integers (1-based) separated by commas")
+    if len(set(numbers)) != len(numbers):
+        # as in a frame-level retrieve (PS3.4 Y.3.2.1.1); it also bounds a response by the instance's own size
+        raise HTTPError(400, "a frame number is given more than once")
     return numbers
 
 

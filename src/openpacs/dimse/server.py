@@ -34,6 +34,7 @@ log = logging.getLogger("openpacs.dimse")
 
 EXECUTOR_THREADS = 16
 SHUTDOWN_GRACE = 30.0
+ACCEPT_PAUSE = 0.5  # seconds without accepting after accept() failed (out of file descriptors)
 
 
 class Endpoint:
@@ -191,7 +192,7 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                self._accept_failed(self.lsock, self.accept, "DICOM", exc)
                 return
             self.dispatch(conn)
 
@@ -203,9 +204,23 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed (DICOM TLS): %s", exc)
+                self._accept_failed(self.tls_sock, self.accept_tls, "DICOM TLS", exc)
                 return
             self.dispatch(conn, tls=True)
+
+    @staticmethod
+    def _accept_failed(sock: socket.socket, callback: Callable[[], None], what: str, exc: OSError) -> None:
+        """Out of descriptors (or memory): the pending connection stays queued and the socket stays readable, so
+        listening on would spin. Stop listening for ACCEPT_PAUSE seconds; one log line per pause."""
+        log.warning("%s: accept failed: %s; accepting again in %.1f s", what, exc, ACCEPT_PAUSE)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock)
+
+        def resume() -> None:
+            if sock.fileno() >= 0:  # not closed by a shutdown meanwhile
+                loop.add_reader(sock, callback)
+
+        loop.call_later(ACCEPT_PAUSE, resume)
 
     def dispatch(self, conn: socket.socket, tls: bool = False) -> None:
         if self.total() >= self.settings.max_associations:
