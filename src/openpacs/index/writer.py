@@ -31,6 +31,7 @@ class NewInstance:
     calling_aet: str = ""
     source: str = ""
     replace: bool = False  # duplicate policy "overwrite": replace an existing instance's blob
+    departments: tuple[str, ...] | None = None  # the sender's scope: it may replace only instances of these
 
 
 @dataclass
@@ -39,6 +40,7 @@ class WriteResult:
     existing_sha256: str = ""
     existing_blob_key: str = ""  # set when a duplicate exists (or was replaced: the old blob to delete)
     replaced: bool = False
+    refused: bool = False  # an overwrite of an instance in a study outside the sender's departments
 
 
 @dataclass
@@ -91,8 +93,9 @@ class BatchWriter:
         uids = sorted({it.values["IMAGE"]["sop_instance_uid"] for it in items})
         params = {f"u{i}": u for i, u in enumerate(uids)}
         cur.execute(
-            self.sql("SELECT id, sop_instance_uid, sha256, blob_key FROM instances WHERE sop_instance_uid IN ("
-                     + ", ".join(f":u{i}" for i in range(len(uids))) + ")"),
+            self.sql("SELECT i.id, i.sop_instance_uid, i.sha256, i.blob_key, st.department FROM instances i"
+                     " JOIN series s ON i.series_fk = s.id JOIN studies st ON s.study_fk = st.id"
+                     " WHERE i.sop_instance_uid IN (" + ", ".join(f":u{i}" for i in range(len(uids))) + ")"),
             params,
         )
         existing = {r[1]: r for r in cur.fetchall()}
@@ -105,7 +108,10 @@ class BatchWriter:
             study_uid = it.values["STUDY"]["study_instance_uid"]
             row = existing.get(sop_uid)
             if row is not None:
-                if it.replace and row[2] != it.sha256 and sop_uid not in replacing:
+                if it.replace and row[2] != it.sha256 and it.departments is not None and row[4] not in it.departments:
+                    # a scoped sender may not replace (and so move or empty) another department's instance
+                    results.append(WriteResult(False, row[2], row[3], refused=True))
+                elif it.replace and row[2] != it.sha256 and sop_uid not in replacing:
                     # done after this batch's own rows and counters: the new content may name another series,
                     # study or patient, so the old row goes (with recounts) and the new one is inserted afresh
                     replacing[sop_uid] = (row[0], it)

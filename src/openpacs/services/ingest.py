@@ -184,7 +184,7 @@ class IngestService:
             return self._fail(Status.OUT_OF_RESOURCES, f"storage write failed: {e}", cls, sop, source)
         item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
                            transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
-                           replace=policy == "overwrite")
+                           replace=policy == "overwrite", departments=source.departments)
         pending = _Pending(item, Future())
         with self._accepting:  # nothing is queued behind close()'s sentinel, where no commit would ever come
             closed = self._closed
@@ -211,6 +211,10 @@ class IngestService:
         if result.replaced:
             self.store.delete(result.existing_blob_key)
             return outcome
+        if result.refused:
+            self.store.delete(key)
+            return self._fail(Status.NOT_AUTHORIZED, "the stored instance with this SOP Instance UID belongs to a "
+                              "department outside the sender's scope: not replaced", cls, sop, source)
         # lost a race with a concurrent store of the same instance
         self.store.delete(key)
         if result.existing_sha256 == p.digest:

@@ -185,6 +185,36 @@ def test_overwrite_moving_instance_to_another_study_keeps_counters_right(make_ct
     assert row(ctx, patients, patient_id="PID1").num_studies == 2
 
 
+def test_overwrite_never_reaches_into_another_department(make_ctx):
+    """A sender scoped to radiology cannot replace (and so move, or empty the study of) a cardiology instance by
+    reusing its SOP Instance UID; within its own department it can."""
+    import dataclasses
+
+    ctx = make_ctx(duplicate_policy="overwrite")
+    ctx.ingest.classify_department = lambda values, aet: "cardiology"
+    ds = instance()
+    store(ctx, ds)
+    old = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
+    old_study = str(ds.StudyInstanceUID)
+    ctx.ingest.classify_department = lambda values, aet: "radiology"
+    moved = _variant(ds)
+    moved.StudyInstanceUID, moved.SeriesInstanceUID = generate_uid(), generate_uid()
+    radiology = dataclasses.replace(SRC, departments=("radiology",))
+
+    def send(d, source):
+        return ctx.ingest.store_dataset([dataset_bytes(d)], ExplicitVRLittleEndian, str(d.SOPClassUID),
+                                        str(d.SOPInstanceUID), source)
+
+    out = send(moved, radiology)
+    assert out.status == Status.NOT_AUTHORIZED, out
+    assert row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID).blob_key == old.blob_key
+    assert blob_files(ctx) == {old.blob_key}  # the refused copy is gone, the stored one untouched
+    assert row(ctx, studies, study_instance_uid=old_study).num_instances == 1
+    # the cardiology sender replaces its own instance
+    assert send(moved, dataclasses.replace(SRC, departments=("cardiology",))).status == Status.SUCCESS
+    assert row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID).blob_key != old.blob_key
+
+
 def test_identical_duplicate_under_overwrite_policy_is_still_a_noop(make_ctx):
     ctx = make_ctx(duplicate_policy="overwrite")
     ds = instance()
