@@ -351,6 +351,29 @@ def test_bad_parameters_are_400_with_reason(data, base, query, needle) -> None:
     assert "Warning" in r.headers
 
 
+def test_reasons_quoting_non_latin1_input_are_escaped(data, base) -> None:
+    """The Warning header quotes the reason; header values are Latin-1, so a client's "€" is escaped (was a 500)."""
+    r = requests.get(f"{base}/studies", params={"StudyDate": "€"}, timeout=10)
+    assert r.status_code == 400 and "\\u20ac" in r.headers["Warning"]
+    assert requests.get(f"{base}/studies?%80=1", timeout=10).status_code == 400
+
+
+def test_stow_with_a_non_latin1_uid_stores_the_valid_data_sets(base) -> None:
+    """One valid data set and one whose SOP Instance UID holds a "€": the valid one is stored and reported (202),
+    the other fails with its reason, and the response is never a 500."""
+    import json
+
+    good = pydicom.dcmread(io.BytesIO(new_instance()))
+    bad = pydicom.dcmread(io.BytesIO(new_instance()))
+    docs = [good.to_json_dict(bulk_data_threshold=1 << 30), bad.to_json_dict(bulk_data_threshold=1 << 30)]
+    docs[1]["00080018"]["Value"] = ["1.2.3.€"]
+    r = _post_json(base, _json_and_bulk([("application/dicom+json", json.dumps(docs).encode(), None)]))
+    assert r.status_code == 202, r.text
+    (ref,) = seq(r.json(), "00081199")
+    assert val(ref, "00081155") == good.SOPInstanceUID
+    r.headers.get("Warning", "").encode("latin-1")  # a valid header
+
+
 def test_bad_uid_in_path(data, base) -> None:
     assert requests.get(f"{base}/studies/1.2.*/series", timeout=10).status_code == 400
 

@@ -30,8 +30,10 @@ class DicomWebError(Exception):
 
 
 def warning_header(text: str) -> str:
-    """An RFC 7234 Warning header value (299 = miscellaneous persistent warning), as PS3.18 8.3.5.1 uses."""
+    """An RFC 7234 Warning header value (299 = miscellaneous persistent warning), as PS3.18 8.3.5.1 uses. Header
+    values are Latin-1 on the wire: anything else (a client's "€" quoted back in a reason) is escaped, as \\u20ac."""
     clean = text.replace("\\", "\\\\").replace('"', "'").replace("\r", " ").replace("\n", " ")
+    clean = clean.encode("ascii", "backslashreplace").decode("ascii")
     return f'299 openpacs "{clean[:900]}"'
 
 

@@ -3,7 +3,7 @@
 Protocol-free: the HTTP middleware (web.auth), the CLI (cli.user) and the DIMSE access checks all ask this service.
 Hot paths never run a KDF: bearer tokens and session cookies are random 256-bit secrets, looked up by their SHA-256
 and cached for ``CACHE_TTL`` seconds (revocation, disabling and password changes clear the local cache at once;
-other nodes of a cluster follow within the TTL).
+other processes — other nodes, or the ``openpacs user`` command beside a running server — follow within the TTL).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ ROLES: dict[str, frozenset[str]] = {
     "auditor": frozenset({AUDIT}),
 }
 
-CACHE_TTL = 30.0
+CACHE_TTL = 5.0  # how long a revocation made elsewhere (CLI, another node) may take to bite
 TOKEN_PREFIX = "opk_"
 MIN_PASSWORD = 10
 

@@ -376,7 +376,7 @@ def _studies_named(path: str, query_string: bytes) -> list[str]:
     m = _STUDY_IN_PATH.search(path)
     if m:
         out.append(m.group(1))
-    if query_string and (b"studyUID" in query_string or b"studyuid" in query_string.lower()):
+    if query_string:  # decoded as the handlers decode it: "%73tudyUID" is studyUID to them, so to the check too
         for k, v in parse_qsl(query_string.decode("latin-1")):
             if k.lower() == "studyuid" and v:
                 out.append(v.strip())

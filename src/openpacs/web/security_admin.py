@@ -125,10 +125,9 @@ def security_admin_routes(ctx: Any) -> list[BaseRoute]:
 
     async def token(request: Request) -> Response:
         require(request, authsvc.ADMIN)
-        try:
-            tid = int(request.path_params["token_id"])
-        except ValueError:
-            return fail(ValueError("token id must be an integer"))
+        tid = _row_id(request.path_params["token_id"])
+        if tid is None:
+            return fail(ValueError("token id must be an integer from 1 to 2^63-1"))
         ok = await run_in_threadpool(ctx.auth.revoke_token, tid)
         alert(request, f"API token {tid} revoked")
         return Response(status_code=204 if ok else 404)
@@ -171,10 +170,9 @@ def security_admin_routes(ctx: Any) -> list[BaseRoute]:
 
     async def rule(request: Request) -> Response:
         require(request, authsvc.ADMIN)
-        try:
-            rid = int(request.path_params["rule_id"])
-        except ValueError:
-            return fail(ValueError("rule id must be an integer"))
+        rid = _row_id(request.path_params["rule_id"])
+        if rid is None:
+            return fail(ValueError("rule id must be an integer from 1 to 2^63-1"))
         await run_in_threadpool(ctx.departments.delete_rule, rid)
         alert(request, f"department rule {rid} deleted", "110129")
         return Response(status_code=204)
@@ -195,3 +193,12 @@ def security_admin_routes(ctx: Any) -> list[BaseRoute]:
         Route("/admin/api/departments/rules/{rule_id}", rule, methods=["DELETE"]),
         Route("/admin/api/departments/reapply", reapply, methods=["POST"]),
     ]
+
+
+def _row_id(raw: str) -> int | None:
+    """A database row id from a URL, or None: not an integer, or beyond what SQLite and PostgreSQL can hold."""
+    try:
+        n = int(raw)
+    except ValueError:
+        return None
+    return n if 1 <= n < 2**63 else None

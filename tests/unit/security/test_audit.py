@@ -229,3 +229,24 @@ def test_configuration_change_between_starts_is_audited(world) -> None:
     ctx.audit.flush()
     alerts = [e for e in ctx.audit.search(event="SecurityAlert") if e.event_type == "110129"]
     assert len(alerts) == 1 and "auth, trusted_proxies" in alerts[0].detail
+
+
+def test_wado_uri_audit_names_the_study_however_the_key_is_encoded(world) -> None:
+    """The handler decodes "%73tudyUID" as studyUID and serves the object: the audit record must name its study and
+    patient all the same."""
+    from starlette.testclient import TestClient
+
+    from openpacs.web.app import build_app
+
+    from .conftest import bearer
+
+    client = TestClient(build_app(world.ctx))
+    st, se, sop = world.studies["radiology"]
+    r = client.get(
+        f"/wado?requestType=WADO&%73tudyUID={st}&seriesUID={se}&objectUID={sop}&contentType=application/dicom",
+        headers=bearer(world.tokens["admin"]),
+    )
+    assert r.status_code == 200
+    world.ctx.audit.flush()
+    served = [e for e in world.ctx.audit.search(user="admin") if e.detail and "/wado" in e.detail]
+    assert served and st in served[0].study_uids and served[0].patient_id, served

@@ -37,6 +37,9 @@ def test_admin_api_flow(world) -> None:
     assert any(x["department"] == "nuclear-medicine" and x["modality"] == "NM,PT" for x in deps["rules"])
     assert client.post("/admin/api/users/nm1", headers=admin, json={"role": "technologist"}).status_code == 200
     assert client.delete(f"/admin/api/tokens/{tid}", headers=admin).status_code == 204
+    for path in ("tokens", "departments/rules"):  # ids beyond a 64-bit row id: 400, not 500
+        for bad in ("99999999999999999999999", "0", "x"):
+            assert client.delete(f"/admin/api/{path}/{bad}", headers=admin).status_code == 400, (path, bad)
     assert client.get("/dicom-web/studies", headers=bearer(token)).status_code == 401
     assert client.post("/admin/api/departments/reapply", headers=admin).json()["changed"] == 0
     world.ctx.audit.flush()
