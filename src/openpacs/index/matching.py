@@ -5,6 +5,8 @@ One place decides what a query string means; C-FIND and QIDO-RS both come throug
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import Integer, and_, case, func, literal, or_
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -27,6 +29,54 @@ def _like_escape(s: str) -> str:
 
 def wildcard_to_like(value: str) -> str:
     return _like_escape(value).replace("*", "%").replace("?", "_")
+
+
+_DA = re.compile(r"\d{4}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])")
+_TM = re.compile(r"([01]\d|2[0-3])([0-5]\d([0-5]\d|60)?)?(\.\d{1,6})?")
+_DT = re.compile(r"\d{4}(\d{2}){0,5}(\.\d{1,6})?([+-]\d{4})?")
+_INTEGER_VRS = {"IS", "US", "SS", "UL", "SL", "UV", "SV"}
+_DECIMAL_VRS = {"DS", "FL", "FD"}
+
+
+def check_value(keyword: str, vr: str, value: str) -> None:
+    """Refuse a matching key value its VR cannot hold (PS3.4 C.2.2.2: no wildcards on dates, times or numbers),
+    the same whether the attribute is matched in SQL or in a stored header. Universal ("", "*"), empty value
+    matching (two quotation marks), backslash alternatives and ranges (DA, TM, DT) are understood."""
+    value = value.strip()
+    if value in ("", "*", EMPTY_VALUE):
+        return
+    for alt in value.split("\\"):
+        alt = alt.strip()
+        if vr in RANGE_VRS:
+            bounds = alt.split("-", 1) if vr != "DT" else _dt_bounds(alt)
+            if len(bounds) == 2 and not any(b.strip() for b in bounds):
+                raise MatchError(f"{keyword}: empty range {value!r}")
+            for b in bounds:
+                b = b.strip()
+                if vr == "DA":
+                    b = b.replace(".", "")  # ACR-NEMA YYYY.MM.DD
+                elif vr == "TM":
+                    b = b.replace(":", "")  # ACR-NEMA HH:MM:SS
+                if b and not {"DA": _DA, "TM": _TM, "DT": _DT}[vr].fullmatch(b):
+                    raise MatchError(f"{keyword}: {alt!r} is not a {vr} value or range")
+        elif vr in _INTEGER_VRS:
+            if not re.fullmatch(r"[+-]?\d+", alt):
+                raise MatchError(f"{keyword}: {alt!r} is not an integer")
+        elif vr in _DECIMAL_VRS:
+            try:
+                f = float(alt)
+            except ValueError:
+                raise MatchError(f"{keyword}: {alt!r} is not a number") from None
+            if f != f or f in (float("inf"), float("-inf")):
+                raise MatchError(f"{keyword}: {alt!r} is not a number")
+
+
+def _dt_bounds(alt: str) -> list[str]:
+    """A DT value or range split at the range hyphen (a UTC offset such as -0500 also holds one)."""
+    m = re.fullmatch(r"([^-]*(?:[+-]\d{4})?)-(.*)", alt) if "-" in alt else None
+    if alt.startswith("-"):
+        return ["", alt[1:]]
+    return [m.group(1), m.group(2)] if m else [alt]
 
 
 def _normalize_date(v: str, keyword: str) -> str:

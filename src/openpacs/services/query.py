@@ -21,7 +21,7 @@ from sqlalchemy import select
 from ..config import Settings
 from ..dicom.header import as_text, read_header
 from ..index.db import Index
-from ..index.matching import EMPTY_VALUE, MatchError, stored_time, time_bounds
+from ..index.matching import EMPTY_VALUE, MatchError, check_value, stored_time, time_bounds
 from ..index.query import attributes_for, compile_query, rows
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
 from ..storage import BlobStore
@@ -161,6 +161,11 @@ class QueryService:
                 # a key of a lower level (computed counts too): matched in SQL through EXISTS, returned from a
                 # representative header
                 header_filters.pop(k, None)
+        for k, v in query.filters.items():  # one validation, whether a key is matched in SQL or in a header
+            try:
+                check_value(k, _tag_vr(k)[1], v)
+            except MatchError as e:
+                raise QueryError(Status.IDENTIFIER_MISMATCH, str(e)) from e
         select_attrs = [indexed[k] for k in requested if k in indexed]
         select_attrs_all = list(select_attrs)
         if REQUEST_ATTRIBUTES_SEQUENCE in requested and level in ("SERIES", "IMAGE"):

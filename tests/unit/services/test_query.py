@@ -240,6 +240,31 @@ def test_bad_date_is_an_identifier_error(qctx, bad):
     assert e.value.status == Status.IDENTIFIER_MISMATCH
 
 
+@pytest.mark.parametrize(("level", "key", "bad"), [
+    ("STUDY", "StudyDate", "2024*"),  # no wildcards on dates, indexed...
+    ("SERIES", "ContentDate", "2020*"),  # ...or matched in a stored header
+    ("SERIES", "ContentDate", "abc"),
+    ("STUDY", "StudyTime", "99-"),  # hour 99
+    ("STUDY", "StudyTime", "1261"),  # minute 61
+    ("IMAGE", "InstanceNumber", "abc"),  # IS, held as text
+    ("IMAGE", "SliceThickness", "abc"),  # DS, from the header
+    ("IMAGE", "Rows", "abc"),  # US, held as a number
+    ("STUDY", "StudyDate", "20200101-20201301"),
+])
+def test_typed_values_are_checked_the_same_everywhere(qctx, level, key, bad):
+    with pytest.raises(QueryError) as e:
+        find(qctx, level, **{key: bad})
+    assert e.value.status == Status.IDENTIFIER_MISMATCH and key in str(e.value)
+
+
+def test_typed_values_that_are_fine(qctx):
+    assert hits(qctx, "SERIES", ContentDate="19000101-") >= {"se1"}
+    assert hits(qctx, "STUDY", StudyTime="0830-0831") == {"st1"}
+    assert hits(qctx, "STUDY", StudyDate="2020.01.15") == {"st1"}  # ACR-NEMA form
+    assert hits(qctx, "IMAGE", InstanceNumber="2") == {"i2"}
+    assert hits(qctx, "IMAGE", InstanceNumber='""') == set()
+
+
 # -- UID lists ---------------------------------------------------------------------------------------------------
 
 
