@@ -59,37 +59,11 @@ def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: 
     for a in select_attrs:
         cols.append(_TABLE[a.level].c[a.column].label(f"{a.level}_{a.column}"))
     stmt = select(*cols).select_from(_JOIN[level])
-    conds: list[ColumnElement] = []
-    lower: dict[str, list[ColumnElement]] = {}
-    patient_conds: list[ColumnElement] = []
-    for keyword, value in q.filters.items():
-        attr = ATTRIBUTES.get(keyword)
-        if attr is None:
-            continue
-        c = _condition(attr, value, q, pn_case_insensitive)
-        if c is None:
-            continue
-        if _DEPTH[attr.level] > _DEPTH[level]:
-            lower.setdefault(attr.level, []).append(c)
-        elif attr.level == "PATIENT" and level != "PATIENT":
-            patient_conds.append(c)
-        else:
-            conds.append(c)
+    conds, lower, patient_conds = _conditions(q, pn_case_insensitive)
     if patient_conds:
         # Patients first: a name wildcard scans the small patients table and reaches studies by their index, instead
         # of scanning every study and looking its patient up (10k studies, '*PATIENT001*': 3.6 -> ~1 ms)
         conds.append(studies.c.patient_fk.in_(select(patients.c.id).where(*patient_conds)))
-    for keyword, value in q.sequence_filters.items():
-        attr = REQUEST_ATTRIBUTES.get(keyword)
-        if attr is None:
-            continue
-        c = _condition(attr, value, q, pn_case_insensitive)
-        if c is None:
-            continue
-        if _DEPTH["SERIES"] > _DEPTH[level]:
-            lower.setdefault("SERIES", []).append(c)
-        else:
-            conds.append(c)
     # keys of a lower level (a relational query): the entity matches if any of its children match
     for lvl, lconds in lower.items():
         conds.append(_exists_below(level, lvl, lconds))
@@ -112,6 +86,38 @@ def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: 
     if q.offset:
         stmt = stmt.offset(q.offset)
     return CompiledQuery(stmt, select_attrs)
+
+
+def _conditions(
+    q: Query, pn_case_insensitive: bool
+) -> tuple[list[ColumnElement], dict[str, list[ColumnElement]], list[ColumnElement]]:
+    """The matching keys' conditions: (this level's and those between, per lower level, the patient's when the
+    query is below the patient level), each on its own level's table."""
+    level = q.level
+    conds: list[ColumnElement] = []
+    lower: dict[str, list[ColumnElement]] = {}
+    patient_conds: list[ColumnElement] = []
+    keys = [(ATTRIBUTES.get(k), v) for k, v in q.filters.items()]
+    keys += [(REQUEST_ATTRIBUTES.get(k), v) for k, v in q.sequence_filters.items()]
+    for attr, value in keys:
+        if attr is None:
+            continue
+        c = _condition(attr, value, q, pn_case_insensitive)
+        if c is None:
+            continue
+        if _DEPTH[attr.level] > _DEPTH[level]:
+            lower.setdefault(attr.level, []).append(c)
+        elif attr.level == "PATIENT" and level != "PATIENT":
+            patient_conds.append(c)
+        else:
+            conds.append(c)
+    return conds, lower, patient_conds
+
+
+def lower_level_conditions(q: Query, pn_case_insensitive: bool = True) -> list[ColumnElement]:
+    """The conditions of the query's keys of levels below its own, on those levels' tables: an instance the
+    values of such keys are returned from must meet them, or a study found by Modality=MR would show CT."""
+    return [c for conds in _conditions(q, pn_case_insensitive)[1].values() for c in conds]
 
 
 def _exists_below(level: str, lower_level: str, conds: list[ColumnElement]) -> ColumnElement:

@@ -22,7 +22,7 @@ from ..config import Settings
 from ..dicom.header import as_text, read_header
 from ..index.db import Index
 from ..index.matching import EMPTY_VALUE, MatchError, check_value, stored_time, time_bounds
-from ..index.query import attributes_for, compile_query, rows
+from ..index.query import attributes_for, compile_query, lower_level_conditions, rows
 from ..index.schema import ATTRIBUTES, REQUEST_ATTRIBUTES, instances, series, studies
 from ..storage import BlobStore
 from .types import Query, Status
@@ -184,7 +184,14 @@ class QueryService:
         with self.index.engine.connect() as conn:
             result_rows = list(rows(conn, cq)) if header_keys else None
             iterator = iter(result_rows) if result_rows is not None else rows(conn, cq)
-            blob_of = self._representative_blobs(conn, level, [r[0] for r in result_rows]) if result_rows else {}
+            blob_of = (
+                self._representative_blobs(
+                    conn, level, [r[0] for r in result_rows],
+                    lower_level_conditions(sql_query, self.settings.pn_case_insensitive),
+                )
+                if result_rows
+                else {}
+            )
             for entity_id, values in iterator:
                 if cancelled is not None and cancelled():
                     return
@@ -220,9 +227,19 @@ class QueryService:
             for item in elem.value
         )
 
-    def _representative_blobs(self, conn: Any, level: str, ids: list[int]) -> dict[int, str]:
-        if not ids:
-            return {}
+    def _representative_blobs(
+        self, conn: Any, level: str, ids: list[int], conds: list[Any] | None = None
+    ) -> dict[int, str]:
+        """The blob of one instance of each entity, whose header gives the values not in the index: one meeting
+        ``conds`` (the query's lower-level keys) where there is one, so that returned values agree with them."""
+        if not conds:
+            return self._pick_blobs(conn, level, ids, [])
+        matched = self._pick_blobs(conn, level, ids, conds)
+        # keys of two lower levels may have matched in different children: then any instance
+        rest = [i for i in ids if i not in matched]
+        return {**self._pick_blobs(conn, level, rest, []), **matched}
+
+    def _pick_blobs(self, conn: Any, level: str, ids: list[int], conds: list[Any]) -> dict[int, str]:
         out: dict[int, str] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
@@ -239,6 +256,8 @@ class QueryService:
                         .select_from(instances.join(series, instances.c.series_fk == series.c.id)
                                      .join(studies, series.c.study_fk == studies.c.id))
                         .where(studies.c.patient_fk.in_(chunk)))
+            if conds:  # on the tables below the level, all in this statement's FROM (instances up to the level)
+                stmt = stmt.where(*conds)
             for eid, key in conn.execute(stmt):
                 out.setdefault(eid, key)
         return out

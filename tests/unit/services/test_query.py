@@ -351,6 +351,21 @@ def test_relational_keys_from_lower_levels(qctx):
     assert hits(qctx, "STUDY", NumberOfSeriesRelatedInstances="2") == {"st1"}
 
 
+def test_values_of_lower_level_keys_agree_with_them(qctx):
+    """A study found by one of its series' attributes shows that series' value, not another's (st1 has a CT series
+    first and an MR series); an image-level key likewise picks the instance that matched."""
+    [ds] = find(qctx, "STUDY", StudyInstanceUID=uid("st1"), Modality="MR")
+    assert ds.Modality == "MR"
+    [ds] = find(qctx, "STUDY", StudyInstanceUID=uid("st1"), Modality="CT")
+    assert ds.Modality == "CT"
+    [ds] = find(qctx, "STUDY", StudyInstanceUID=uid("st1"), SOPInstanceUID=uid("i3"))
+    assert ds.SOPInstanceUID == uid("i3")
+    [ds] = find(qctx, "SERIES", SeriesInstanceUID=uid("se1"), InstanceNumber="2")
+    assert ds.InstanceNumber == 2
+    [ds] = find(qctx, "PATIENT", PatientID="P1", StudyDescription="MR*")
+    assert ds.StudyDescription == "MR brain"
+
+
 def test_upper_level_keys_constrain_lower_levels(qctx):
     assert hits(qctx, "SERIES", PatientID="P1", Modality="MR") == {"se2", "se3"}
     assert hits(qctx, "IMAGE", StudyInstanceUID=uid("st1"), SeriesInstanceUID=uid("se1")) == {"i1", "i2"}
