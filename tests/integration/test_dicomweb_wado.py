@@ -675,3 +675,39 @@ def test_pixeldata_of_an_instance_without_pixels(live) -> None:
     octet_parts = {"Accept": 'multipart/related; type="application/octet-stream"'}
     assert requests.get(url + "/pixeldata", headers=octet_parts).status_code == 404
     assert requests.get(url + "/bulkdata/7FE00010").status_code == 404
+
+
+def test_delete_during_a_series_retrieve_lets_it_finish(live) -> None:
+    """A viewer streams a 40-instance series (21 MB) while an administrator deletes it: the retrieve that started
+    first ends complete (the blobs stay readable for a grace period), and the series is gone for the next one."""
+    base, _, ctx = live
+    from openpacs.services.types import Source
+
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    rng = np.random.default_rng(7)
+    sops = []
+    for n in range(40):
+        ds = pydicom.dcmread(dicomdata.testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.Rows = ds.Columns = 512
+        ds.InstanceNumber = n + 1
+        ds.PixelData = rng.integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        assert ctx.ingest.store_file(buf.getvalue(), Source("TEST")).ok
+        sops.append(ds.SOPInstanceUID)
+    url = f"{base}/studies/{study}/series/{series}"
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    with requests.get(url, headers=accept, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        body = r.raw.read(1 << 20)  # the first megabyte, then the delete
+        assert requests.delete(url, timeout=30).status_code == 204
+        body += r.raw.read()
+    from openpacs.dicomweb.multipart import MultipartParser, parse_media_type
+
+    parser = MultipartParser(parse_media_type(r.headers["content-type"])[1]["boundary"])
+    parts = parser.feed(body)
+    parser.close()
+    assert [pydicom.dcmread(io.BytesIO(p.content)).SOPInstanceUID for p in parts] == sops
+    assert requests.get(url, headers=accept, timeout=30).status_code == 404

@@ -11,6 +11,8 @@ import hashlib
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from .types import Source, Status, StoreOutcome
 log = logging.getLogger("openpacs.ingest")
 
 MAX_BATCH = 256
+DELETE_GRACE = 60.0  # seconds a deleted or replaced instance's blob stays readable for retrieves already under way
 
 
 class IngestError(Exception):
@@ -56,6 +59,61 @@ class PendingStore:
         return self.service._finish(self)
 
 
+class BlobReaper:
+    """Removes the blobs of deleted or replaced instances ``grace`` seconds after their index rows went.
+
+    The index forgets them at once (nothing new finds them); a retrieve that started before (a WADO-RS stream of
+    the series, a C-GET) still reads them to the end instead of breaking off. A crash in between leaves them
+    unreferenced, and the orphan sweep of the next start removes them."""
+
+    def __init__(self, store: BlobStore, grace: float) -> None:
+        self.store, self.grace = store, grace
+        self._due: deque[tuple[float, list[str]]] = deque()  # in time order: the grace is the same for all
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="blob-reaper", daemon=True)
+        self._thread.start()
+
+    def later(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with self._cv:
+            if self._closed:  # shutting down: nothing reads any more
+                self._delete(list(keys))
+                return
+            self._due.append((time.monotonic() + self.grace, list(keys)))
+            self._cv.notify()
+
+    def close(self) -> None:
+        """Delete everything still waiting (the server is stopping: no retrieve is under way) and stop."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._due and not self._closed:
+                    self._cv.wait()
+                if not self._due:
+                    return
+                when, keys = self._due[0]
+                delay = when - time.monotonic()
+                if delay > 0 and not self._closed:
+                    self._cv.wait(delay)
+                    continue
+                self._due.popleft()
+            self._delete(keys)
+
+    def _delete(self, keys: list[str]) -> None:
+        for k in keys:
+            try:
+                self.store.delete(k)
+            except Exception as e:  # left to the orphan sweep
+                log.warning("could not delete blob %s: %s", k, e)
+
+
 class IngestService:
     def __init__(self, settings: Settings, store: BlobStore, index: Index) -> None:
         self.settings = settings
@@ -68,6 +126,7 @@ class IngestService:
         self._accepting = threading.Lock()
         self._committer = threading.Thread(target=self._commit_loop, name="ingest-committer", daemon=True)
         self._committer.start()
+        self.reaper = BlobReaper(store, DELETE_GRACE)
 
     # -- entry points ----------------------------------------------------------------------------------------
     def store_dataset(
@@ -104,8 +163,7 @@ class IngestService:
 
     def delete(self, level: str, uid: str, source: Source) -> int:
         keys = self.index.delete(level, [uid])
-        for k in keys:
-            self.store.delete(k)
+        self.reaper.later(keys)
         if keys:
             log.info("deleted %s %s (%d instances) for %s", level, uid, len(keys), source.user or source.calling_aet)
         return len(keys)
@@ -117,6 +175,7 @@ class IngestService:
             self._closed = True
             self._queue.put(None)
         self._committer.join(timeout=60)
+        self.reaper.close()
 
     # -- the path --------------------------------------------------------------------------------------------
     def _fail(self, status: int, message: str, cls: str | None, sop: str | None, source: Source) -> StoreOutcome:
@@ -209,7 +268,7 @@ class IngestService:
             # the second case: an earlier attempt of this very write committed (its COMMIT reported an error)
             return outcome
         if result.replaced:
-            self.store.delete(result.existing_blob_key)
+            self.reaper.later([result.existing_blob_key])
             return outcome
         if result.refused:
             self.store.delete(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
@@ -160,7 +161,9 @@ def test_different_duplicate_overwrite_replaces_blob_and_attributes(make_ctx):
     assert out.status == Status.SUCCESS and not out.duplicate
     new = row(ctx, instances, sop_instance_uid=ds.SOPInstanceUID)
     assert new.sha256 == hashlib.sha256(dataset_bytes(v)).hexdigest() != old.sha256
-    assert blob_files(ctx) == {new.blob_key}  # old blob deleted
+    assert blob_files(ctx) == {new.blob_key, old.blob_key}  # the old one a while longer, for retrieves under way
+    ctx.ingest.reaper.close()
+    assert blob_files(ctx) == {new.blob_key}
     assert new.instance_number == "7"  # the index describes the data now stored
     assert row(ctx, series, series_instance_uid=ds.SeriesInstanceUID).num_instances == 1
     assert ctx.index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
@@ -352,6 +355,8 @@ def test_counters_after_ingest_and_delete(ctx):
     one = ctx.retrieve.list_instances(st1, se_ct)[0]
     assert ctx.ingest.delete("IMAGE", one.sop_instance_uid, SRC) == 1
     assert row(ctx, series, series_instance_uid=se_ct).num_instances == 2
+    assert os.path.exists(ctx.store.path(one.blob_key))  # readable a while for retrieves already under way
+    ctx.ingest.reaper.close()  # as at shutdown: what waits goes now
     assert not os.path.exists(ctx.store.path(one.blob_key))
 
     # the whole second study: the patient keeps one study
@@ -364,7 +369,24 @@ def test_counters_after_ingest_and_delete(ctx):
     ctx.ingest.delete("STUDY", st1, SRC)
     assert ctx.index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert ctx.ingest.delete("STUDY", st1, SRC) == 0
-    assert len(blob_files(ctx)) == 1
+    assert len(blob_files(ctx)) == 1  # deleted after the reaper closed: at once
+
+
+def test_deleted_blobs_go_after_the_grace(ctx):
+    from openpacs.services.ingest import BlobReaper
+
+    ds = instance()
+    store(ctx, ds)
+    [ref] = ctx.retrieve.list_instances(str(ds.StudyInstanceUID))
+    ctx.ingest.reaper.close()
+    ctx.ingest.reaper = BlobReaper(ctx.store, grace=0.3)
+    assert ctx.ingest.delete("STUDY", str(ds.StudyInstanceUID), SRC) == 1
+    assert ctx.retrieve.list_instances(str(ds.StudyInstanceUID)) == []  # the index forgets at once
+    assert bytes(ctx.store.read(ref.blob_key)) == bytes(ctx.retrieve.read_file(ref))  # a retrieve under way reads on
+    deadline = time.monotonic() + 10
+    while os.path.exists(ctx.store.path(ref.blob_key)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(ctx.store.path(ref.blob_key))
 
 
 def test_counters_in_one_batch_with_new_and_existing_entities(ctx):
