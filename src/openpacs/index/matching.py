@@ -211,6 +211,14 @@ def _one(col: ColumnElement, vr: str, v: str, multi: bool, fuzzy: bool) -> Colum
         return or_(col.like(p, escape="\\"), col.like("%^" + p, escape="\\"), col.like("% " + p, escape="\\"))
     if multi:
         return _multi_contains(col, wildcard_to_like(v), like=True) if has_wild else _multi_contains(col, v)
+    if vr == "PN" and "=" not in v:
+        # A name without component groups also matches the alphabetic group of one stored with ideographic and
+        # phonetic groups ("Yamada^Tarou" finds "Yamada^Tarou=山田^太郎=やまだ^たろう"; PS3.4 leaves groups to us)
+        pattern = wildcard_to_like(v) if has_wild else _like_escape(v)
+        whole = col.like(pattern, escape="\\") if has_wild else col == v
+        if pattern.endswith("%"):
+            return whole  # already matches whatever follows, groups included
+        return or_(whole, col.like(pattern + "=%", escape="\\"))
     if has_wild:
         return col.like(wildcard_to_like(v), escape="\\")
     return col == v

@@ -80,6 +80,8 @@ def match_in_memory(vr: str, query: str, stored: str | None, pn_ci: bool = True,
     if vr == "PN" and pn_ci:
         query, values = query.upper(), [v.upper() for v in values]
     alternatives = query.split("\\")
+    if vr == "PN":  # a name without groups also matches the alphabetic group (as in index.matching)
+        values += [v.split("=", 1)[0] for v in values if "=" in v]
     for alt in alternatives:
         if vr == "TM" and "-" in alt:
             try:

@@ -174,6 +174,24 @@ def test_pn_case_sensitive_when_configured(make_ctx):
     assert hits(ctx, "PATIENT", PatientName="DOE*") == set()
 
 
+def test_person_name_component_groups(ctx):
+    """A name without "=" also matches the alphabetic group of a name stored with ideographic and phonetic groups,
+    in SQL (PatientName) and in the stored-header matcher (OperatorsName); a value with groups matches as a whole."""
+    jp = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    store(ctx, instance(patient_name=jp, patient_id="JP1", OperatorsName=jp))
+    store(ctx, instance(patient_name="Yamada^Tarouko", patient_id="JP2", OperatorsName="Yamada^Tarouko"))
+    for name in ("Yamada^Tarou", "yamada^tarou", "*^Tarou", "Yamada^Tar?u", jp, "Yamada^Tarou=*", "*=山田*"):
+        assert hits(ctx, "PATIENT", PatientName=name) == {"JP1"}, name
+        assert hits(ctx, "IMAGE", OperatorsName=name) == {pn_sop(ctx, "JP1")}, name
+    assert hits(ctx, "PATIENT", PatientName="Yamada^Tarou*") == {"JP1", "JP2"}
+    assert hits(ctx, "PATIENT", PatientName="山田^太郎") == set()  # only the alphabetic group stands alone
+
+
+def pn_sop(ctx, pid: str) -> str:
+    [ds] = find(ctx, "IMAGE", PatientID=pid)
+    return str(ds.SOPInstanceUID)
+
+
 def test_pn_case_insensitive_on_other_person_name_attributes(ctx):
     store(ctx, instance(patient_id="X1", NameOfPhysiciansReadingStudy="Reader^Rita"))
     assert hits(ctx, "STUDY", NameOfPhysiciansReadingStudy="Reader^Rita") != set()
