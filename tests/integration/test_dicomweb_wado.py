@@ -711,3 +711,25 @@ def test_delete_during_a_series_retrieve_lets_it_finish(live) -> None:
     parser.close()
     assert [pydicom.dcmread(io.BytesIO(p.content)).SOPInstanceUID for p in parts] == sops
     assert requests.get(url, headers=accept, timeout=30).status_code == 404
+
+
+def test_rendered_series_skips_an_image_the_viewport_does_not_fit(live) -> None:
+    """Two images of different sizes, a source region inside the first only: the multipart ends complete with the
+    image that could be rendered (before, the stream broke off after it)."""
+    base, _, ctx = live
+    from openpacs.services.types import Source
+
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for n, size in enumerate((256, 64)):
+        ds = pydicom.dcmread(dicomdata.testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.Rows = ds.Columns = size
+        ds.InstanceNumber = n + 1
+        ds.PixelData = np.zeros((size, size), dtype=np.uint16).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        assert ctx.ingest.store_file(buf.getvalue(), Source("TEST")).ok
+    r = requests.get(f"{base}/studies/{study}/series/{series}/rendered", params={"viewport": "32,32,100,100,50,50"})
+    assert r.status_code == 200
+    assert [_image(body).size for _, body in _parts(r)] == [(32, 32)]

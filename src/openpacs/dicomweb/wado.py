@@ -753,6 +753,9 @@ class WadoRS:
                         produced = True
                         yield image
             except RenderError as e:
+                if produced:  # a viewport that fits the first images but not this one: skipped, not a cut stream
+                    log.warning("rendered: skipping %s: %s", ref.sop_instance_uid, e)
+                    continue
                 raise HTTPError(400, str(e)) from e
             except (tc.TranscodeError, FrameError, ValueError) as e:
                 if produced or len(refs) > 1:

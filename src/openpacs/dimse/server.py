@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -35,6 +36,7 @@ log = logging.getLogger("openpacs.dimse")
 EXECUTOR_THREADS = 16
 SHUTDOWN_GRACE = 30.0
 ACCEPT_PAUSE = 0.5  # seconds without accepting after accept() failed (out of file descriptors)
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Endpoint:
@@ -192,7 +194,10 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._accept_failed(self.lsock, self.accept, "DICOM", exc)
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._accept_failed(self.lsock, self.accept, "DICOM", exc)
+                else:  # one aborted connection: the next ones are fine
+                    log.warning("DICOM: accept failed: %s", exc)
                 return
             self.dispatch(conn)
 
@@ -204,7 +209,10 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._accept_failed(self.tls_sock, self.accept_tls, "DICOM TLS", exc)
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._accept_failed(self.tls_sock, self.accept_tls, "DICOM TLS", exc)
+                else:
+                    log.warning("DICOM TLS: accept failed: %s", exc)
                 return
             self.dispatch(conn, tls=True)
 

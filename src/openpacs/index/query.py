@@ -44,7 +44,8 @@ def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElem
         cond = compile_match(series.c.modality, "CS", attr.keyword, value)
         if cond is None:
             return None
-        return exists(select(series.c.id).where(series.c.study_fk == studies.c.id, cond))
+        # correlated to the enclosing statement's studies only (the representative-instance lookup joins series too)
+        return exists(select(series.c.id).where(series.c.study_fk == studies.c.id, cond).correlate_except(series))
     table = _TABLE[attr.level]
     col = table.c[attr.column]
     norm = table.c.get(attr.column + "_norm")

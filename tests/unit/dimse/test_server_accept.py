@@ -38,3 +38,26 @@ def test_accept_failure_pauses_listening(monkeypatch) -> None:
     calls = asyncio.run(main())
     # one failure, then one accept after the pause (spinning would call again at once, thousands of times)
     assert len(calls) == 2 and calls[1] - calls[0] >= 0.19
+
+
+def test_other_accept_errors_do_not_pause(monkeypatch) -> None:
+    """A connection aborted before accept() (ECONNABORTED) concerns that connection only: no pause."""
+    from types import SimpleNamespace
+
+    outcomes = iter([OSError(errno.ECONNABORTED, "Software caused connection abort"), BlockingIOError()])
+
+    def accept():
+        raise next(outcomes)
+
+    paused: list[str] = []
+    fake = SimpleNamespace(
+        lsock=SimpleNamespace(accept=accept),
+        _accept_failed=lambda *a: paused.append("paused"),
+        dispatch=lambda conn: None,
+        accept=lambda: None,
+    )
+    server._Dispatcher.accept(fake)  # type: ignore[arg-type]
+    assert paused == []
+    fake.lsock = SimpleNamespace(accept=lambda: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many open files")))
+    server._Dispatcher.accept(fake)  # type: ignore[arg-type]
+    assert paused == ["paused"]

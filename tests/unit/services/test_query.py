@@ -382,6 +382,9 @@ def test_values_of_lower_level_keys_agree_with_them(qctx):
     assert ds.InstanceNumber == 2
     [ds] = find(qctx, "PATIENT", PatientID="P1", StudyDescription="MR*")
     assert ds.StudyDescription == "MR brain"
+    # a study-level key matched through EXISTS, with a key from the header: one SQL statement for both
+    [ds] = find(qctx, "PATIENT", PatientID="P1", ModalitiesInStudy="MR", StudyDescription="MR*", PatientComments="")
+    assert ds.StudyDescription == "MR brain"
 
 
 def test_upper_level_keys_constrain_lower_levels(qctx):
