@@ -25,13 +25,18 @@ def limited(tmp_path_factory):
 
 
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
-    try:
-        return sock.recv(1024) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
+    """True if the server closes the connection within ``within`` s (bytes still in flight, such as the rest of a
+    previous response, are read past)."""
+    deadline = time.monotonic() + within
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
 
 
 def _healthy(server: OpenPACSServer) -> bool:
@@ -69,3 +74,45 @@ def test_connections_beyond_the_limit_are_closed(limited) -> None:
             s.close()
     time.sleep(0.3)
     assert _healthy(limited)
+
+
+@pytest.fixture(scope="module")
+def limited_https(tmp_path_factory):
+    from tests.integration.test_security_tls import HttpsServer
+    from tests.unit.security.tlsutil import make_pki
+
+    base = tmp_path_factory.mktemp("httpslimits")
+    pki = make_pki(base / "pki")
+    server = HttpsServer(
+        base / "data",
+        settings={"tls_cert": str(pki["cert"]), "tls_key": str(pki["key"]), "dicom_tls_port": 0,
+                  "http_header_timeout": 1.0, "http_max_connections": 8},
+    )
+    server.ca = pki["ca"]
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_https_limits_hold_before_the_handshake(limited_https) -> None:
+    """Connections that never send a ClientHello count and time out like any other (HTTPS is where a hospital
+    listens beyond loopback)."""
+    import ssl
+
+    port = limited_https.http_port
+    silent = socket.create_connection(("127.0.0.1", port))
+    assert _closed_by_server(silent, within=10)  # after the 1 s header timeout
+    silent.close()
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    try:
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port))
+        assert _closed_by_server(extra, within=0.8)
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    ctx = ssl.create_default_context(cafile=str(limited_https.ca))
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=10, context=ctx) as r:
+        assert r.status == 200

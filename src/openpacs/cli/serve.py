@@ -88,16 +88,11 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     app = build_app(ctx)
-    tls: dict[str, object] = {}
-    if settings.tls_cert and settings.http_tls:  # HTTPS (BCP195: TLS 1.2+ is Python's default minimum; mutual TLS when tls_ca is set)
-        import ssl
-
-        tls = dict(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key or None)
-        if settings.tls_ca:
-            tls.update(ssl_ca_certs=settings.tls_ca, ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    # HTTPS (tls_cert/tls_key, unless http_tls is off behind a TLS proxy): the guarded protocol does the handshake
+    # itself, so that its connection limit and header timeout hold before it too (web/protocol.py)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             lifespan="off", access_log=False, timeout_graceful_shutdown=10,
-                            **protocol_kwargs(settings), **tls)  # type: ignore[arg-type]
+                            **protocol_kwargs(settings))
     http = _EmbeddedServer(config)
 
     dimse_ready = asyncio.Event()

@@ -1,15 +1,21 @@
-"""uvicorn's HTTP protocol with the two limits a hospital-facing listener needs and uvicorn lacks.
+"""uvicorn's HTTP protocol with the limits a hospital-facing listener needs and uvicorn lacks.
 
-- A request's headers must arrive within ``header_timeout`` seconds of its first byte (or of the connection): a
-  client that opens connections and trickles header bytes ("slowloris") cannot hold them open for ever.
-- At most ``max_connections`` connections at once; one more is closed at once. Each connection holds a file
-  descriptor: unbounded, they would starve the blob store, the index and the DICOM listener of descriptors.
+- A request's headers must arrive within ``header_timeout`` seconds of the connection (TLS handshake included) or
+  of the previous response: a client that opens connections and trickles bytes ("slowloris") cannot hold them open.
+- At most ``max_connections`` connections at once, counted from the TCP accept (before any TLS handshake); one
+  more is closed at once. Each connection holds a file descriptor: unbounded, they would starve the blob store, the
+  index and the DICOM listener of descriptors.
+
+For HTTPS the server listens on plain TCP and this protocol starts TLS itself (``loop.start_tls``), so that both
+limits also hold for connections that never finish a handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from asyncio.sslproto import SSLProtocol
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -17,21 +23,67 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger("openpacs.web")
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:
+def guarded_protocol(
+    header_timeout: float, max_connections: int, tls: ssl.SSLContext | None = None
+) -> type[HttpToolsProtocol]:
+    state = {"open": 0, "refusing": False}
+
     class GuardedHttpProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
-        _refused_logged = False
+        _raw: asyncio.BaseTransport | None = None
+        _counted = False
+        _started = False  # uvicorn's own connection_made ran (after the TLS handshake, for HTTPS)
+        _early: list[bytes]
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                if not GuardedHttpProtocol._refused_logged:
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            self._raw = transport
+            self._early = []
+            state["open"] += 1
+            self._counted = True
+            if state["open"] > max_connections:
+                if not state["refusing"]:
                     log.warning("HTTP: %d connections open (http_max_connections): closing new ones", max_connections)
-                    GuardedHttpProtocol._refused_logged = True
+                    state["refusing"] = True
+                self._release()
                 transport.close()
                 return
-            GuardedHttpProtocol._refused_logged = False
+            state["refusing"] = False
             self._arm()
+            if tls is None:
+                self._start(transport)  # type: ignore[arg-type]
+                return
+            # TLS put between the socket and this protocol now, in this callback (what loop.start_tls does, but
+            # without a task switch in which the ClientHello could reach the HTTP parser)
+            done: asyncio.Future[None] = self.loop.create_future()
+            tls_layer = SSLProtocol(self.loop, self, tls, done, server_side=True, call_connection_made=False,
+                                    ssl_handshake_timeout=header_timeout)  # type: ignore[arg-type]
+            transport.set_protocol(tls_layer)
+            tls_layer.connection_made(transport)
+            done.add_done_callback(lambda f: self._handshake_done(f, tls_layer, transport))
+
+        def _handshake_done(
+            self, done: asyncio.Future[None], tls_layer: SSLProtocol, raw: asyncio.BaseTransport
+        ) -> None:
+            error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            if error is not None or raw.is_closing():
+                log.info("HTTPS: handshake with %s failed: %s", raw.get_extra_info("peername"), error or "closed")
+                raw.close()
+                self._release()
+                return
+            self._start(tls_layer._app_transport)  # the TLS transport this protocol talks through
+
+        def _start(self, transport: asyncio.Transport) -> None:
+            self._started = True
+            super().connection_made(transport)
+            early, self._early = self._early, []
+            for data in early:
+                super().data_received(data)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._started:  # the TLS layer hands over a request before start_tls() has returned
+                self._early.append(data)
+                return
+            super().data_received(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -43,8 +95,16 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._release()
+            if self._started:
+                super().connection_lost(exc)
+
+        def _release(self) -> None:
+            """This connection no longer counts (called once whichever way it ends)."""
             self._disarm()
-            super().connection_lost(exc)
+            if self._counted:
+                self._counted = False
+                state["open"] -= 1
 
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
@@ -56,13 +116,35 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[HttpTo
 
         def _headers_too_slow(self) -> None:
             self._header_timer = None
-            if not self.transport.is_closing():
-                log.info("HTTP: closing %s: no complete request headers within %.0f s", self.client, header_timeout)
-                self.transport.close()
+            transport = self.transport if self._started else self._raw
+            if transport is not None and not transport.is_closing():
+                log.info("HTTP: closing %s: no complete request headers within %.0f s", self.client or "a client",
+                         header_timeout)
+                transport.close()
+                if not self._started:
+                    self._release()
 
     return GuardedHttpProtocol
 
 
+def http_tls_context(settings: Any) -> ssl.SSLContext:
+    """HTTPS: the BCP195 floor of DICOM TLS (TLS >= 1.2, forward secrecy and AEAD only); a client certificate is
+    asked for and verified when ``tls_ca`` is set, but not required (browsers log in with passwords)."""
+    from ..dimse.access import BCP195_CIPHERS
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers(BCP195_CIPHERS)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    if settings.tls_ca:
+        ctx.load_verify_locations(settings.tls_ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
 def protocol_kwargs(settings: Any) -> dict[str, Any]:
-    """uvicorn.Config keywords for the guarded protocol."""
-    return {"http": guarded_protocol(settings.http_header_timeout, settings.http_max_connections)}
+    """uvicorn.Config keywords: the guarded protocol, doing TLS itself when HTTPS is on (uvicorn then listens on
+    plain TCP)."""
+    tls = http_tls_context(settings) if settings.tls_cert and settings.http_tls else None
+    return {"http": guarded_protocol(settings.http_header_timeout, settings.http_max_connections, tls)}
