@@ -47,6 +47,8 @@ def check_value(keyword: str, vr: str, value: str) -> None:
         return
     for alt in value.split("\\"):
         alt = alt.strip()
+        if not alt:  # an empty alternative ("1\\") is ignored, as the matcher ignores it
+            continue
         if vr in RANGE_VRS:
             bounds = alt.split("-", 1) if vr != "DT" else _dt_bounds(alt)
             if len(bounds) == 2 and not any(b.strip() for b in bounds):

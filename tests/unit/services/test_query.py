@@ -111,6 +111,7 @@ def test_single_value_each_level(qctx):
     assert hits(qctx, "STUDY", AccessionNumber="ACC100") == {"st1"}
     assert hits(qctx, "SERIES", Modality="MR") == {"se2", "se3"}
     assert hits(qctx, "IMAGE", InstanceNumber="2") == {"i2"}
+    assert hits(qctx, "IMAGE", InstanceNumber="2\\") == {"i2"}  # an empty alternative is ignored
     assert hits(qctx, "STUDY", StudyDate="20200115") == {"st1"}
     assert hits(qctx, "STUDY", StudyTime="141500.250") == {"st2"}
     assert hits(qctx, "PATIENT", PatientBirthDate="20000229") == {"P3"}
@@ -280,6 +281,7 @@ def test_typed_values_that_are_fine(qctx):
     assert hits(qctx, "STUDY", StudyTime="0830-0831") == {"st1"}
     assert hits(qctx, "STUDY", StudyDate="2020.01.15") == {"st1"}  # ACR-NEMA form
     assert hits(qctx, "IMAGE", InstanceNumber="2") == {"i2"}
+    assert hits(qctx, "IMAGE", InstanceNumber="2\\") == {"i2"}  # an empty alternative is ignored
     assert hits(qctx, "IMAGE", InstanceNumber='""') == set()
 
 
