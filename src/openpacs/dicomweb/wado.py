@@ -296,6 +296,18 @@ class _Plan:
     path: str | None
 
 
+def _plan(ref: InstanceRef, choices: list[str]) -> _Plan:
+    """How to send an instance: the first acceptable transfer syntax it is in or can be converted to, else 406."""
+    target = choose_syntax(ref.transfer_syntax_uid, choices)
+    if target is None:
+        raise HTTPError(
+            406,
+            f"instance {ref.sop_instance_uid} is stored in {ref.transfer_syntax_uid} and cannot be converted to "
+            f"any acceptable transfer syntax ({', '.join(choices)})",
+        )
+    return _Plan(ref, target, None)
+
+
 class WadoRS:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
@@ -385,31 +397,15 @@ class WadoRS:
                 return self._bulk_stream(refs, self.base_url(request), pixels_only=False)
             if not choices:
                 raise HTTPError(406, 'acceptable: multipart/related; type="application/dicom"[; transfer-syntax=UID|*]')
-            plans: list[_Plan] = []
-            for ref in refs:
-                target = choose_syntax(ref.transfer_syntax_uid, choices)
-                if target is None:
-                    raise HTTPError(
-                        406,
-                        f"instance {ref.sop_instance_uid} is stored in {ref.transfer_syntax_uid} and "
-                        f"cannot be converted to any acceptable transfer syntax ({', '.join(choices)})",
-                    )
-                plans.append(_Plan(ref, target, None))
+            plans = [_plan(ref, choices) for ref in refs]
         except HTTPError as e:
             return _error_response(e)
         return await self._send_instances(plans, choices)
 
     async def _send_single(self, ref: InstanceRef, choices: list[str]) -> Response:
         """One instance as a bare application/dicom body (the client accepted only that, or preferred it)."""
-        target = choose_syntax(ref.transfer_syntax_uid, choices)
-        if target is None:
-            raise HTTPError(
-                406,
-                f"instance {ref.sop_instance_uid} is stored in {ref.transfer_syntax_uid} and cannot be converted to "
-                f"any acceptable transfer syntax ({', '.join(choices)})",
-            )
         try:
-            data, ts = await run_in_threadpool(self._instance_bytes, _Plan(ref, target, None), choices)
+            data, ts = await run_in_threadpool(self._instance_bytes, _plan(ref, choices), choices)
         except tc.TranscodeError as e:
             raise HTTPError(406, str(e)) from e
         return Response(data, media_type=DICOM, headers={"Content-Type": f"{DICOM}; transfer-syntax={ts}"})

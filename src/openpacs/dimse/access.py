@@ -168,9 +168,10 @@ def study_patients(services: Any, study_uids: Iterable[str]) -> dict[str, str]:
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS:!RC4:!3DES"
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    """Server context for DICOM TLS: TLS ≥ 1.2, no fallback, BCP195 ciphers; client certificates required and
-    verified against ``tls_ca`` when it is set (mutual TLS), so an untrusted client never gets an association."""
+def tls_context(settings: Settings, client_certificates: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    """Server context for DICOM TLS (and HTTPS): TLS ≥ 1.2, no fallback, BCP195 ciphers; client certificates
+    verified against ``tls_ca`` when it is set, and required (mutual TLS: an untrusted client never gets an
+    association) unless ``client_certificates`` is CERT_OPTIONAL (HTTPS, where browsers log in with passwords)."""
     if not settings.tls_cert:
         raise ValueError("DICOM TLS needs tls_cert (and tls_key)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -180,7 +181,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
     if settings.tls_ca:
         ctx.load_verify_locations(settings.tls_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_mode = client_certificates
     return ctx
 
 

@@ -127,24 +127,10 @@ def guarded_protocol(
     return GuardedHttpProtocol
 
 
-def http_tls_context(settings: Any) -> ssl.SSLContext:
-    """HTTPS: the BCP195 floor of DICOM TLS (TLS >= 1.2, forward secrecy and AEAD only); a client certificate is
-    asked for and verified when ``tls_ca`` is set, but not required (browsers log in with passwords)."""
-    from ..dimse.access import BCP195_CIPHERS
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    ctx.set_ciphers(BCP195_CIPHERS)
-    ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
-    if settings.tls_ca:
-        ctx.load_verify_locations(settings.tls_ca)
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
-
-
 def protocol_kwargs(settings: Any) -> dict[str, Any]:
     """uvicorn.Config keywords: the guarded protocol, doing TLS itself when HTTPS is on (uvicorn then listens on
     plain TCP)."""
-    tls = http_tls_context(settings) if settings.tls_cert and settings.http_tls else None
+    from ..dimse.access import tls_context  # the BCP195 floor of DICOM TLS; client certificates optional
+
+    tls = tls_context(settings, ssl.CERT_OPTIONAL) if settings.tls_cert and settings.http_tls else None
     return {"http": guarded_protocol(settings.http_header_timeout, settings.http_max_connections, tls)}
