@@ -97,37 +97,23 @@ def accept_values(request: Request) -> str:
 
 def negotiate(request: Request, offered: list[str]) -> str | None:
     """The first of ``offered`` (server preference) acceptable with the highest q; None if nothing is."""
-    ranges = parse_accept(accept_values(request))
+    return _choose(parse_accept(accept_values(request)), offered)
+
+
+def _choose(ranges: list[tuple[str, dict[str, str], float]], offered: list[str]) -> str | None:
     if not ranges:
         return offered[0]
     best: tuple[float, int] | None = None
     choice: str | None = None
     for i, media in enumerate(offered):
-        mtype, msub = media.split("/", 1)
-        q_for: float | None = None
-        specificity = -1
-        for rng, _params, q in ranges:
-            rtype, _, rsub = rng.partition("/")
-            if rng == media:
-                spec = 2
-            elif rtype == mtype and rsub == "*":
-                spec = 1
-            elif rng == "*/*" or rng == "*":
-                spec = 0
-            else:
-                continue
-            if spec > specificity:
-                specificity, q_for = spec, q
-        if q_for is None or q_for <= 0:
-            continue
-        key = (q_for, -i)
-        if best is None or key > best:
-            best, choice = key, media
+        q = _q_of(ranges, media)
+        if q > 0 and (best is None or (q, -i) > best):
+            best, choice = (q, -i), media
     return choice
 
 
 def _q_of(ranges: list[tuple[str, dict[str, str], float]], media: str) -> float:
-    """The q the most specific range matching ``media`` gives it (RFC 9110 12.5.1)."""
+    """The q the most specific range matching ``media`` gives it (RFC 9110 12.5.1); 0 when none does."""
     mtype = media.split("/", 1)[0]
     best, spec = 0.0, -1
     for rng, _params, q in ranges:
@@ -140,8 +126,8 @@ def _q_of(ranges: list[tuple[str, dict[str, str], float]], media: str) -> float:
 def negotiate_metadata(request: Request) -> str:
     """application/dicom+json (default), application/json, or DICOM_XML for ``multipart/related;
     type="application/dicom+xml"`` (PS3.18 requires both for QIDO-RS results and WADO-RS metadata); else 406."""
-    choice = negotiate(request, [DICOM_JSON, JSON])
     ranges = parse_accept(accept_values(request))
+    choice = _choose(ranges, [DICOM_JSON, JSON])
     xml_q = max(
         (
             q

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.concurrency import iterate_in_threadpool
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 # Limits. Module constants so the lead can wire them to Settings; the STOW route reads them at request time.
 MAX_PART_BYTES = 1 << 30  # one DICOM instance (a part is held in memory whole, as the chunks it arrived in)
@@ -531,6 +531,16 @@ def multipart_response(
     body += b"--" + b + b"--\r\n"
     return Response(bytes(body), headers={**(headers or {}), "Content-Type": related_content_type(boundary, type_,
                                                                                                 transfer_syntax)})
+
+
+def streaming_multipart_response(
+    parts: Iterable[OutPart] | AsyncIterable[OutPart], type_: str, transfer_syntax: str | None = None
+) -> StreamingResponse:
+    """A multipart/related response streamed part by part (``write_multipart``)."""
+    boundary = new_boundary()
+    return StreamingResponse(
+        write_multipart(parts, boundary), media_type=related_content_type(boundary, type_, transfer_syntax)
+    )
 
 
 def _part_head(boundary: bytes, part: OutPart) -> bytes:

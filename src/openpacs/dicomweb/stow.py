@@ -189,23 +189,26 @@ class _PartStore:
                     self.outcomes[index] = out
                 else:
                     self.pending.append((index, out))
-                ready = self.inflight <= self.limit and (self.inflight == 0 or self.total.used <= self.total.limit)
-                waiter = self.waiter if ready else None
-                if waiter is not None:
-                    self.waiter = None
+                waiter = self._ready_waiter()
             self._wake(waiter)
             for store in others:
                 if store is not self:
                     store._room()
 
     def _room(self) -> None:
-        """The process went under its limit: go on unless this request is over its own, or the process is over its
-        limit again (then wait for the next release)."""
+        """The process went under its limit: the waiting put() may go on."""
         with self.lock:
-            if self.waiter is None or self.inflight > self.limit or (self.inflight and self.total.block(self)):
-                return
-            waiter, self.waiter = self.waiter, None
+            waiter = self._ready_waiter()
         self._wake(waiter)
+
+    def _ready_waiter(self) -> asyncio.Future[None] | None:
+        """Under the lock: the waiting put(), taken, if it may go on: this request is within its own limit, and the
+        process within its limit or this request has nothing unwritten. Otherwise it keeps waiting, registered with
+        the process budget for the next release."""
+        if self.waiter is None or self.inflight > self.limit or (self.inflight and self.total.block(self)):
+            return None
+        waiter, self.waiter = self.waiter, None
+        return waiter
 
     def _wake(self, waiter: asyncio.Future[None] | None) -> None:
         """Let the put() waiting on ``waiter`` (taken from self.waiter under the lock) go on."""

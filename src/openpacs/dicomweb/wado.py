@@ -13,7 +13,6 @@ import asyncio
 import io
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from starlette.routing import Route
 
 from ..dicom import transcode as tc
 from ..dicom.frames import FrameError, FrameReader
+from ..dicom.header import is_valid_uid
 from ..dicom.render import (
     RenderError,
     RenderParams,
@@ -59,7 +59,7 @@ from ..dicom.render import (
 from ..services.types import InstanceRef
 from .common import DICOM_XML, DicomWebError, accept_values, error_response, negotiate_metadata, split_list
 from .common import parse_accept as common_parse_accept
-from .multipart import multipart_response, part_head
+from .multipart import OutPart, multipart_response, part_head, streaming_multipart_response
 
 log = logging.getLogger(__name__)
 
@@ -504,16 +504,11 @@ class WadoRS:
             return _error_response(e)
         base = self.base_url(request)
         if media == DICOM_XML:  # streamed like the JSON below: one instance's document at a time
-            from .multipart import OutPart, new_boundary, related_content_type, write_multipart
-
             async def documents() -> AsyncIterator[OutPart]:
                 for ref in refs:
                     yield OutPart(DICOM_XML, await run_in_threadpool(self._instance_metadata, ref, base, True))
 
-            boundary = new_boundary()
-            return StreamingResponse(
-                write_multipart(documents(), boundary), media_type=related_content_type(boundary, DICOM_XML)
-            )
+            return streaming_multipart_response(documents(), DICOM_XML)
 
         async def body() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
@@ -568,7 +563,6 @@ class WadoRS:
         if not multipart:
             reader.close()
             return Response(first, media_type=media, headers={"Content-Type": ctype})
-        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
 
         async def parts() -> AsyncIterator[OutPart]:
             try:
@@ -578,8 +572,7 @@ class WadoRS:
             finally:
                 reader.close()
 
-        boundary = new_boundary()
-        return StreamingResponse(write_multipart(parts(), boundary), media_type=related_content_type(boundary, media, ts))
+        return streaming_multipart_response(parts(), media, ts)
 
     # -- bulk data ----------------------------------------------------------------------------------------------------
 
@@ -610,10 +603,7 @@ class WadoRS:
                 media, ts, multipart = choice
                 if media == OCTET and tc.is_native(ts):
                     return _bulk_response(_native_pixel_data(reader), accept, range_header)
-                try:
-                    parts = [reader.frame_as(n, ts) for n in range(1, n_frames + 1)]
-                except tc.TranscodeError as e:
-                    raise HTTPError(406, str(e)) from e
+                parts = [_frame(reader, n, ts) for n in range(1, n_frames + 1)]
             ctype = f"{media}; transfer-syntax={ts}"
             if not multipart:
                 return Response(parts[0], media_type=media, headers={"Content-Type": ctype})
@@ -640,15 +630,12 @@ class WadoRS:
             return reader.has_pixels
 
     def _bulk_stream(self, refs: list[InstanceRef], base: str, pixels_only: bool) -> Response:
-        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
-
         async def parts() -> AsyncIterator[OutPart]:
             for ref in refs:  # one instance in memory at a time
                 for location, data in await run_in_threadpool(self._bulk_items, ref, base, pixels_only):
                     yield OutPart(OCTET, data, {"Content-Location": location})
 
-        boundary = new_boundary()
-        return StreamingResponse(write_multipart(parts(), boundary), media_type=related_content_type(boundary, OCTET))
+        return streaming_multipart_response(parts(), OCTET)
 
     def _bulk_items(self, ref: InstanceRef, base: str, pixels_only: bool) -> list[tuple[str, bytes]]:
         """Every bulk data value of an instance as (BulkDataURI, bytes), the URIs being those of its metadata; pixel
@@ -711,7 +698,6 @@ class WadoRS:
         if not multipart:
             images.close()
             return Response(first, media_type=params.media_type)
-        from .multipart import OutPart, new_boundary, related_content_type, write_multipart
 
         async def parts() -> AsyncIterator[OutPart]:
             try:
@@ -721,10 +707,7 @@ class WadoRS:
             finally:
                 images.close()
 
-        boundary = new_boundary()
-        return StreamingResponse(
-            write_multipart(parts(), boundary), media_type=related_content_type(boundary, params.media_type)
-        )
+        return streaming_multipart_response(parts(), params.media_type)
 
     def _rendered_images(
         self, refs: list[InstanceRef], frames: list[int] | None, params: RenderParams, thumbnail: bool
@@ -985,13 +968,6 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 # WADO-URI
 
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-
-
-def _is_uid(value: str) -> bool:
-    return len(value) <= 64 and _UID.fullmatch(value) is not None
-
-
 class WadoURI:
     def __init__(self, rs: WadoRS) -> None:
         self.rs = rs
@@ -1014,7 +990,7 @@ class WadoURI:
             # client that asked for a de-identified one would hand out the very data it meant to avoid
             raise HTTPError(400, "anonymize is not supported by this server")
         ts = q.get("transferSyntax", "").strip()
-        if ts and ts != "*" and not _is_uid(ts):  # "*": as stored, as in WADO-RS
+        if ts and ts != "*" and not is_valid_uid(ts):  # "*": as stored, as in WADO-RS
             raise HTTPError(400, f"transferSyntax {ts!r} is not a UID")
         refs = await self.rs._instances(study, series, sop, request)
         ref = refs[0]

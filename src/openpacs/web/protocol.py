@@ -80,7 +80,7 @@ def guarded_protocol(
                 super().data_received(data)
 
         def data_received(self, data: bytes) -> None:
-            if not self._started:  # the TLS layer hands over a request before start_tls() has returned
+            if not self._started:  # the TLS layer can hand over a request before _handshake_done has run
                 self._early.append(data)
                 return
             super().data_received(data)
