@@ -188,33 +188,26 @@ class _Dispatcher:
         return self.local_load + sum(w.load for w in self.workers if w.alive)
 
     def accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    self._accept_failed(self.lsock, self.accept, "DICOM", exc)
-                else:  # one aborted connection: the next ones are fine
-                    log.warning("DICOM: accept failed: %s", exc)
-                return
-            self.dispatch(conn)
+        self._accept_all(self.lsock, self.accept, "DICOM", tls=False)
 
     def accept_tls(self) -> None:
         assert self.tls_sock is not None
+        self._accept_all(self.tls_sock, self.accept_tls, "DICOM TLS", tls=True)
+
+    def _accept_all(self, sock: socket.socket, callback: Callable[[], None], what: str, tls: bool) -> None:
+        """Take every connection waiting on ``sock`` (``callback``: the reader registered for it)."""
         while True:
             try:
-                conn, _ = self.tls_sock.accept()
+                conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
-                    self._accept_failed(self.tls_sock, self.accept_tls, "DICOM TLS", exc)
-                else:
-                    log.warning("DICOM TLS: accept failed: %s", exc)
+                    self._accept_failed(sock, callback, what, exc)
+                else:  # one aborted connection: the next ones are fine
+                    log.warning("%s: accept failed: %s", what, exc)
                 return
-            self.dispatch(conn, tls=True)
+            self.dispatch(conn, tls=tls)
 
     @staticmethod
     def _accept_failed(sock: socket.socket, callback: Callable[[], None], what: str, exc: OSError) -> None:

@@ -53,9 +53,10 @@ def test_other_accept_errors_do_not_pause(monkeypatch) -> None:
     fake = SimpleNamespace(
         lsock=SimpleNamespace(accept=accept),
         _accept_failed=lambda *a: paused.append("paused"),
-        dispatch=lambda conn: None,
+        dispatch=lambda conn, tls: None,
         accept=lambda: None,
     )
+    fake._accept_all = lambda *a, **kw: server._Dispatcher._accept_all(fake, *a, **kw)  # type: ignore[arg-type]
     server._Dispatcher.accept(fake)  # type: ignore[arg-type]
     assert paused == []
     fake.lsock = SimpleNamespace(accept=lambda: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many open files")))
