@@ -23,6 +23,8 @@ class RemoteAE:
     departments: tuple[str, ...] | None = None
     # Outgoing associations to this peer (C-MOVE destination) use DICOM TLS, verifying its certificate against tls_ca.
     tls: bool = False
+    # Concurrent associations a send job opens to this peer (services/jobs.py, dimse/sender.py).
+    max_associations: int = 1
 
 
 DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
@@ -34,6 +36,8 @@ class Settings:
     index_url: str = ""  # default: sqlite in data_dir
     storage_url: str = ""  # default: file:// in data_dir/blobs
     blob_sync: str = "auto"  # auto | syncfs | fsync: how a group commit makes its blobs durable (storage/filesystem.py)
+    storage_min_free: str = ""  # refuse new data (0xA700) when less is free: bytes ("50GB") or "N%" of the store
+    storage_quota: str = ""  # refuse new data when the stored instances would exceed this many bytes ("2TB")
 
     # DICOM upper layer
     aet: str = "OPENPACS"
@@ -44,6 +48,13 @@ class Settings:
     max_pdu: int = 4 * 1024 * 1024  # our maximum receive PDU length, advertised at association
     artim_timeout: float = 30.0
     dimse_timeout: float = 60.0
+    # The durable job queue (services/jobs.py): lease a node renews while it runs a job, first retry delay (doubled
+    # per attempt up to job_backoff_max), attempts before a job fails, jobs run at once per node
+    job_lease_seconds: float = 30.0
+    job_backoff_seconds: float = 5.0
+    job_backoff_max: float = 600.0
+    job_max_attempts: int = 5
+    job_concurrency: int = 2
     network_timeout: float = 120.0
     dicom_tls_port: int = 2762  # DICOM TLS listener, on when tls_cert/tls_key are set (tls_ca: mutual TLS); 0: off
     check_called_aet: bool = False
@@ -80,13 +91,28 @@ class Settings:
     audit_syslog_cert: str = ""
     audit_syslog_key: str = ""
 
+    # HL7 v2 (MLLP): ADT from the RIS / interface engine (README "HL7")
+    hl7_host: str = "127.0.0.1"
+    hl7_port: int = 2575  # 0: off
+    hl7_tls: bool = False  # MLLP over TLS with tls_cert/tls_key (tls_ca: client certificates required)
+    hl7_max_message: int = 10 * 1024 * 1024  # larger messages are answered AR and skipped
+    hl7_idle_timeout: float = 600.0  # seconds without data before a connection is closed (0: never)
+    hl7_max_connections: int = 64
+
     # Behaviour
     duplicate_policy: str = "keep-first"  # keep-first | overwrite | reject
     pn_case_insensitive: bool = True
     find_max_results: int = 0  # 0: unlimited
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line; request_id / association_id fields)
+
+    # Monitoring: /metrics is open to loopback callers; others need this token (Authorization: Bearer …) or an
+    # administrator's API token
+    metrics_token: str = ""
 
     def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.duplicate_policy not in DUPLICATE_POLICIES:
             # a typo would otherwise silently behave as keep-first
             raise ValueError(f"duplicate_policy must be one of {', '.join(DUPLICATE_POLICIES)}, "
@@ -166,7 +192,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                         deps = [d for d in deps.split(",") if d.strip()]
                     remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow,
                                              departments=None if deps is None else tuple(d.strip().lower() for d in deps),
-                                             tls=bool(spec.get("tls", False)))
+                                             tls=bool(spec.get("tls", False)),
+                                             max_associations=max(1, int(spec.get("max_associations", 1))))
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:
@@ -193,7 +220,7 @@ def validate(s: Settings) -> None:
         raise ValueError(f"blob_sync must be auto, syncfs or fsync, not {s.blob_sync!r}")
     if s.duplicate_policy not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicate_policy must be one of {', '.join(DUPLICATE_POLICIES)}, not {s.duplicate_policy!r}")
-    for name in ("dicom_port", "http_port", "dicom_tls_port"):
+    for name in ("dicom_port", "http_port", "dicom_tls_port", "hl7_port"):
         port = getattr(s, name)
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be a TCP port (0-65535), not {port}")
@@ -201,9 +228,56 @@ def validate(s: Settings) -> None:
         raise ValueError("http_header_timeout must be > 0 and http_max_connections >= 1")
     if not s.aet or len(s.aet) > 16:
         raise ValueError(f"aet must be 1 to 16 characters, not {s.aet!r}")
+    if s.hl7_tls and s.hl7_port and not s.tls_cert:
+        raise ValueError("hl7_tls needs tls_cert (and tls_key)")
+    if s.hl7_max_message < 1024 or s.hl7_max_connections < 1 or s.hl7_idle_timeout < 0:
+        raise ValueError("hl7_max_message must be >= 1024, hl7_max_connections >= 1 and hl7_idle_timeout >= 0")
     if s.max_pdu < 4096:
         raise ValueError(f"max_pdu must be at least 4096, not {s.max_pdu}")
+    # a TOML integer is a byte count; the sizes are parsed (and refused when malformed) by services.storage_policy
+    s.storage_min_free, s.storage_quota = str(s.storage_min_free).strip(), str(s.storage_quota).strip()
 
 
 def as_dict(s: Settings) -> dict[str, Any]:
     return dataclasses.asdict(s)
+
+
+SECRET_SETTINGS = frozenset({"metrics_token"})
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``; other strings unchanged."""
+    import re
+
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", rf"\1:{REDACTED}@", url, flags=re.I)
+
+
+def redacted(s: Settings) -> dict[str, Any]:
+    """The effective settings with secrets hidden (console System page, audit of configuration changes)."""
+    out: dict[str, Any] = {}
+    for key, value in as_dict(s).items():
+        if key in SECRET_SETTINGS:
+            out[key] = REDACTED if value else ""
+        elif isinstance(value, str):
+            out[key] = redact_url(value)
+        elif isinstance(value, Path):
+            out[key] = str(value)
+        else:
+            out[key] = value
+    return out
+
+
+def security_refusal(settings: Settings) -> str | None:
+    """Secure by default: why this configuration must not start, or None. Loopback without auth is development mode.
+
+    `openpacs serve` refuses to start with it; `openpacs doctor` reports it."""
+    exposed = [h for h in {settings.http_host, settings.dicom_host} if not is_loopback(h)]
+    if exposed and not settings.auth_enabled:
+        return (f"refusing to listen on {', '.join(sorted(exposed))} with authentication off (auth = \"off\"): "
+                "anyone on the network could read every study. Use auth = \"auto\" or \"on\", or listen on 127.0.0.1")
+    if not is_loopback(settings.dicom_host) and settings.dicom_accept_unknown and not settings.allow_open_dicom:
+        return (f"refusing to listen for DICOM on {settings.dicom_host} while any calling AE is accepted "
+                "(dicom_accept_unknown = true): configure [remote_aes.*] with their allowed operations and set "
+                "dicom_accept_unknown = false, or set allow_open_dicom = true to accept the risk")
+    return None

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from .config import Settings
 from .index.db import Index
+from .services.activity import ActivityRecorder
 from .services.audit import AuditService
 from .services.auth import AuthService, OIDCValidator
 from .services.departments import DepartmentService
 from .services.ingest import IngestService
+from .services.jobs import JobQueue
+from .services.metrics import Monitor, SystemFigures
+from .services.nodes import NodesService
+from .services.qc import QCService
 from .services.query import QueryService
+from .services.reports import ReportService
 from .services.retrieve import RetrieveService
+from .services.storage_policy import build_guard
 from .storage import BlobStore, open_store
 
 log = logging.getLogger(__name__)
@@ -29,10 +37,22 @@ class Context:
     auth: AuthService | None = None
     audit: AuditService | None = None
     departments: DepartmentService | None = None
+    nodes: NodesService | None = None
+    monitor: Monitor | None = None
+    figures: SystemFigures | None = None
+    started_at: float = 0.0
+    reports: ReportService | None = None
+    jobs: JobQueue | None = None
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # the last counts go to the index before it closes
+        if self.nodes is not None:
+            self.nodes.close()
         if self.audit is not None:
             self.audit.close()
+        if self.reports is not None:
+            self.reports.close()
         self.ingest.close()
         self.index.close()
 
@@ -48,7 +68,21 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     retrieve = RetrieveService(settings, store, index)
     auth, audit, departments = build_security(settings, index)
     ingest.classify_department = departments.classify
-    return Context(settings, store, index, ingest, query, retrieve, auth, audit, departments)
+    nodes = NodesService(settings, index)
+    monitor = Monitor(ActivityRecorder(index, settings.aet).start())
+    ingest.monitor = monitor
+    guard = build_guard(settings, store, index)
+    if guard.enabled:
+        ingest.guard = guard
+    reports = ReportService(index, ingest)
+    ingest.on_stored = reports.study_stored  # reports (ORU) waiting for their study are attached when it arrives
+    reports.listeners.append(QCService(index).check_study)  # new studies reconciled with the RIS's orders
+    figures = SystemFigures(index, store)
+    figures.guard = ingest.guard
+    jobs = JobQueue(index, lease_seconds=settings.job_lease_seconds, backoff_base=settings.job_backoff_seconds,
+                    backoff_cap=settings.job_backoff_max, default_attempts=settings.job_max_attempts)
+    return Context(settings, store, index, ingest, query, retrieve, auth, audit, departments, nodes,
+                   monitor=monitor, figures=figures, started_at=time.time(), reports=reports, jobs=jobs)
 
 
 def build_security(settings: Settings, index: Index) -> tuple[AuthService, AuditService, DepartmentService]:

@@ -51,6 +51,7 @@ class OpenPACSServer:
         self.settings = settings or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
+        self.hl7_port = free_port()  # the HL7 listener is on by default (2575): every test server gets its own
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,7 @@ class OpenPACSServer:
     def argv(self) -> list[str]:
         return [*openpacs_command(), "serve", "--config", str(self.config_path), "--data-dir", str(self.data_dir),
                 "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port), "--aet", self.aet,
+                "--hl7-port", str(self.hl7_port),
                 *self.index_args()]
 
     def start(self) -> OpenPACSServer:

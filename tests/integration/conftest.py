@@ -3,8 +3,10 @@ to the server as the C-MOVE destination DESTSCP."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from helpers import dcmtk
+from helpers import browser, dcmtk
 from helpers.server import OpenPACSServer, make_server, stop_cleanly
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
@@ -30,3 +32,16 @@ def server(request, backend, storescp, require_dcmtk, tmp_path_factory) -> OpenP
     srv.start()
     yield srv
     stop_cleanly(srv)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    """Debian's Chromium for Playwright (skipped, or failed under OPENPACS_TEST_REQUIRE_ALL, when absent)."""
+    return browser.chromium()
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    """Where browser tests leave their screenshots (test-artifacts/, or OPENPACS_TEST_ARTIFACTS)."""
+    browser.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return browser.ARTIFACTS

@@ -42,7 +42,8 @@ def _truncate_all(url: str) -> None:
     core = (schema.patients, schema.studies, schema.series, schema.instances, schema.changes, schema.jobs,
             schema.settings_table)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE " + ", ".join(f'"{t.name}"' for t in core) + " RESTART IDENTITY")
+        # CASCADE: also the tables that reference these (patient_demographics references patients)
+        conn.execute("TRUNCATE " + ", ".join(f'"{t.name}"' for t in core) + " RESTART IDENTITY CASCADE")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -76,3 +77,16 @@ def make_ctx(index_url: str, tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def ctx(make_ctx: Any) -> Context:
     return make_ctx()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_kdf() -> Iterator[None]:
+    """argon2id with test parameters: the suite checks behaviour, not KDF cost (the loaded CI box takes ~1 s each)."""
+    from argon2 import PasswordHasher
+
+    from openpacs.services import auth
+
+    saved = auth._hasher
+    auth._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    auth._hasher = saved

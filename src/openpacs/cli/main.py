@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -26,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--dicom-port", type=int, help="DICOM (DIMSE) port [11112]")
     s.add_argument("--http-port", type=int, help="HTTP port: DICOMweb, viewer, health [8042]")
+    s.add_argument("--hl7-port", type=int, help="HL7 v2 MLLP port (0: off) [2575]")
     s.add_argument("--aet", help="our AE title [OPENPACS]")
     s.add_argument("--host", help="address to listen on for DICOM and HTTP [127.0.0.1]")
     s.add_argument("--workers", type=int, dest="dicom_workers", help="DICOM worker processes (0: per CPU)")
+    s.add_argument("--demo", action="store_true",
+                   help="throw-away training instance: a temporary data dir (unless --data-dir) filled by `openpacs demo`")
 
     i = sub.add_parser("import", help="import DICOM files, folders and zip archives through the ingest path")
     _common(i)
@@ -45,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .user import add_parsers as add_user_parsers
 
     add_user_parsers(sub, _common)
+    from .demo import add_parser as add_demo_parser
+    from .doctor import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub, _common)
+    add_demo_parser(sub, _common)
+    from .jobs import add_parsers as add_jobs_parsers
+
+    add_jobs_parsers(sub, _common)
     return parser
 
 
@@ -59,17 +69,43 @@ def main(argv: list[str] | None = None) -> int:
         overrides["dicom_host"] = args.host
         overrides["http_host"] = args.host
     settings = load_settings(args.config, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from ..logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
+        # before anything imports prometheus_client: every process of this server (DIMSE workers too) writes its
+        # metrics where /metrics adds them up (services/metrics.py)
+        import atexit
+        import os
+        import shutil
+        import tempfile
+
+        metrics_dir = tempfile.mkdtemp(prefix="openpacs-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, True)
         from .serve import serve
 
+        if args.demo:
+            from .demo import serve_demo
+
+            return serve_demo(settings, data_dir_given=args.data_dir is not None)
         return serve(settings)
+    if args.command == "doctor":
+        from .doctor import run as run_doctor
+
+        return run_doctor(settings, args)
+    if args.command == "demo":
+        from .demo import run as run_demo
+
+        return run_demo(settings, args)
     if args.command == "import":
         from .importer import run_import
 
         return run_import(settings, args.paths, jobs=args.jobs, progress=not args.no_progress)
+    if args.command in ("jobs", "send"):
+        from .jobs import run as run_jobs
+
+        return run_jobs(settings, args)
     if args.command in ("user", "department"):
         from .user import run as run_user
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from .. import eventloop
-from ..config import Settings
+from ..config import Settings, security_refusal  # noqa: F401 - re-exported (openpacs doctor uses it too)
 from ..context import Context, build_context
 
 log = logging.getLogger("openpacs")
@@ -31,21 +31,6 @@ def sweep_orphans(ctx: Context, before: float) -> int:
     if removed:
         log.warning("orphan sweep removed %d unreferenced blob(s) / partial writes", removed)
     return removed
-
-
-def security_refusal(settings: Settings) -> str | None:
-    """Secure by default: why this configuration must not start, or None. Loopback without auth is development mode."""
-    from ..config import is_loopback
-
-    exposed = [h for h in {settings.http_host, settings.dicom_host} if not is_loopback(h)]
-    if exposed and not settings.auth_enabled:
-        return (f"refusing to listen on {', '.join(sorted(exposed))} with authentication off (auth = \"off\"): "
-                "anyone on the network could read every study. Use auth = \"auto\" or \"on\", or listen on 127.0.0.1")
-    if not is_loopback(settings.dicom_host) and settings.dicom_accept_unknown and not settings.allow_open_dicom:
-        return (f"refusing to listen for DICOM on {settings.dicom_host} while any calling AE is accepted "
-                "(dicom_accept_unknown = true): configure [remote_aes.*] with their allowed operations and set "
-                "dicom_accept_unknown = false, or set allow_open_dicom = true to accept the risk")
-    return None
 
 
 def first_start_admin(ctx: Context) -> None:
@@ -72,10 +57,10 @@ async def _serve(settings: Settings) -> None:
     ctx = build_context(settings)
     first_start_admin(ctx)
     if ctx.audit is not None:
-        from ..config import as_dict
+        from ..config import redacted
         from ..services.audit import audit_configuration
 
-        audit_configuration(ctx.index, ctx.audit, as_dict(settings), settings.aet)
+        audit_configuration(ctx.index, ctx.audit, redacted(settings), settings.aet)  # no secrets in the index
     if ctx.audit is not None:
         ctx.audit.record("ApplicationActivity", event_type="110120", user=settings.aet, protocol="CLI",
                          detail=f"OpenPACS started (auth {'on' if settings.auth_enabled else 'off: development mode'})")
@@ -98,15 +83,23 @@ async def _serve(settings: Settings) -> None:
     dimse_ready = asyncio.Event()
     dimse_task = asyncio.create_task(serve_dimse(settings, ctx, stop, dimse_ready), name="dimse")
     http_task = asyncio.create_task(http.serve(), name="http")
+    from ..hl7.server import serve_hl7
+
+    hl7_ready = asyncio.Event()
+    hl7_task = asyncio.create_task(serve_hl7(ctx, stop, hl7_ready), name="hl7")
     await dimse_ready.wait() if not dimse_task.done() else None
+    jobs_task = asyncio.create_task(_run_jobs(ctx, stop), name="jobs")
+    await hl7_ready.wait() if not hl7_task.done() else None
     log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
              settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
     stop_wait = asyncio.create_task(stop.wait())
     services: set[asyncio.Task[object]] = {stop_wait, dimse_task, http_task}  # type: ignore[arg-type]
+    if settings.hl7_port:
+        services.add(hl7_task)  # type: ignore[arg-type]
     done, _ = await asyncio.wait(services, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     http.should_exit = True
-    for t in (dimse_task, http_task):
+    for t in (dimse_task, http_task, hl7_task, jobs_task):
         try:
             await asyncio.wait_for(t, timeout=60)
         except Exception as e:  # a failed service is reported, the others still stop cleanly
@@ -120,6 +113,17 @@ async def _serve(settings: Settings) -> None:
         exc = None if finished is stop_wait else finished.exception()
         if exc is not None:
             raise exc
+
+
+async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
+    """The job worker of this node (services/jobs.py): send jobs run on this event loop."""
+    from ..dimse.sender import KIND as SEND
+    from ..dimse.sender import Sender
+    from ..services.jobs import JobWorker
+
+    assert ctx.jobs is not None
+    worker = JobWorker(ctx.jobs, {SEND: Sender(ctx, ctx.jobs)}, concurrency=ctx.settings.job_concurrency)
+    await worker.run(stop)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -262,6 +262,9 @@ def _handler(level: Level, path_keys: dict[str, str]):  # type: ignore[no-untype
             warnings.append("there are additional results that can be requested (use limit and offset)")
         if warnings:
             headers["Warning"] = ", ".join(warning_header(w) for w in warnings)
+        monitor = getattr(ctx, "monitor", None)
+        if monitor is not None:
+            monitor.queried("qido", str(level), time.perf_counter() - t0)
         log.debug(
             "QIDO %s %s -> %d results in %.1f ms",
             level,

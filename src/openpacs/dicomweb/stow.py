@@ -6,7 +6,8 @@ row without waiting for the commit, so the parts of a request share the group co
 flight. The answer is sent only when every part's store is settled, i.e. durable.
 
 Response status (PS3.18 Table 10.5.3-1): 200 all stored; 202 some stored with failures or warnings; 409 none stored;
-400 unparsable request; 413 over a size limit; 415 unsupported media type or content coding.
+400 unparsable request; 413 over a size limit; 415 unsupported media type or content coding; 507 (Insufficient Storage)
+for a request of a single instance refused for lack of space (FailureReason 0xA700, as in the 409 of larger requests).
 """
 
 from __future__ import annotations
@@ -482,7 +483,9 @@ async def stow(request: Request) -> Response:
     w = _warnings(outcomes)
     if w:
         headers["Warning"] = w
-    if stored == 0:
+    if stored == 0 and len(outcomes) == 1 and outcomes[0].status == Status.OUT_OF_RESOURCES:
+        status = 507  # a single upload refused for lack of space (storage_min_free, storage_quota, a full disk)
+    elif stored == 0:
         status = 409
     elif failed or any(o.status != 0 for o in outcomes):
         status = 202

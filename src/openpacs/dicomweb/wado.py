@@ -13,6 +13,7 @@ import asyncio
 import io
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -308,9 +309,45 @@ def _plan(ref: InstanceRef, choices: list[str]) -> _Plan:
     return _Plan(ref, target, None)
 
 
+class MetadataCache:
+    """Instance metadata documents already built, by what determines them: the blob (a replaced instance has a new
+    key), the patient module overlaid on it (patient and its ADT version), the service root of the BulkDataURIs and
+    the format. Bounded by bytes, least recently used out. A viewer opening a series again, or a second reader
+    opening the same study, gets the documents without re-parsing the files."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        with self._lock:
+            doc = self._items.get(key)
+            if doc is not None:
+                self._items.move_to_end(key)
+            return doc
+
+    def put(self, key: tuple[Any, ...], doc: bytes) -> None:
+        if len(doc) > self.max_bytes // 16:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = doc
+            self._bytes += len(doc)
+            while self._bytes > self.max_bytes and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 class WadoRS:
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
+        self.metadata_cache = MetadataCache()
 
     # -- helpers ------------------------------------------------------------------------------------------------------
 
@@ -331,6 +368,8 @@ class WadoRS:
         return refs[0]
 
     def _local_path(self, ref: InstanceRef) -> str | None:
+        if ref.demographics_version:  # the patient module is overlaid (retrieve.read_file): no byte-identical path
+            return None
         try:
             return self.ctx.store.path(ref.blob_key)
         except Exception:
@@ -482,6 +521,14 @@ class WadoRS:
     # -- metadata -----------------------------------------------------------------------------------------------------
 
     def _instance_metadata(self, ref: InstanceRef, base: str, xml: bool = False) -> bytes:
+        key = (ref.blob_key, ref.patient_fk, ref.demographics_version, base, xml)
+        doc = self.metadata_cache.get(key)
+        if doc is None:
+            doc = self._build_metadata(ref, base, xml)
+            self.metadata_cache.put(key, doc)
+        return doc
+
+    def _build_metadata(self, ref: InstanceRef, base: str, xml: bool = False) -> bytes:
         from ..dicom import json as dj
         from ..dicom.xml import json_to_xml
 
@@ -528,9 +575,17 @@ class WadoRS:
     async def frames(self, request: Request) -> Response:
         try:
             numbers = parse_frame_list(request.path_params["frames"])
-            ref = await self._one(request)
             accept = parse_accept(accept_values(request))
-            result = await run_in_threadpool(self._frames_sync, ref, numbers, accept)
+            p = request.path_params
+            departments = getattr(request.scope.get("openpacs.principal"), "departments", None)
+
+            def work() -> Response:  # the lookup and the frame in one thread hop (a viewer asks for hundreds)
+                refs = self.ctx.retrieve.list_instances(p["study"], p["series"], p["instance"], departments)
+                if not refs:
+                    raise HTTPError(404, "instance not found")
+                return self._frames_sync(refs[0], numbers, accept)
+
+            result = await run_in_threadpool(work)
         except HTTPError as e:
             return _error_response(e)
         return result

@@ -7,16 +7,22 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..config import RemoteAE, Settings
+from ..services import nodes
 from ..services.types import Query
 from . import pdu
 
 # Names ``RemoteAE.allow`` may use: the services negotiated today, and those registered later with
 # ``negotiation.register_service`` (Modality Worklist, MPPS, Storage Commitment), which permissive mode also allows.
-OPERATIONS = ("echo", "store", "find", "move", "get", "worklist", "mpps", "commit")
+OPERATIONS = nodes.OPERATIONS
+
+
+def remote_aes(settings: Settings) -> Mapping[str, RemoteAE]:
+    """The remote AEs in force: TOML ``[remote_aes.*]`` and the nodes kept in the index (services.nodes, cached)."""
+    return nodes.remote_aes_for(settings)
 
 
 def settings_warnings(settings: Settings) -> list[str]:
@@ -33,7 +39,7 @@ def settings_warnings(settings: Settings) -> list[str]:
                 f"[remote_aes.{name}] tls = true without tls_ca: its certificate is checked against the "
                 "system CA store only"
             )
-    if not settings.dicom_accept_unknown and not settings.remote_aes:
+    if not settings.dicom_accept_unknown and not remote_aes(settings):
         out.append("dicom_accept_unknown = false and no [remote_aes.*]: every association will be rejected")
     return out
 
@@ -68,7 +74,7 @@ def _normal(address: str) -> str:
 def known_peer(settings: Settings, calling_aet: str, address: str) -> RemoteAE | None:
     """The configured remote AE with this title whose host matches the connection's source address."""
     source = _normal(address)
-    for remote in settings.remote_aes.values():
+    for remote in remote_aes(settings).values():
         if remote.aet.strip() == calling_aet and source in {_normal(a) for a in _addresses(remote.host)}:
             return remote
     return None
@@ -90,7 +96,7 @@ def check_association(
 
 
 def _titled(settings: Settings, calling_aet: str) -> list[RemoteAE]:
-    return [r for r in settings.remote_aes.values() if r.aet.strip() == calling_aet]
+    return [r for r in remote_aes(settings).values() if r.aet.strip() == calling_aet]
 
 
 def allowed_operations(settings: Settings, calling_aet: str, address: str) -> frozenset[str]:

@@ -13,13 +13,16 @@ with the PS3.8 reason) and the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .. import logs
 from ..dicom.header import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from ..services.types import Source
 from . import access, commands, pdu
@@ -54,6 +57,15 @@ def status_kind(status: int) -> str:
     return "failure"
 
 
+def _association_ids() -> Iterator[str]:
+    prefix = f"{os.getpid() % 0x10000:04x}"
+    for n in itertools.count(1):
+        yield f"{prefix}-{n}"
+
+
+_ASSOCIATION_IDS = _association_ids()
+
+
 class AssociationClosed(Exception):
     pass
 
@@ -67,6 +79,7 @@ class Association(asyncio.BufferedProtocol):
         requestor: tuple[pdu.AssociateRQ, dict[int, AcceptedContext]] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.id = next(_ASSOCIATION_IDS)  # in every log line of this association (logs.association_id)
         self.settings = endpoint.settings
         self.loop = endpoint.loop
         self.transport: asyncio.Transport | None = None
@@ -124,6 +137,7 @@ class Association(asyncio.BufferedProtocol):
 
     # ---- transport callbacks -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        logs.association_id.set(self.id)
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -146,6 +160,7 @@ class Association(asyncio.BufferedProtocol):
         self._schedule_watchdog()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        logs.association_id.set(self.id)
         was = self.state
         self.state = CLOSED
         if self._watchdog is not None:
@@ -214,6 +229,7 @@ class Association(asyncio.BufferedProtocol):
         return self._stage_view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        logs.association_id.set(self.id)  # the context its callbacks and the tasks they start run in
         try:
             self._received(nbytes)
         except Exception:  # a bug must cost one association, never the server
@@ -397,23 +413,26 @@ class Association(asyncio.BufferedProtocol):
             self._reject(
                 (pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_PRESENTATION_LOCAL_LIMIT),
                 f"local limit exceeded (max_associations={self.settings.max_associations})",
+                reason="limit",
             )
             return
         if not rq.protocol_version & 1:
             self._reject(
                 (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE, pdu.RJ_ACSE_PROTOCOL_VERSION),
                 f"protocol version {rq.protocol_version:#x} not supported",
+                reason="protocol",
             )
             return
         if rq.application_context != pdu.APPLICATION_CONTEXT:
             self._reject(
                 (pdu.RJ_PERMANENT, pdu.RJ_SOURCE_USER, pdu.RJ_USER_APP_CONTEXT_NOT_SUPPORTED),
                 f"application context {rq.application_context} not supported",
+                reason="protocol",
             )
             return
         refusal = access.check_association(self.settings, rq.calling_aet, rq.called_aet, self.peer_address)
         if refusal is not None:
-            self._reject(*refusal, alert=True)
+            self._reject(*refusal, alert=True, reason="access")
             return
         self.allowed = access.allowed_operations(self.settings, rq.calling_aet, self.peer_address)
         self.departments = access.department_scope(self.settings, rq.calling_aet, self.peer_address)
@@ -435,6 +454,9 @@ class Association(asyncio.BufferedProtocol):
         self._last_rx = self.loop.time()
         if not self.established.done():
             self.established.set_result(None)
+        monitor = getattr(self.endpoint.ctx, "monitor", None)
+        if monitor is not None:
+            monitor.association_accepted(rq.calling_aet, self.peer_address)
         if not self.contexts:
             log.info("association from %s: no presentation context accepted", self._who())
 
@@ -473,8 +495,11 @@ class Association(asyncio.BufferedProtocol):
         self.state = STA13
         self._artim_start = self.loop.time()
 
-    def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
+    def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False, reason: str = "other") -> None:
         log.warning("association from %s rejected: %s", self._who(), why)
+        monitor = getattr(self.endpoint.ctx, "monitor", None)
+        if monitor is not None:
+            monitor.association_rejected(reason, self.calling_aet, self.peer_address)
         if alert:  # access control, not a protocol or load matter: a Security Alert (node authentication)
             access.security_alert(
                 self.endpoint.ctx,
@@ -613,7 +638,12 @@ class Association(asyncio.BufferedProtocol):
         self._last_rx = self.loop.time()  # the DIMSE timeout counts from the request
         self.send_command(context_id, commands.encode_command(elements))
         self.send_dataset(context_id, dataset)
-        return await waiter
+        rsp = await waiter
+        monitor = getattr(self.endpoint.ctx, "monitor", None)
+        if monitor is not None and status_kind(rsp.get(commands.STATUS, 0xC000)) != "failure":
+            # the peer: the C-MOVE destination on a sub-association we requested, else the C-GET SCU itself
+            monitor.retrieved("dimse", len(dataset), self.called_aet if self._requestor else self.calling_aet)
+        return rsp
 
     async def release(self) -> None:
         """Requestor side: A-RELEASE-RQ, wait for the RP (ARTIM bounded), close."""

@@ -15,6 +15,8 @@ PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -32,6 +34,8 @@ SERVICES: dict[str, tuple[str, str]] = {
     STUDY_ROOT_MOVE: ("move", "STUDY"),
     PATIENT_ROOT_GET: ("get", "PATIENT"),
     STUDY_ROOT_GET: ("get", "STUDY"),
+    MODALITY_WORKLIST_FIND: ("worklist", "MWL"),
+    MPPS: ("mpps", ""),
 }
 STORAGE_CLASSES = frozenset(_sop._STORAGE_CLASSES.values())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,9 @@ _REQUEST_OF_SERVICE = {
     "find": commands.C_FIND_RQ,
     "move": commands.C_MOVE_RQ,
     "get": commands.C_GET_RQ,
+    "worklist": commands.C_FIND_RQ,
 }
+_N_REQUESTS_OF_SERVICE = {"mpps": (commands.N_CREATE_RQ, commands.N_SET_RQ)}
 
 try:  # the shared transcoder; a small pydicom fallback covers the native syntaxes when it is absent
     from ..dicom import transcode as _transcode
@@ -48,13 +51,15 @@ _DIMSE_NAME = {
     commands.C_FIND_RQ: "C-FIND",
     commands.C_MOVE_RQ: "C-MOVE",
     commands.C_GET_RQ: "C-GET",
+    commands.N_CREATE_RQ: "N-CREATE",
+    commands.N_SET_RQ: "N-SET",
 }
 
 
 def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[bytes | memoryview] | None) -> None:
     ctx = assoc.contexts[context_id]
     field = cmd.field
-    if _REQUEST_OF_SERVICE.get(ctx.service) != field:
+    if _REQUEST_OF_SERVICE.get(ctx.service) != field and field not in _N_REQUESTS_OF_SERVICE.get(ctx.service, ()):
         log.warning("DIMSE 0x%04X from %s on a %s context refused", field, assoc._who(), ctx.abstract_syntax)
         _final(
             assoc,
@@ -88,6 +93,10 @@ def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[byt
         _c_store(assoc, ctx, cmd, chunks or [])
     elif field == commands.C_ECHO_RQ:
         _final(assoc, context_id, cmd, commands.C_ECHO_RSP, Status.SUCCESS)
+    elif ctx.service in ("worklist", "mpps"):
+        from . import ris  # Modality Worklist C-FIND, MPPS N-CREATE / N-SET
+
+        assoc.track(asyncio.ensure_future(_guard(assoc, ctx, cmd, ris.handle(assoc, ctx, cmd, chunks or []))))
     else:
         coro = {commands.C_FIND_RQ: c_find, commands.C_GET_RQ: c_get, commands.C_MOVE_RQ: c_move}[field]
         task = asyncio.ensure_future(_guard(assoc, ctx, cmd, coro(assoc, ctx, cmd, chunks or [])))
@@ -223,6 +232,7 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
         return
     query.departments = _narrow(query.departments, assoc.departments)
     _audit_query(assoc, ctx, identifier, 0, "")
+    started = time.perf_counter()
 
     results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -266,6 +276,12 @@ async def c_find(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
             _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.CANCEL)
         else:
             _final(assoc, ctx.context_id, cmd, commands.C_FIND_RSP, Status.SUCCESS)
+        monitor = getattr(services, "monitor", None)
+        if monitor is not None:
+            monitor.queried("dimse", str(identifier.get("QueryRetrieveLevel", "")), time.perf_counter() - started,
+                            assoc.calling_aet)
+            if kind in ("error", "crash"):
+                monitor.operation_failed()
         return
 
 
@@ -618,7 +634,7 @@ async def c_move(assoc: Association, ctx: AcceptedContext, cmd: Command, chunks:
     from .scu import open_association
 
     destination = cmd.get(commands.MOVE_DESTINATION, "")
-    remote = next((r for r in assoc.settings.remote_aes.values() if r.aet.strip() == destination), None)
+    remote = next((r for r in access.remote_aes(assoc.settings).values() if r.aet.strip() == destination), None)
     if remote is None:
         log.warning("C-MOVE from %s refused: move destination %r unknown", assoc._who(), destination)
         _final(

@@ -92,10 +92,16 @@ class Endpoint:
     def association_opened(self, assoc: Association) -> None:
         if assoc._requestor is None:
             self.associations.add(assoc)
+            monitor = getattr(self.ctx, "monitor", None)
+            if monitor is not None:
+                monitor.association_opened()
 
     def association_closed(self, assoc: Association) -> None:
         if assoc in self.associations:
             self.associations.discard(assoc)
+            monitor = getattr(self.ctx, "monitor", None)
+            if monitor is not None:
+                monitor.association_closed()
             if self._on_closed is not None:
                 self._on_closed()
 
@@ -259,6 +265,10 @@ class _Dispatcher:
                 worker.alive = False
                 worker.load = 0
                 asyncio.get_running_loop().remove_reader(worker.ctrl)
+                if worker.process.pid is not None:  # its open associations no longer count in /metrics
+                    from ..services.metrics import process_exited
+
+                    process_exited(worker.process.pid)
                 return
             if msg == b"R":
                 worker.ready = True
@@ -367,10 +377,9 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
 
 def _worker_main(settings: Settings, ctrl: socket.socket, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when we stop
-    logging.basicConfig(
-        level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s %(name)s[dimse-{index}:%(process)d] %(message)s",
-    )
+    from ..logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, process_tag=f"dimse-{index}:{os.getpid()}")
     try:
         eventloop.run(_worker(settings, ctrl))
     except KeyboardInterrupt:

@@ -83,6 +83,7 @@ Index("ix_studies_patient", studies.c.patient_fk)
 Index("ix_studies_date", studies.c.study_date)
 Index("ix_studies_accession", studies.c.accession_number)
 Index("ix_studies_updated", studies.c.updated_at)
+Index("ix_studies_created", studies.c.created_at)
 
 series = Table(
     "series",
@@ -165,8 +166,39 @@ jobs = Table(
     Column("owner", String()),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # services/jobs.py (migration 0012): claim order, retries with backoff, the lease of the node running it, progress
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, default=5, server_default="5"),
+    Column("not_before", DateTime(timezone=True)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("destination", String()),
+    Column("done", Integer, nullable=False, default=0, server_default="0"),
+    Column("failed", Integer, nullable=False, default=0, server_default="0"),
+    Column("total", Integer, nullable=False, default=0, server_default="0"),
+    Column("bytes", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
 )
 Index("ix_jobs_state", jobs.c.state)
+Index("ix_jobs_claim", jobs.c.state, jobs.c.priority, jobs.c.id)
+
+# One row per instance of a job: "acked" is written (committed) when the peer acknowledged it, before the next one
+# goes out on that association, so a job resumed after a crash never sends an acknowledged instance again.
+job_items = Table(
+    "job_items",
+    metadata,
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("state", String(), nullable=False),  # pending, acked, failed
+    Column("status", Integer),  # the peer's DIMSE status (or HTTP code)
+    Column("error", Text),
+    Column("bytes", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("updated_at", DateTime(timezone=True)),
+    UniqueConstraint("job_id", "sop_instance_uid", name="uq_job_items_instance"),
+)
+Index("ix_job_items_state", job_items.c.job_id, job_items.c.state)
 
 # Configuration that lives in the index (shared by every node of a cluster).
 settings_table = Table(

@@ -54,6 +54,7 @@ class PendingStore:
     outcome: StoreOutcome
     source: Source
     digest: str
+    started: float = 0.0
 
     def result(self) -> StoreOutcome:
         return self.service._finish(self)
@@ -127,6 +128,13 @@ class IngestService:
         self._committer = threading.Thread(target=self._commit_loop, name="ingest-committer", daemon=True)
         self._committer.start()
         self.reaper = BlobReaper(store, DELETE_GRACE)
+        # services.metrics.Monitor (set by the composition root): counts and timings of stores, in memory
+        self.monitor: Any = None
+        # called with each new instance's outcome after its commit (services.reports attaches waiting reports);
+        # it must return at once
+        self.on_stored: Callable[[StoreOutcome], None] | None = None
+        # services.storage_policy.StorageGuard (set by the composition root): storage_min_free / storage_quota
+        self.guard: Any = None
 
     # -- entry points ----------------------------------------------------------------------------------------
     def store_dataset(
@@ -181,6 +189,8 @@ class IngestService:
     def _fail(self, status: int, message: str, cls: str | None, sop: str | None, source: Source) -> StoreOutcome:
         log.warning("store rejected (0x%04X) from %s %s: %s [SOP %s]", status, source.protocol,
                     source.calling_aet or source.address, message, sop or "?")
+        if self.monitor is not None:
+            self.monitor.store_failed(source.protocol, status)
         return StoreOutcome(status=status, message=message, sop_class_uid=cls or "", sop_instance_uid=sop or "")
 
     def _prepare(
@@ -193,6 +203,7 @@ class IngestService:
         digest: str | None = None,
     ) -> StoreOutcome | PendingStore:
         """Check, write the blob and queue the index row for the group commit; a StoreOutcome if it failed."""
+        started = time.perf_counter()
         try:
             info = header_info_chunks(chunks)
         except Exception as e:  # pydicom raises many kinds on garbage
@@ -237,9 +248,15 @@ class IngestService:
             return self._fail(Status.CANNOT_UNDERSTAND, f"unreadable attribute: {e}", cls, sop, source)
         if self.classify_department is not None:
             values["STUDY"]["department"] = self.classify_department(values, source.calling_aet)
+        if self.guard is not None:
+            refused = self.guard.check(sum(len(c) for c in chunks))
+            if refused is not None:
+                return self._fail(Status.OUT_OF_RESOURCES, refused, cls, sop, source)
         try:
             blob = self.store.put(chunks)
         except OSError as e:
+            if self.guard is not None:
+                self.guard.write_failed()
             return self._fail(Status.OUT_OF_RESOURCES, f"storage write failed: {e}", cls, sop, source)
         item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
                            transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
@@ -252,10 +269,22 @@ class IngestService:
         if closed:
             self.store.delete(blob.key)
             return self._fail(Status.OUT_OF_RESOURCES, "ingest service is closed", cls, sop, source)
-        return PendingStore(self, pending, outcome, source, digest)
+        return PendingStore(self, pending, outcome, source, digest, started)
 
     def _finish(self, p: PendingStore) -> StoreOutcome:
         """Wait for the group commit of a prepared store and settle it (duplicates, replaced blobs)."""
+        outcome = self._settle(p)
+        if self.monitor is not None and outcome.ok:
+            self.monitor.stored(p.source.protocol, time.perf_counter() - p.started, p.pending.item.size,
+                                p.source.calling_aet)
+        if self.on_stored is not None and outcome.ok and not outcome.duplicate:
+            try:
+                self.on_stored(outcome)
+            except Exception:  # noqa: BLE001 - a listener never fails a store
+                log.exception("on_stored listener failed")
+        return outcome
+
+    def _settle(self, p: PendingStore) -> StoreOutcome:
         outcome, source, key = p.outcome, p.source, p.pending.item.blob_key
         cls, sop = outcome.sop_class_uid, outcome.sop_instance_uid
         try:

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from ..config import Settings
 from ..dicom.header import as_text
 from ..index.db import Index
+from ..index.hl7_schema import patient_demographics
 from ..index.matching import MatchError
 from ..index.query import _JOIN
 from ..index.schema import instances, patients, series, studies
@@ -29,18 +30,23 @@ class RetrieveService:
         self.settings = settings
         self.store = store
         self.index = index
+        from .patients import PatientService
+
+        self.patients = PatientService(index)
 
     def _select(self):  # type: ignore[no-untyped-def]
         return select(
             studies.c.study_instance_uid, series.c.series_instance_uid, instances.c.sop_instance_uid,
             instances.c.sop_class_uid, instances.c.transfer_syntax_uid, instances.c.blob_key, instances.c.size_bytes,
-            instances.c.sha256,
-        ).select_from(_JOIN["IMAGE"])
+            instances.c.sha256, studies.c.patient_fk, patient_demographics.c.version,
+        ).select_from(_JOIN["IMAGE"].outerjoin(patient_demographics,
+                                               patient_demographics.c.patient_fk == studies.c.patient_fk))
 
     def _refs(self, stmt) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
         stmt = stmt.order_by(studies.c.id, series.c.id, instances.c.id)
         with self.index.engine.connect() as conn:
-            return [InstanceRef(*r) for r in conn.execute(stmt)]
+            return [InstanceRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], patient_fk=r[8] if r[9] else 0,
+                                demographics_version=r[9] or 0) for r in conn.execute(stmt)]
 
     def resolve(self, identifier: Dataset, model: str, departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
         """Instances named by a C-MOVE/C-GET identifier: unique keys at the level and above (PS3.4 C.4.2.2.1)."""
@@ -84,8 +90,12 @@ class RetrieveService:
         return self._refs(stmt)
 
     def read_file(self, ref: InstanceRef) -> bytes:
-        """The Part 10 file exactly as stored."""
-        return self.store.read(ref.blob_key)
+        """The Part 10 file as stored, with the index's patient module when ADT changed it (services/patients.py:
+        coerce on retrieval, the one rule of every retrieval path; untouched patients are byte-identical)."""
+        data = self.store.read(ref.blob_key)
+        if ref.demographics_version:
+            return self.patients.coerce(data, ref.patient_fk, ref.demographics_version)
+        return data
 
 
 def _tag(keyword: str) -> int:

@@ -71,6 +71,9 @@ class InstanceRef:
     blob_key: str
     size: int
     sha256: str = ""
+    # set when ADT made the index's patient module authoritative: the stored bytes get it overlaid on retrieval
+    patient_fk: int = 0
+    demographics_version: int = 0
 
 
 @dataclass

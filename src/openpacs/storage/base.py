@@ -35,3 +35,9 @@ class BlobStore(Protocol):
 
     def clean_temp(self) -> int:
         """Remove partial writes left by a crash; return how many."""
+
+    def usage(self) -> tuple[int | None, int | None]:
+        """(total, free) bytes of the space the blobs live on; None where the store cannot tell (object stores)."""
+
+    def probe(self) -> None:
+        """Write, read back and remove a small object: raises OSError when the store is not writable (``/readyz``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -154,6 +155,20 @@ class FilesystemBlobStore:
             n += 1
         self._stale_tmp = []
         return n
+
+    def usage(self) -> tuple[int | None, int | None]:
+        du = shutil.disk_usage(self.root)
+        return du.total, du.free
+
+    def probe(self) -> None:
+        path = os.path.join(self.tmp, "probe-" + uuid.uuid4().hex)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"openpacs")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(path)
 
 
 def _write_all(fd: int, chunks: list[bytes | memoryview]) -> int:

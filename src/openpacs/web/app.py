@@ -13,7 +13,8 @@ from ..context import Context
 def build_app(ctx: Context) -> Starlette:
     from ..dicomweb.app import build_dicomweb
     from ..dicomweb.wado import wado_uri_route
-    from .studylist import STUDY_LIST_PATH, studylist_routes
+    from .console import CONSOLE_PATH
+    from .studylist import studylist_routes
     from .viewer import viewer_routes
 
     async def healthz(request: Request) -> JSONResponse:
@@ -22,13 +23,20 @@ def build_app(ctx: Context) -> Starlette:
                             status_code=200 if ok else 503)
 
     async def home(request: Request) -> RedirectResponse:
-        return RedirectResponse(STUDY_LIST_PATH, status_code=307)
+        return RedirectResponse(CONSOLE_PATH, status_code=307)
 
-    routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/", home)]
+    from .monitoring import MonitoringMiddleware, monitoring_routes
+
+    routes: list[BaseRoute] = [Route("/healthz", healthz), Route("/", home), *monitoring_routes(ctx)]
     routes.append(wado_uri_route(ctx))
     routes += studylist_routes(ctx)
     routes += viewer_routes(ctx, wado_uri_path="/wado")
     routes.append(Mount("/dicom-web", app=build_dicomweb(ctx)))
+    from .api import build_api
+    from .console import console_routes
+
+    routes += console_routes(ctx)
+    routes.append(Mount("/api", app=build_api(ctx)))
     if ctx.auth is not None:
         from .auth import SecurityMiddleware, audit_routes
         from .login import login_routes
@@ -39,4 +47,6 @@ def build_app(ctx: Context) -> Starlette:
     app.state.ctx = ctx
     if ctx.auth is not None:  # outermost: every route, mounted apps included, is behind it
         app.add_middleware(SecurityMiddleware, ctx=ctx)
+    if getattr(ctx, "monitor", None) is not None:  # outermost of all: refused requests are counted too
+        app.add_middleware(MonitoringMiddleware, ctx=ctx)
     return app

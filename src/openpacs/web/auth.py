@@ -41,7 +41,9 @@ log = logging.getLogger("openpacs.web.auth")
 
 SESSION_COOKIE = "openpacs_session"
 CSRF_HEADER = "x-csrf-token"
-PUBLIC_PATHS = frozenset({"/healthz", "/login", "/logout", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/favicon.ico"})
+# Public as far as the middleware goes; the handler itself asks for a token unless the caller is on loopback.
+SELF_CHECKED_PATHS = frozenset({"/metrics"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Paths whose own handlers check the CSRF form field (HTML forms cannot send a header).
 FORM_CSRF_PATHS = ("/logout",)
@@ -89,8 +91,10 @@ class RoutePolicy:
 
 def route_policy(path: str, method: str) -> RoutePolicy:
     """The right a request needs and the audit event it makes, by route family (default: read, not public)."""
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or path in SELF_CHECKED_PATHS:
         return RoutePolicy(None, None)
+    if path.startswith("/api/") or path == "/api":
+        return api_policy(path[len("/api") :], method)
     if path.startswith("/dicom-web/") or path == "/dicom-web":
         sub = path[len("/dicom-web") :]
         if method == "OPTIONS":  # Retrieve Capabilities: what the service offers, no patient data
@@ -113,6 +117,35 @@ def route_policy(path: str, method: str) -> RoutePolicy:
     if path.startswith("/admin"):
         return RoutePolicy(authsvc.ADMIN, None)
     return RoutePolicy(authsvc.READ, None)  # viewer, study list, anything added later: signed-in readers
+
+
+def api_policy(sub: str, method: str) -> RoutePolicy:
+    """Rights and audit events of the REST API (``sub`` is the path below ``/api``)."""
+    parts = [p for p in sub.split("/") if p]
+    head = parts[0] if parts else ""
+    if sub == "/me":  # who am I: any caller, signed in or not (an auditor has no read right, and needs the console)
+        return RoutePolicy(None, None)
+    if head in ("users", "tokens", "departments", "nodes", "jobs", "config", "log", "hl7", "qc") or sub.startswith("/system/"):
+        # nodes and jobs may be read by readers of the console; changing them is administration
+        if head in ("nodes", "jobs") and method in SAFE_METHODS:
+            return RoutePolicy(authsvc.READ, None)
+        return RoutePolicy(authsvc.ADMIN, None)
+    if head == "worklist":  # entries made by hand (no RIS): store right; the router audits them (Order Record)
+        return RoutePolicy(authsvc.READ if method in SAFE_METHODS else authsvc.STORE, None)
+    if head == "audit":
+        return RoutePolicy(authsvc.AUDIT, "AuditLogUsed")
+    if head in ("patients", "studies", "series", "instances"):
+        if method == "DELETE":
+            return RoutePolicy(authsvc.DELETE, "StudyDeleted")
+        if method == "POST":
+            return RoutePolicy(authsvc.STORE, "InstancesTransferred")
+        last = parts[-1]
+        if len(parts) == 1 or last in ("studies", "series", "instances"):
+            return RoutePolicy(authsvc.READ, "Query")  # a list: a search
+        if last in ("download", "archive", "file"):
+            return RoutePolicy(authsvc.EXPORT, "InstancesTransferred")
+        return RoutePolicy(authsvc.READ, "InstancesAccessed")  # one resource, its tags or its thumbnail
+    return RoutePolicy(authsvc.READ, None)  # me, stats, system, openapi.json, docs
 
 
 class LoginThrottle:

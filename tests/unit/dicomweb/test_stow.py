@@ -121,8 +121,10 @@ def test_out_of_resources_and_exceptions() -> None:
     assert r.status_code == 202
     assert reasons(r) == [0xA700, 0xA700, 0x0110, 0x0110]
     assert len(r.json()["00081199"]["Value"]) == 2
-    r = send([b"full:1.2"])
-    assert r.status_code == 409 and reasons(r) == [0xA700]
+    r = send([b"full:1.2"])  # a single instance refused for lack of space: 507 Insufficient Storage
+    assert r.status_code == 507 and reasons(r) == [0xA700]
+    r = send([b"full:1.2", b"full:1.3"])  # none of several stored: 409
+    assert r.status_code == 409 and reasons(r) == [0xA700, 0xA700]
 
 
 def test_warning_only_is_202() -> None:

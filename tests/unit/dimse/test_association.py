@@ -197,9 +197,11 @@ def test_negotiation_role_selection_and_rejections() -> None:
         contexts=[
             (1, STUDY_ROOT_GET, [EXPLICIT_VR_LE]),
             (3, CT, ["1.2.840.10008.1.2.4.50"]),  # JPEG baseline: stored as received
-            (5, "1.2.840.10008.5.1.4.31", [IMPLICIT_VR_LE]),  # worklist: not served here
+            (5, "1.2.840.10008.1.20.1", [IMPLICIT_VR_LE]),  # storage commitment: not served (yet)
             (7, VERIFICATION, ["1.2.840.10008.1.2.4.50"]),  # echo in a compressed syntax
             (9, "1.2.3.999.1", [EXPLICIT_VR_LE]),  # unknown: taken as storage
+            (11, "1.2.840.10008.5.1.4.31", [IMPLICIT_VR_LE]),  # Modality Worklist FIND
+            (13, "1.2.840.10008.3.1.2.3.3", [EXPLICIT_VR_LE]),  # MPPS
         ],
         roles={CT: (False, True)},
     )
@@ -209,6 +211,8 @@ def test_negotiation_role_selection_and_rejections() -> None:
     assert results[5][0] == pdu.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
     assert results[7][0] == pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED
     assert results[9][0] == 0
+    assert results[11] == (0, IMPLICIT_VR_LE) and results[13] == (0, EXPLICIT_VR_LE)
+    assert (h.assoc.contexts[11].service, h.assoc.contexts[13].service) == ("worklist", "mpps")
     assert ac.user.roles[CT].scp_role and not ac.user.roles[CT].scu_role
     assert h.assoc.contexts[3].peer_is_scp
     h.close()

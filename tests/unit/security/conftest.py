@@ -63,19 +63,6 @@ def part10(
     return bytes(data), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _cheap_kdf() -> Iterator[None]:
-    """argon2id with test parameters: the suite checks behaviour, not KDF cost (the loaded CI box takes ~1 s each)."""
-    from argon2 import PasswordHasher
-
-    from openpacs.services import auth
-
-    saved = auth._hasher
-    auth._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    yield
-    auth._hasher = saved
-
-
 ROLES = ("admin", "radiologist", "physician", "technologist", "viewer", "auditor")
 
 

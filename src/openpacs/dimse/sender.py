@@ -1,0 +1,158 @@
+"""The C-STORE SCU of send jobs (services/jobs.py kind ``send``): instances of the archive to a remote AE.
+
+Proposes each instance's stored transfer syntax alone plus Explicit/Implicit VR Little Endian (scu.propose), sends the
+stored bytes unchanged when the stored syntax is accepted, transcodes otherwise; ``max_associations`` lanes per
+destination. Each instance the peer acknowledges is committed as acknowledged before that lane sends its next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..config import RemoteAE
+from ..services.jobs import JobContext, JobQueue, PermanentError, resolve_refs
+from ..services.types import InstanceRef
+from . import access, commands
+from .association import AssociationClosed, status_kind
+from .operations import _convert, choose_context
+from .scu import open_association
+from .server import Endpoint
+
+log = logging.getLogger(__name__)
+
+KIND = "send"
+
+
+def find_remote(settings: Any, name: str) -> RemoteAE | None:
+    """A destination by its node name, else by its AE title."""
+    remotes: Mapping[str, RemoteAE] = access.remote_aes(settings)
+    if name in remotes:
+        return remotes[name]
+    return next((r for r in remotes.values() if r.aet.strip() == name.strip()), None)
+
+
+class Sender:
+    """Runs ``send`` jobs on the worker's event loop."""
+
+    def __init__(self, ctx: Any, queue: JobQueue, executor: ThreadPoolExecutor | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.queue = queue
+        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender")
+        self._endpoint: Endpoint | None = None
+
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            self._endpoint = Endpoint(self.settings, self.ctx, asyncio.get_running_loop(), self.executor)
+        return self._endpoint
+
+    def _run(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def __call__(self, jc: JobContext) -> None:
+        job = jc.job
+        name = str(job.payload.get("destination") or job.destination or "")
+        remote = find_remote(self.settings, name)
+        if remote is None:
+            raise PermanentError(f"destination {name!r} unknown (no such node or [remote_aes.*])")
+        items = await self._run(self.queue.pending_items, job.id)
+        if not items:
+            return
+        by_uid = {}
+        uids = [i.sop_instance_uid for i in items]
+        for ref in await self._run(resolve_refs, self.ctx, "IMAGE", uids):
+            by_uid[ref.sop_instance_uid] = ref
+        work: asyncio.Queue[tuple[Any, InstanceRef]] = asyncio.Queue()
+        missing = 0
+        for it in items:
+            ref = by_uid.get(it.sop_instance_uid)
+            if ref is None:
+                missing += 1
+                await self._run(self.queue.item_failed, job.id, it.seq, None, "no longer in the archive")
+            else:
+                work.put_nowait((it, ref))
+        wanted: dict[str, set[str]] = {}
+        for _, ref in list(work._queue):  # type: ignore[attr-defined]
+            wanted.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax_uid)
+        lanes = max(1, min(int(job.payload.get("associations") or remote.max_associations), work.qsize(), 16))
+        refused: list[str] = []
+        results = await asyncio.gather(*(self._lane(jc, remote, wanted, work, refused) for _ in range(lanes)),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            if any(isinstance(e, PermanentError) for e in errors) and len(errors) == lanes:
+                raise next(e for e in errors if isinstance(e, PermanentError))
+            raise errors[0]
+        jc.check()
+        if refused or missing:
+            parts = []
+            if refused:
+                parts.append(f"{len(refused)} instance(s) refused by {remote.aet}: {'; '.join(refused[:3])}")
+            if missing:
+                parts.append(f"{missing} instance(s) no longer in the archive")
+            raise RuntimeError(", ".join(parts))
+
+    async def _lane(self, jc: JobContext, remote: RemoteAE, wanted: dict[str, set[str]],
+                    work: asyncio.Queue[tuple[Any, InstanceRef]], refused: list[str]) -> None:
+        job = jc.job
+        try:
+            assoc = await open_association(self.endpoint(), remote.host, remote.port, remote.aet, wanted,
+                                           tls=remote.tls)
+        except (OSError, TimeoutError, AssociationClosed) as exc:
+            raise ConnectionError(f"cannot associate with {remote.aet} at {remote.host}:{remote.port}: "
+                                  f"{exc or type(exc).__name__}") from exc
+        try:
+            if not assoc.contexts:
+                raise PermanentError(f"{remote.aet} accepted no presentation context")
+            while not work.empty():
+                jc.check()
+                item, ref = work.get_nowait()
+                try:
+                    data = await self._run(self.ctx.retrieve.read_file, ref)
+                except Exception as exc:  # noqa: BLE001 - a missing blob fails this instance, not the job
+                    await self._run(self.queue.item_failed, job.id, item.seq, None, f"cannot read: {exc}")
+                    refused.append(f"{ref.sop_instance_uid}: cannot read")
+                    continue
+                chosen = choose_context(assoc.contexts, ref, need_peer_scp=False)
+                if chosen is None:
+                    msg = f"no accepted context for {ref.sop_class_uid} in {ref.transfer_syntax_uid}"
+                    await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
+                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                    continue
+                try:
+                    if chosen.transfer_syntax == ref.transfer_syntax_uid:
+                        dataset = _convert(data, ref.transfer_syntax_uid, chosen.transfer_syntax)
+                    else:
+                        dataset = await self._run(_convert, data, ref.transfer_syntax_uid, chosen.transfer_syntax)
+                except Exception as exc:  # noqa: BLE001
+                    msg = f"cannot transcode to {chosen.transfer_syntax}: {exc}"
+                    await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
+                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                    continue
+                try:
+                    rsp = await asyncio.wait_for(
+                        assoc.send_c_store(chosen.context_id, ref.sop_class_uid, ref.sop_instance_uid, dataset),
+                        timeout=self.settings.dimse_timeout)
+                except TimeoutError:
+                    assoc.abort("DIMSE timeout waiting for C-STORE-RSP")
+                    raise ConnectionError(f"no C-STORE response from {remote.aet} within "
+                                          f"{self.settings.dimse_timeout:.0f}s") from None
+                except AssociationClosed as exc:
+                    raise ConnectionError(f"association with {remote.aet} closed: {exc}") from exc
+                status = int(rsp.get(commands.STATUS, 0xC000))
+                if status_kind(status) == "failure":
+                    comment = str(rsp.get(commands.ERROR_COMMENT, "") or "").strip()
+                    msg = f"status 0x{status:04X}" + (f" {comment}" if comment else "")
+                    await self._run(self.queue.item_failed, job.id, item.seq, status, msg)
+                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                else:
+                    await self._run(self.queue.ack, job.id, item.seq, status, len(dataset))
+        finally:
+            if assoc.contexts and not assoc.closed.done():
+                await assoc.release()
+            else:
+                assoc.abort("send done")

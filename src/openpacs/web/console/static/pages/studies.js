@@ -1,0 +1,141 @@
+/* Studies: search (keyset pages), study detail with series thumbnails, tag browser, viewer link, zip download,
+   drag-and-drop upload through STOW-RS with progress, delete (delete right only). DOM only through OP.h. */
+"use strict";
+(() => {
+  const { h } = OP;
+  const FIELDS = [
+    ["patient_name", "Patient name", "DOE* (wildcards, any case)"], ["patient_id", "Patient ID"],
+    ["accession", "Accession"], ["date_from", "Date from", "YYYYMMDD"], ["date_to", "Date to", "YYYYMMDD"],
+    ["modality", "Modality", "CT"], ["department", "Department"], ["referring_physician", "Referring physician"],
+    ["description", "Description"],
+  ];
+
+  function uploadBox(onDone) {
+    const bar = h("progress", { max: 100, value: 0, hidden: true, "aria-label": "Upload progress" });
+    const status = h("p.muted", { role: "status" });
+    const input = h("input", { type: "file", multiple: true, id: "upload-files", accept: ".dcm,application/dicom,*/*" });
+    const send = files => {
+      if (!files.length) return;
+      const boundary = "openpacs-" + Math.random().toString(36).slice(2);
+      const parts = [];
+      for (const f of files) parts.push(`--${boundary}\r\nContent-Type: application/dicom\r\n\r\n`, f, "\r\n");
+      parts.push(`--${boundary}--\r\n`);
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/dicom-web/studies");
+      xhr.setRequestHeader("Content-Type", `multipart/related; type="application/dicom"; boundary=${boundary}`);
+      xhr.setRequestHeader("Accept", "application/dicom+json");
+      if (OP.state.me && OP.state.me.csrf_token) xhr.setRequestHeader("X-CSRF-Token", OP.state.me.csrf_token);
+      bar.hidden = false; bar.value = 0; status.textContent = `Uploading ${files.length} file(s)…`;
+      xhr.upload.onprogress = e => { if (e.lengthComputable) bar.value = Math.round(100 * e.loaded / e.total); };
+      xhr.onload = () => {
+        bar.value = 100;
+        if (xhr.status === 200 || xhr.status === 202) { status.textContent = `Uploaded ${files.length} file(s).`; OP.toast("Upload stored"); onDone(); }
+        else { status.textContent = `Upload failed (${xhr.status}).`; OP.toast(`Upload failed (${xhr.status})`, "err"); }
+      };
+      xhr.onerror = () => { status.textContent = "Upload failed (network)."; };
+      xhr.send(new Blob(parts));
+    };
+    input.addEventListener("change", () => send([...input.files]));
+    const zone = h("div.dropzone#dropzone", { tabindex: 0, role: "group", "aria-label": "Drop DICOM files here to upload" },
+      "Drop DICOM files here to upload, or ", h("label", { for: "upload-files" }, "choose files"), " ", input);
+    zone.addEventListener("dragover", e => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", e => { e.preventDefault(); zone.classList.remove("over"); send([...e.dataTransfer.files]); });
+    return h("div.panel", h("h2", "Upload"), zone, bar, status);
+  }
+
+  OP.page({
+    id: "studies", title: "Studies",
+    async render(main, args, query) {
+      const inputs = {};
+      const form = h("form.search", { role: "search", "aria-label": "Search studies" },
+        FIELDS.map(([k, label, hint]) => OP.field(label, inputs[k] = h("input", { name: k, value: query[k] || "", placeholder: hint || "" }))),
+        h("button.primary", { type: "submit" }, "Search"));
+      form.addEventListener("submit", e => {
+        e.preventDefault();
+        const q = { sort: query.sort || "" };
+        for (const k in inputs) q[k] = inputs[k].value.trim();
+        OP.go("studies", [], q);
+      });
+      const results = h("div", { "aria-live": "polite" });
+      main.append(h("h1", "Studies"), h("div.panel", form), results);
+      if (OP.can("store")) main.append(uploadBox(() => OP.route()));
+      const params = {};
+      for (const [k] of FIELDS) if (query[k]) params[k] = query[k];
+      const sort = query.sort || "-date";
+      let page;
+      try { page = await OP.api("studies", { query: { ...params, sort, limit: 50, cursor: query.cursor } }); }
+      catch (e) { results.append(h("p.err", { role: "alert" }, e.detail || e.message)); return; }
+      const cols = [
+        { label: "Patient", sort: "patient", render: s => h("a", { href: OP.href("study", [s.uid]) }, OP.pn(s.patient.name) || "(no name)") },
+        { label: "Patient ID", render: s => s.patient.id },
+        { label: "Date", sort: "date", render: s => OP.date(s.date) },
+        { label: "Accession", sort: "accession", render: s => s.accession },
+        { label: "Description", render: s => s.description },
+        { label: "Modalities", render: s => s.modalities.join(", ") },
+        { label: "Department", render: s => s.department },
+        { label: "Series", render: s => s.num_series }, { label: "Instances", render: s => s.num_instances },
+        { label: "Received", sort: "received", render: s => OP.when(s.received_at) },
+      ];
+      const prev = (query.prev || "").split(",").filter(Boolean);
+      const nav = h("div.pager",
+        h("button", { type: "button", disabled: !query.cursor, onclick: () => {
+          const back = prev.slice(0, -1); OP.go("studies", [], { ...query, cursor: prev[prev.length - 1] === "-" ? "" : prev[prev.length - 1], prev: back.join(",") });
+        } }, "← Previous"),
+        h("button", { type: "button", disabled: !page.next, onclick: () =>
+          OP.go("studies", [], { ...query, cursor: page.next, prev: [...prev, query.cursor || "-"].join(",") }) }, "Next →"),
+        h("span.muted", `${page.items.length} on this page`));
+      results.append(OP.table(cols, page.items, { sort, empty: "No study matches.", onSort: s => OP.go("studies", [], { ...query, sort: s, cursor: "", prev: "" }) }), nav);
+    },
+  });
+
+  function tagTree(elements) {
+    return h("ul.tagtree", elements.map(e => e.items
+      ? h("li", h("details", { open: true }, h("summary", `(${e.tag}) ${e.keyword} SQ — ${e.items.length} item(s)`),
+          h("ol", e.items.map((it, i) => h("li", h("details", { open: true }, h("summary", `Item ${i + 1}`), tagTree(it)))))))
+      : h("li", h("code", `(${e.tag})`), " ", h("strong", e.keyword || "(private)"), " ", h("span.badge", e.vr), " ", h("span", e.value))));
+  }
+
+  async function showTags(box, uid) {
+    OP.clear(box).append(h("p.muted", "Loading tags…"));
+    const t = await OP.api(`instances/${encodeURIComponent(uid)}/tags`);
+    OP.clear(box).append(h("h2", "Tags of instance ", h("code", uid)), h("div.tags", h("h3", "File meta"), tagTree(t.meta), h("h3", "Data set"), tagTree(t.elements)));
+    box.scrollIntoView();
+  }
+
+  OP.page({
+    id: "study", title: "Study", nav: false, section: "studies",
+    async render(main, args) {
+      const uid = args[0];
+      const s = await OP.api(`studies/${encodeURIComponent(uid)}`);
+      const tags = h("div.panel#tags", { hidden: true });
+      const actions = h("div.row",
+        h("a", { href: s.viewer, target: "_blank", rel: "noopener" }, "Open in viewer"),
+        OP.can("export") ? h("a", { href: s.download, download: `${uid}.zip` }, "Download zip (DICOMDIR)") : null,
+        OP.can("delete") ? h("button.danger#delete-study", { type: "button", onclick: async () => {
+          if (!await OP.confirm("Delete study?", `Delete study ${s.description || uid} of ${OP.pn(s.patient.name)} (${s.num_instances} instances)? This cannot be undone.`, "Delete")) return;
+          try { await OP.api(`studies/${encodeURIComponent(uid)}`, { method: "DELETE" }); OP.toast("Study deleted"); OP.go("studies"); }
+          catch (e) { OP.toast(e.detail || e.message, "err"); }
+        } }, "Delete study") : null);
+      main.append(h("p", h("a", { href: "#/studies" }, "← Studies")),
+        h("h1", OP.pn(s.patient.name) || "(no name)", " — ", s.description || "(no description)"),
+        h("div.panel", h("dl.kv",
+          h("dt", "Patient ID"), h("dd", s.patient.id), h("dt", "Birth date"), h("dd", OP.date(s.patient.birth_date)),
+          h("dt", "Study date"), h("dd", OP.date(s.date)), h("dt", "Accession"), h("dd", s.accession),
+          h("dt", "Referring physician"), h("dd", OP.pn(s.referring_physician)), h("dt", "Department"), h("dd", s.department),
+          h("dt", "Series / instances"), h("dd", `${s.num_series} / ${s.num_instances} (${OP.bytes(s.size_bytes)})`),
+          h("dt", "Study UID"), h("dd", h("code", s.uid))), actions),
+        h("h2", "Series"),
+        h("div.thumbs", s.series.map(se => {
+          const list = h("div");
+          const btn = h("button", { type: "button", onclick: async () => {
+            const r = await OP.api(`series/${encodeURIComponent(se.uid)}/instances`);
+            OP.clear(list).append(h("ul", r.items.map(i => h("li", h("button.link", { type: "button", onclick: () => { tags.hidden = false; showTags(tags, i.uid); } }, `#${i.number || "?"} tags`)))));
+          } }, "Instances");
+          return h("figure", h("img", { src: se.thumbnail, alt: `Series ${se.number || ""} ${se.modality || ""} thumbnail`, loading: "lazy" }),
+            h("figcaption", h("strong", `${se.modality || ""} #${se.number || ""}`), " ", se.description || "", h("br"),
+              `${se.num_instances} instance(s)`, " ", btn, list));
+        })), tags);
+    },
+  });
+})();

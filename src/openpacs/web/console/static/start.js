@@ -1,0 +1,2 @@
+/* Loaded last: every page script has registered itself by now. */
+OP.start();

@@ -1,0 +1,29 @@
+"""Headless Chromium for the browser tests: Debian's /usr/bin/chromium driven by Playwright (never a download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# as root, on a closed network: no sandbox, no GPU, and none of Chromium's own background connections
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+ARTIFACTS = Path(os.environ.get("OPENPACS_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "test-artifacts")
+
+
+def missing(what: str) -> None:
+    """Skip for a missing tool, or fail when the suite must run everything (OPENPACS_TEST_REQUIRE_ALL, as CI does)."""
+    if os.environ.get("OPENPACS_TEST_REQUIRE_ALL", "") not in ("", "0", "false"):
+        pytest.fail(f"{what} (OPENPACS_TEST_REQUIRE_ALL is set)", pytrace=False)
+    pytest.skip(what)
+
+
+def chromium() -> str:
+    path = os.environ.get("OPENPACS_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        missing(f"Chromium not found at {path}")
+    return path
