@@ -25,6 +25,9 @@ class RemoteAE:
     tls: bool = False
     # Concurrent associations a send job opens to this peer (services/jobs.py, dimse/sender.py).
     max_associations: int = 1
+    # Storage commitment (N-EVENT-REPORT) results go to this peer on a new association we open, even when its
+    # N-ACTION association is still open (some SCUs release at once and listen for the report as SCP).
+    commit_new_association: bool = False
 
 
 DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
@@ -193,7 +196,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                     remotes[name] = RemoteAE(aet=spec.get("aet", name), host=spec["host"], port=int(spec["port"]), allow=allow,
                                              departments=None if deps is None else tuple(d.strip().lower() for d in deps),
                                              tls=bool(spec.get("tls", False)),
-                                             max_associations=max(1, int(spec.get("max_associations", 1))))
+                                             max_associations=max(1, int(spec.get("max_associations", 1))),
+                                             commit_new_association=bool(spec.get("commit_new_association", False)))
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:

@@ -225,10 +225,14 @@ def move(port: int, model: str, level: str, keys: dict[str, str], destination: s
 class StoreSCP:
     """DCMTK storescp accepting every transfer syntax, writing exactly what it receives (+B) into a directory."""
 
-    def __init__(self, directory: Path, aet: str = "DESTSCP", port: int | None = None) -> None:
+    def __init__(self, directory: Path, aet: str = "DESTSCP", port: int | None = None,
+                 options: tuple[str, ...] = ("+xa",)) -> None:
+        """``options``: storescp's transfer syntax (and other) options; ``("+xa",)`` accepts every syntax, ``()``
+        only the uncompressed ones, ``("+xa", "+uf")`` also keeps a file per received request (duplicates show)."""
         self.directory = directory
         self.aet = aet
         self.port = port or free_port()
+        self.options = options
         self.proc: subprocess.Popen | None = None
         self.log = directory.parent / f"storescp-{self.port}.log"
 
@@ -237,7 +241,7 @@ class StoreSCP:
         self._logfh = open(self.log, "w")
         exe = find_tool("storescp")
         assert exe
-        self.proc = subprocess.Popen([exe, "-v", "+xa", "+B", "-aet", self.aet, "-od", str(self.directory),
+        self.proc = subprocess.Popen([exe, "-v", *self.options, "+B", "-aet", self.aet, "-od", str(self.directory),
                                       str(self.port)], stdout=self._logfh, stderr=subprocess.STDOUT, env=dcmtk_env())
 
         def alive() -> None:

@@ -645,6 +645,26 @@ class Association(asyncio.BufferedProtocol):
             monitor.retrieved("dimse", len(dataset), self.called_aet if self._requestor else self.calling_aet)
         return rsp
 
+    async def send_request(
+        self, context_id: int, elements: dict[int, Any], dataset: bytes | memoryview | None = None
+    ) -> Command:
+        """Send a request (e.g. N-EVENT-REPORT-RQ) with a new Message ID and wait for its response command."""
+        if self.state != STA6:
+            raise AssociationClosed(f"association not established ({self.state})")
+        mid = self.new_message_id()
+        elements = {
+            **elements,
+            commands.MESSAGE_ID: mid,
+            commands.COMMAND_DATA_SET_TYPE: commands.NO_DATASET if dataset is None else commands.DATASET_PRESENT,
+        }
+        waiter: asyncio.Future[Command] = self.loop.create_future()
+        self._rsp_waiters[mid] = waiter
+        self._last_rx = self.loop.time()  # the DIMSE timeout counts from the request
+        self.send_command(context_id, commands.encode_command(elements))
+        if dataset is not None:
+            self.send_dataset(context_id, dataset)
+        return await waiter
+
     async def release(self) -> None:
         """Requestor side: A-RELEASE-RQ, wait for the RP (ARTIM bounded), close."""
         if self.state != STA6:

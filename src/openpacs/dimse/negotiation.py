@@ -17,6 +17,7 @@ STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -36,6 +37,7 @@ SERVICES: dict[str, tuple[str, str]] = {
     STUDY_ROOT_GET: ("get", "STUDY"),
     MODALITY_WORKLIST_FIND: ("worklist", "MWL"),
     MPPS: ("mpps", ""),
+    STORAGE_COMMITMENT_PUSH: ("commit", ""),
 }
 STORAGE_CLASSES = frozenset(_sop._STORAGE_CLASSES.values())
 

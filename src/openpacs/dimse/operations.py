@@ -37,7 +37,10 @@ _REQUEST_OF_SERVICE = {
     "get": commands.C_GET_RQ,
     "worklist": commands.C_FIND_RQ,
 }
-_N_REQUESTS_OF_SERVICE = {"mpps": (commands.N_CREATE_RQ, commands.N_SET_RQ)}
+_N_REQUESTS_OF_SERVICE = {
+    "mpps": (commands.N_CREATE_RQ, commands.N_SET_RQ),
+    "commit": (commands.N_ACTION_RQ,),
+}
 
 try:  # the shared transcoder; a small pydicom fallback covers the native syntaxes when it is absent
     from ..dicom import transcode as _transcode
@@ -53,6 +56,7 @@ _DIMSE_NAME = {
     commands.C_GET_RQ: "C-GET",
     commands.N_CREATE_RQ: "N-CREATE",
     commands.N_SET_RQ: "N-SET",
+    commands.N_ACTION_RQ: "N-ACTION",
 }
 
 
@@ -97,6 +101,10 @@ def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[byt
         from . import ris  # Modality Worklist C-FIND, MPPS N-CREATE / N-SET
 
         assoc.track(asyncio.ensure_future(_guard(assoc, ctx, cmd, ris.handle(assoc, ctx, cmd, chunks or []))))
+    elif ctx.service == "commit":
+        from . import commitment  # Storage Commitment Push Model N-ACTION
+
+        assoc.track(asyncio.ensure_future(_guard(assoc, ctx, cmd, commitment.n_action(assoc, ctx, cmd, chunks or []))))
     else:
         coro = {commands.C_FIND_RQ: c_find, commands.C_GET_RQ: c_get, commands.C_MOVE_RQ: c_move}[field]
         task = asyncio.ensure_future(_guard(assoc, ctx, cmd, coro(assoc, ctx, cmd, chunks or [])))

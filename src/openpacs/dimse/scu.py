@@ -40,8 +40,30 @@ async def open_association(
 ) -> Association:
     """Associate with a peer as requestor; with ``tls``, over DICOM TLS (BCP195) verifying the peer's certificate
     against ``tls_ca`` and its host name, presenting ``tls_cert`` for mutual TLS."""
-    settings = endpoint.settings
     contexts = propose(wanted)
+    proposed = {
+        pc.context_id: AcceptedContext(
+            pc.context_id, pc.abstract_syntax, "", "store", "", peer_is_scu=False, peer_is_scp=True
+        )
+        for pc in contexts
+    }
+    return await associate(endpoint, host, port, called_aet, contexts, proposed, tls=tls)
+
+
+async def associate(
+    endpoint: Endpoint,
+    host: str,
+    port: int,
+    called_aet: str,
+    contexts: list[pdu.PresentationContextRQ],
+    proposed: dict[int, AcceptedContext],
+    *,
+    roles: dict[str, pdu.RoleSelection] | None = None,
+    tls: bool = False,
+) -> Association:
+    """Associate proposing ``contexts`` (and SCP/SCU role selection ``roles``, PS3.7 D.3.3.4); the accepted ones
+    end up in ``Association.contexts`` as the matching ``proposed`` entries."""
+    settings = endpoint.settings
     rq = pdu.AssociateRQ(
         protocol_version=1,
         called_aet=called_aet,
@@ -52,14 +74,9 @@ async def open_association(
             max_length=settings.max_pdu if settings.max_pdu > 0 else 0,
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+            roles=dict(roles or {}),
         ),
     )
-    proposed = {
-        pc.context_id: AcceptedContext(
-            pc.context_id, pc.abstract_syntax, "", "store", "", peer_is_scu=False, peer_is_scp=True
-        )
-        for pc in contexts
-    }
     loop = endpoint.loop
     _, assoc = await asyncio.wait_for(
         loop.create_connection(

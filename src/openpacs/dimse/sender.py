@@ -79,7 +79,7 @@ class Sender:
         for _, ref in list(work._queue):  # type: ignore[attr-defined]
             wanted.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax_uid)
         lanes = max(1, min(int(job.payload.get("associations") or remote.max_associations), work.qsize(), 16))
-        refused: list[str] = []
+        refused: list[tuple[str, bool]] = []
         results = await asyncio.gather(*(self._lane(jc, remote, wanted, work, refused) for _ in range(lanes)),
                                        return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -91,13 +91,18 @@ class Sender:
         if refused or missing:
             parts = []
             if refused:
-                parts.append(f"{len(refused)} instance(s) refused by {remote.aet}: {'; '.join(refused[:3])}")
+                parts.append(f"{len(refused)} instance(s) refused by {remote.aet}: "
+                             f"{'; '.join(m for m, _ in refused[:3])}")
             if missing:
                 parts.append(f"{missing} instance(s) no longer in the archive")
+            # a failure of our own (unreadable blob, no context, no codec) is the same on every attempt: no retry;
+            # a refusal by the peer (e.g. 0xA700 out of resources) may pass, so the job is retried with backoff
+            if all(permanent for _, permanent in refused):
+                raise PermanentError(", ".join(parts))
             raise RuntimeError(", ".join(parts))
 
     async def _lane(self, jc: JobContext, remote: RemoteAE, wanted: dict[str, set[str]],
-                    work: asyncio.Queue[tuple[Any, InstanceRef]], refused: list[str]) -> None:
+                    work: asyncio.Queue[tuple[Any, InstanceRef]], refused: list[tuple[str, bool]]) -> None:
         job = jc.job
         try:
             assoc = await open_association(self.endpoint(), remote.host, remote.port, remote.aet, wanted,
@@ -115,13 +120,13 @@ class Sender:
                     data = await self._run(self.ctx.retrieve.read_file, ref)
                 except Exception as exc:  # noqa: BLE001 - a missing blob fails this instance, not the job
                     await self._run(self.queue.item_failed, job.id, item.seq, None, f"cannot read: {exc}")
-                    refused.append(f"{ref.sop_instance_uid}: cannot read")
+                    refused.append((f"{ref.sop_instance_uid}: cannot read", True))
                     continue
                 chosen = choose_context(assoc.contexts, ref, need_peer_scp=False)
                 if chosen is None:
                     msg = f"no accepted context for {ref.sop_class_uid} in {ref.transfer_syntax_uid}"
                     await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
-                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                    refused.append((f"{ref.sop_instance_uid}: {msg}", True))
                     continue
                 try:
                     if chosen.transfer_syntax == ref.transfer_syntax_uid:
@@ -131,7 +136,7 @@ class Sender:
                 except Exception as exc:  # noqa: BLE001
                     msg = f"cannot transcode to {chosen.transfer_syntax}: {exc}"
                     await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
-                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                    refused.append((f"{ref.sop_instance_uid}: {msg}", True))
                     continue
                 try:
                     rsp = await asyncio.wait_for(
@@ -148,7 +153,7 @@ class Sender:
                     comment = str(rsp.get(commands.ERROR_COMMENT, "") or "").strip()
                     msg = f"status 0x{status:04X}" + (f" {comment}" if comment else "")
                     await self._run(self.queue.item_failed, job.id, item.seq, status, msg)
-                    refused.append(f"{ref.sop_instance_uid}: {msg}")
+                    refused.append((f"{ref.sop_instance_uid}: {msg}", False))  # the peer may recover
                 else:
                     await self._run(self.queue.ack, job.id, item.seq, status, len(dataset))
         finally:
