@@ -197,7 +197,8 @@ def test_negotiation_role_selection_and_rejections() -> None:
         contexts=[
             (1, STUDY_ROOT_GET, [EXPLICIT_VR_LE]),
             (3, CT, ["1.2.840.10008.1.2.4.50"]),  # JPEG baseline: stored as received
-            (5, "1.2.840.10008.1.20.1", [IMPLICIT_VR_LE]),  # storage commitment: not served (yet)
+            (5, "1.2.840.10008.5.1.1.9", [IMPLICIT_VR_LE]),  # Basic Grayscale Print Management: not served
+            (15, "1.2.840.10008.1.20.1", [IMPLICIT_VR_LE]),  # Storage Commitment Push Model
             (7, VERIFICATION, ["1.2.840.10008.1.2.4.50"]),  # echo in a compressed syntax
             (9, "1.2.3.999.1", [EXPLICIT_VR_LE]),  # unknown: taken as storage
             (11, "1.2.840.10008.5.1.4.31", [IMPLICIT_VR_LE]),  # Modality Worklist FIND
@@ -213,6 +214,7 @@ def test_negotiation_role_selection_and_rejections() -> None:
     assert results[9][0] == 0
     assert results[11] == (0, IMPLICIT_VR_LE) and results[13] == (0, EXPLICIT_VR_LE)
     assert (h.assoc.contexts[11].service, h.assoc.contexts[13].service) == ("worklist", "mpps")
+    assert results[15] == (0, IMPLICIT_VR_LE) and h.assoc.contexts[15].service == "commit"
     assert ac.user.roles[CT].scp_role and not ac.user.roles[CT].scu_role
     assert h.assoc.contexts[3].peer_is_scp
     h.close()
