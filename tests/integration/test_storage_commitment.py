@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -131,22 +133,30 @@ def request(refs: list[tuple[str, str]]) -> tuple[str, Dataset]:
     return transaction, ds
 
 
+@contextmanager
+def commitment_association(srv: OpenPACSServer, aet: str, reports: Reports | None = None) -> Iterator:
+    """A Storage Commitment Push association from ``aet`` to OpenPACS (reports on it go to ``reports``), released
+    on exit."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="OPENPACS",
+                         evt_handlers=reports.handlers if reports is not None else None)
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
 def commit_same_association(srv: OpenPACSServer, refs: list[tuple[str, str]], aet: str = "COMMITSCU"
                             ) -> tuple[int, Dataset, str]:
     """N-ACTION, then wait for the report on the same association; (event type, event information, requestor)."""
     reports = Reports()
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="OPENPACS",
-                         evt_handlers=reports.handlers)
-    assert assoc.is_established
-    try:
+    with commitment_association(srv, aet, reports) as assoc:
         transaction, ds = request(refs)
         status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
         assert status.Status == 0x0000
         return reports.wait(transaction)
-    finally:
-        assoc.release()
 
 
 def committed(info: Dataset) -> set[str]:
@@ -230,20 +240,13 @@ def test_report_on_a_new_association(srv, stored) -> None:
                                    evt_handlers=reports.handlers)
     same = Reports()
     try:
-        ae = AE(ae_title="NEWASSOC")
-        ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="OPENPACS",
-                             evt_handlers=same.handlers)
-        assert assoc.is_established
         unknown = generate_uid()
         refs = [(str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in stored] + [(CT_IMAGE, unknown)]
         transaction, ds = request(refs)
-        try:
+        with commitment_association(srv, "NEWASSOC", same) as assoc:
             status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
             assert status.Status == 0x0000
             event_type, info, requestor = reports.wait(transaction)
-        finally:
-            assoc.release()
         assert requestor == "OPENPACS"  # the report came on an association OpenPACS requested
         assert event_type == 2
         assert committed(info) == {str(d.SOPInstanceUID) for d in stored}
@@ -254,24 +257,14 @@ def test_report_on_a_new_association(srv, stored) -> None:
 
 
 def test_commit_refused_without_the_right(srv, stored) -> None:
-    ae = AE(ae_title="NOCOMMIT")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="OPENPACS")
-    assert assoc.is_established
-    try:
+    with commitment_association(srv, "NOCOMMIT") as assoc:
         _, ds = request([(CT_IMAGE, str(stored[0].SOPInstanceUID))])
         status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
         assert status.Status == 0x0124
-    finally:
-        assoc.release()
 
 
 def test_bad_requests_refused(srv, stored) -> None:
-    ae = AE(ae_title="COMMITSCU")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="OPENPACS")
-    assert assoc.is_established
-    try:
+    with commitment_association(srv, "COMMITSCU") as assoc:
         _, ds = request([(CT_IMAGE, str(stored[0].SOPInstanceUID))])
         status, _ = assoc.send_n_action(ds, 2, StorageCommitmentPushModel, WELL_KNOWN)
         assert status.Status == 0x0123  # no such action
@@ -281,5 +274,3 @@ def test_bad_requests_refused(srv, stored) -> None:
         no_transaction.ReferencedSOPSequence = ds.ReferencedSOPSequence
         status, _ = assoc.send_n_action(no_transaction, 1, StorageCommitmentPushModel, WELL_KNOWN)
         assert status.Status == 0x0120  # missing attribute
-    finally:
-        assoc.release()

@@ -621,24 +621,16 @@ class Association(asyncio.BufferedProtocol):
         originator: tuple[str, int] | None = None,
     ) -> Command:
         """Send a C-STORE-RQ (C-GET or C-MOVE sub-operation) and wait for its response command."""
-        mid = self.new_message_id()
         elements: dict[int, Any] = {
             commands.AFFECTED_SOP_CLASS_UID: sop_class_uid,
             commands.COMMAND_FIELD: commands.C_STORE_RQ,
-            commands.MESSAGE_ID: mid,
             commands.PRIORITY: 0,
-            commands.COMMAND_DATA_SET_TYPE: commands.DATASET_PRESENT,
             commands.AFFECTED_SOP_INSTANCE_UID: sop_instance_uid,
         }
         if originator is not None:
             elements[commands.MOVE_ORIGINATOR_AET] = originator[0]
             elements[commands.MOVE_ORIGINATOR_MESSAGE_ID] = originator[1]
-        waiter: asyncio.Future[Command] = self.loop.create_future()
-        self._rsp_waiters[mid] = waiter
-        self._last_rx = self.loop.time()  # the DIMSE timeout counts from the request
-        self.send_command(context_id, commands.encode_command(elements))
-        self.send_dataset(context_id, dataset)
-        rsp = await waiter
+        rsp = await self._exchange(context_id, elements, dataset)
         monitor = getattr(self.endpoint.ctx, "monitor", None)
         if monitor is not None and status_kind(rsp.get(commands.STATUS, 0xC000)) != "failure":
             # the peer: the C-MOVE destination on a sub-association we requested, else the C-GET SCU itself
@@ -651,6 +643,12 @@ class Association(asyncio.BufferedProtocol):
         """Send a request (e.g. N-EVENT-REPORT-RQ) with a new Message ID and wait for its response command."""
         if self.state != STA6:
             raise AssociationClosed(f"association not established ({self.state})")
+        return await self._exchange(context_id, elements, dataset)
+
+    async def _exchange(
+        self, context_id: int, elements: dict[int, Any], dataset: bytes | memoryview | None
+    ) -> Command:
+        """Number the request (Message ID, Command Data Set Type), send it and its data set, await the response."""
         mid = self.new_message_id()
         elements = {
             **elements,
