@@ -101,6 +101,13 @@ class Settings:
     hl7_max_message: int = 10 * 1024 * 1024  # larger messages are answered AR and skipped
     hl7_idle_timeout: float = 600.0  # seconds without data before a connection is closed (0: never)
     hl7_max_connections: int = 64
+    # Outbound HL7 to the RIS: an order status update (ORC-5 IP / CM / DC) when a modality's MPPS starts and ends,
+    # queued as jobs in the index (retried with backoff, in order, across restarts)
+    ris_hl7: str = ""  # mllp://host:port ("" = off)
+    ris_hl7_version: str = "2.5.1"  # 2.3-2.4: ORM^O01; 2.5 and later: OMI^O23
+    ris_hl7_application: str = "RIS"  # MSH-5 / MSH-6 of what we send
+    ris_hl7_facility: str = ""
+    ris_hl7_timeout: float = 30.0  # seconds to wait for the RIS's ACK
 
     # Behaviour
     duplicate_policy: str = "keep-first"  # keep-first | overwrite | reject
@@ -234,6 +241,9 @@ def validate(s: Settings) -> None:
         raise ValueError(f"aet must be 1 to 16 characters, not {s.aet!r}")
     if s.hl7_tls and s.hl7_port and not s.tls_cert:
         raise ValueError("hl7_tls needs tls_cert (and tls_key)")
+    if s.ris_hl7:
+        from .hl7.outbound import parse_mllp_url
+        parse_mllp_url(s.ris_hl7)  # ValueError names the problem
     if s.hl7_max_message < 1024 or s.hl7_max_connections < 1 or s.hl7_idle_timeout < 0:
         raise ValueError("hl7_max_message must be >= 1024, hl7_max_connections >= 1 and hl7_idle_timeout >= 0")
     if s.max_pdu < 4096:

@@ -116,13 +116,16 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
-    """The job worker of this node (services/jobs.py): send jobs run on this event loop."""
+    """The job worker of this node (services/jobs.py): send jobs and HL7 messages to the RIS run on this event loop."""
     from ..dimse.sender import KIND as SEND
     from ..dimse.sender import Sender
-    from ..services.jobs import JobWorker
+    from ..hl7.outbound import KIND as HL7_OUT
+    from ..hl7.outbound import RisSender
+    from ..services.jobs import JobWorker, Runner
 
     assert ctx.jobs is not None
-    worker = JobWorker(ctx.jobs, {SEND: Sender(ctx, ctx.jobs)}, concurrency=ctx.settings.job_concurrency)
+    runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout)}
+    worker = JobWorker(ctx.jobs, runners, concurrency=ctx.settings.job_concurrency)
     await worker.run(stop)
 
 

@@ -115,22 +115,50 @@ class JobQueue:
     def submit(self, kind: str, payload: Mapping[str, Any], *, items: Sequence[str] = (), priority: int = 0,
                destination: str | None = None, max_attempts: int | None = None, item_bytes: Sequence[int] = ()
                ) -> Job:
-        t = now()
-        uids = list(dict.fromkeys(items))
-        sizes = dict(zip(items, item_bytes, strict=False))
         with self.index.write_engine.begin() as c:
-            job_id = c.execute(jobs.insert().values(
-                kind=kind, state=PENDING, payload=json.dumps(dict(payload)), progress=0.0, priority=priority,
-                attempts=0, max_attempts=max_attempts or self.default_attempts, destination=destination,
-                total=len(uids), done=0, failed=0, bytes=0, created_at=t, updated_at=t,
-            ).returning(jobs.c.id)).scalar_one()
-            if uids:
-                c.execute(job_items.insert(), [
-                    {"job_id": job_id, "seq": i, "sop_instance_uid": u, "state": ITEM_PENDING,
-                     "bytes": int(sizes.get(u, 0)), "updated_at": t} for i, u in enumerate(uids)])
+            job_id = self.submit_in(c, kind, payload, items=items, priority=priority, destination=destination,
+                                    max_attempts=max_attempts, item_bytes=item_bytes)
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def submit_in(self, c: Any, kind: str, payload: Mapping[str, Any], *, items: Sequence[str] = (),
+                  priority: int = 0, destination: str | None = None, max_attempts: int | None = None,
+                  item_bytes: Sequence[int] = ()) -> int:
+        """Queue a job inside the caller's write transaction (it exists only if that transaction commits, e.g. an
+        MPPS change and the HL7 message that reports it). Returns its id."""
+        t = now()
+        uids = list(dict.fromkeys(items))
+        sizes = dict(zip(items, item_bytes, strict=False))
+        job_id = int(c.execute(jobs.insert().values(
+            kind=kind, state=PENDING, payload=json.dumps(dict(payload)), progress=0.0, priority=priority,
+            attempts=0, max_attempts=max_attempts or self.default_attempts, destination=destination,
+            total=len(uids), done=0, failed=0, bytes=0, created_at=t, updated_at=t,
+        ).returning(jobs.c.id)).scalar_one())
+        if uids:
+            c.execute(job_items.insert(), [
+                {"job_id": job_id, "seq": i, "sop_instance_uid": u, "state": ITEM_PENDING,
+                 "bytes": int(sizes.get(u, 0)), "updated_at": t} for i, u in enumerate(uids)])
+        return job_id
+
+    def older_unfinished(self, job: Job) -> int | None:
+        """The id of an older job of the same kind and destination that has not ended (pending, running, paused):
+        runners that must keep their order (HL7 to the RIS) wait for it."""
+        stmt = (select(jobs.c.id).where(jobs.c.kind == job.kind, jobs.c.id < job.id,
+                                        jobs.c.state.in_((PENDING, RUNNING, PAUSED)))
+                .order_by(jobs.c.id).limit(1))
+        stmt = stmt.where(jobs.c.destination == job.destination) if job.destination is not None else stmt
+        with self.index.engine.connect() as c:
+            found = c.execute(stmt).scalar()
+        return int(found) if found is not None else None
+
+    def defer(self, job: Job, seconds: float, reason: str) -> None:
+        """Put a running job back to pending for ``seconds`` without spending an attempt."""
+        t = now()
+        with self.index.write_engine.begin() as c:
+            c.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.owner == self.owner, jobs.c.state == RUNNING)
+                      .values(state=PENDING, lease_until=None, attempts=jobs.c.attempts - 1, updated_at=t,
+                              error=reason[:4000], not_before=t + timedelta(seconds=seconds)))
 
     # -- reading ---------------------------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:
@@ -356,6 +384,15 @@ class PermanentError(Exception):
     """A runner's failure that retrying cannot mend (unknown destination, nothing to send): failed at once."""
 
 
+class Deferred(Exception):
+    """Raised by a runner that cannot start yet (an older job it must follow is still queued): back to pending for
+    ``seconds``, no attempt spent."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = seconds
+
+
 class JobWorker:
     """Claims jobs and runs them on the event loop, ``concurrency`` at a time; renews their leases."""
 
@@ -427,6 +464,9 @@ class JobWorker:
             error = f"stopped: {stop}"
         except PermanentError as exc:
             error, retry = str(exc) or type(exc).__name__, False
+        except Deferred as wait:
+            await asyncio.to_thread(self.queue.defer, job, wait.seconds, str(wait))
+            return
         except Exception as exc:  # noqa: BLE001 - a failed attempt is retried, never crashes the worker
             log.warning("job %d (%s) attempt %d failed: %r", job.id, job.kind, job.attempts, exc)
             error = str(exc) or repr(exc)

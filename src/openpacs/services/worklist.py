@@ -205,8 +205,9 @@ class OrderRef:
 
 
 class WorklistService:
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Any, outbound: Any = None) -> None:
         self.index = index
+        self.outbound = outbound  # hl7.outbound.RisOutbound: tells the RIS when a step starts and ends
 
     # ---- orders --------------------------------------------------------------------------------------------
     def schedule(self, conn: Connection, order: OrderRef, steps: list[dict[str, Any]], source: str = "hl7",
@@ -413,31 +414,40 @@ class WorklistService:
         return None if row is None else (row.status, Dataset.from_json(row.attributes))
 
     def _follow(self, conn: Connection, uid: str, attributes: Dataset, status: str) -> None:
-        """The steps an MPPS names (Scheduled Step Attributes Sequence) take its state."""
-        conds = []
-        for item in attributes.get("ScheduledStepAttributesSequence", None) or []:
-            sps = str(item.get("ScheduledProcedureStepID", "") or "")
-            acc = str(item.get("AccessionNumber", "") or "")
-            study = str(item.get("StudyInstanceUID", "") or "")
-            rp = str(item.get("RequestedProcedureID", "") or "")
-            if not sps:
-                continue
-            c = [t.scheduled_procedure_step_id == sps]
-            if acc:
-                c.append(t.accession_number == acc)
-            elif study:
-                c.append(t.study_instance_uid == study)
-            elif rp:
-                c.append(t.requested_procedure_id == rp)
-            else:
-                continue
-            conds.append(and_(*c))
-        if not conds:
+        """The steps an MPPS names (Scheduled Step Attributes Sequence) take its state; the RIS is told (in this
+        transaction's job queue) when ``ris_hl7`` is set."""
+        cond = _named_steps(attributes)
+        if cond is None:
             return
         values: dict[str, Any] = {"status": status, "updated_at": now()}
         if status == IN_PROGRESS:
             values["mpps_uid"] = uid
-        conn.execute(update(scheduled_steps).where(or_(*conds), t.status.not_in((CANCELLED,))).values(**values))
+        conn.execute(update(scheduled_steps).where(cond, t.status.not_in((CANCELLED,))).values(**values))
+        if self.outbound is not None:
+            steps = conn.execute(select(scheduled_steps).where(cond, t.status == status).order_by(t.id)).all()
+            self.outbound.report(conn, uid, attributes, status, steps)
+
+
+def _named_steps(attributes: Dataset) -> ColumnElement[bool] | None:
+    conds = []
+    for item in attributes.get("ScheduledStepAttributesSequence", None) or []:
+        sps = str(item.get("ScheduledProcedureStepID", "") or "")
+        acc = str(item.get("AccessionNumber", "") or "")
+        study = str(item.get("StudyInstanceUID", "") or "")
+        rp = str(item.get("RequestedProcedureID", "") or "")
+        if not sps:
+            continue
+        c = [t.scheduled_procedure_step_id == sps]
+        if acc:
+            c.append(t.accession_number == acc)
+        elif study:
+            c.append(t.study_instance_uid == study)
+        elif rp:
+            c.append(t.requested_procedure_id == rp)
+        else:
+            continue
+        conds.append(and_(*c))
+    return or_(*conds) if conds else None
 
 
 def as_dict(row: Any) -> dict[str, Any]:
@@ -716,6 +726,12 @@ def for_context(ctx: Any) -> WorklistService:
     per process)."""
     svc = getattr(ctx, "worklist", None)
     if svc is None:
-        svc = WorklistService(ctx.index)
+        outbound = None
+        settings = getattr(ctx, "settings", None)
+        if settings is not None and settings.ris_hl7 and getattr(ctx, "jobs", None) is not None:
+            from ..hl7.outbound import RisOutbound
+
+            outbound = RisOutbound(settings, ctx.jobs)
+        svc = WorklistService(ctx.index, outbound)
         ctx.worklist = svc
     return svc
