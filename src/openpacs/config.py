@@ -30,6 +30,20 @@ class RemoteAE:
     commit_new_association: bool = False
 
 
+@dataclass
+class RemoteDicomweb:
+    """A DICOMweb peer (``[remote_dicomweb.NAME]``): a STOW-RS destination of send jobs and routing rules, and a
+    QIDO-RS / WADO-RS source for remote query and retrieve. ``url`` is the service root (e.g. .../dicom-web)."""
+
+    url: str
+    token: str = ""  # bearer token (Authorization: Bearer ...)
+    username: str = ""  # basic auth, when no token
+    password: str = ""
+    timeout: float = 60.0
+    max_instances_per_request: int = 50  # STOW-RS: instances in one multipart request
+    verify_tls: bool = True
+
+
 DUPLICATE_POLICIES = ("keep-first", "overwrite", "reject")
 
 
@@ -63,6 +77,8 @@ class Settings:
     check_called_aet: bool = False
     dicom_accept_unknown: bool = True  # permissive development mode: any calling AE may associate
     remote_aes: dict[str, RemoteAE] = field(default_factory=dict)
+    remote_dicomweb: dict[str, RemoteDicomweb] = field(default_factory=dict)
+    routes: list[dict[str, Any]] = field(default_factory=list)  # TOML [[routes]] (services/routing.py parses them)
 
     # HTTP
     http_host: str = "127.0.0.1"
@@ -190,6 +206,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     """Defaults < TOML file < environment (OPENPACS_<FIELD>) < explicit overrides (CLI flags, None ignored)."""
     values: dict[str, Any] = {}
     remotes: dict[str, RemoteAE] = {}
+    webs: dict[str, RemoteDicomweb] = {}
+    routes: list[dict[str, Any]] = []
     if config_file:
         with open(config_file, "rb") as fh:
             doc = tomllib.load(fh)
@@ -205,19 +223,34 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                                              tls=bool(spec.get("tls", False)),
                                              max_associations=max(1, int(spec.get("max_associations", 1))),
                                              commit_new_association=bool(spec.get("commit_new_association", False)))
+            elif key == "remote_dicomweb":
+                for name, spec in raw.items():
+                    if not isinstance(spec, dict) or not str(spec.get("url", "")).strip():
+                        raise ValueError(f"{config_file}: [remote_dicomweb.{name}] needs url = \"http(s)://...\"")
+                    known = RemoteDicomweb.__dataclass_fields__
+                    bad = [k for k in spec if k not in known]
+                    if bad:
+                        raise ValueError(f"{config_file}: [remote_dicomweb.{name}]: unknown setting(s) {bad}")
+                    webs[name] = RemoteDicomweb(**{k: v for k, v in spec.items()})
+            elif key == "routes":
+                if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+                    raise ValueError(f"{config_file}: routes must be [[routes]] tables")
+                routes = [dict(r) for r in raw]
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:
                 raise ValueError(f"{config_file}: unknown setting {key!r}")
     for name in Settings.__dataclass_fields__:
         env = os.environ.get(_ENV_PREFIX + name.upper())
-        if env is not None and name != "remote_aes":
+        if env is not None and name not in ("remote_aes", "remote_dicomweb", "routes"):
             values[name] = _coerce(name, env)
     for name, raw in overrides.items():
         if raw is not None:
             values[name] = _coerce(name, raw)
     s = Settings(**values)
     s.remote_aes = remotes
+    s.remote_dicomweb = webs
+    s.routes = routes
     validate(s)
     return s
 
@@ -257,6 +290,7 @@ def as_dict(s: Settings) -> dict[str, Any]:
 
 
 SECRET_SETTINGS = frozenset({"metrics_token"})
+_SECRET_KEYS = ("token", "password")
 REDACTED = "***"
 
 
@@ -277,6 +311,9 @@ def redacted(s: Settings) -> dict[str, Any]:
             out[key] = redact_url(value)
         elif isinstance(value, Path):
             out[key] = str(value)
+        elif key == "remote_dicomweb" and isinstance(value, dict):
+            out[key] = {n: {k: (REDACTED if k in _SECRET_KEYS and v else v) for k, v in spec.items()}
+                        for n, spec in value.items()}
         else:
             out[key] = value
     return out

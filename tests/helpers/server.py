@@ -43,8 +43,9 @@ class ServerDied(RuntimeError):
 class OpenPACSServer:
     def __init__(self, data_dir: Path, index_url: str | None = None, aet: str = "OPENPACS",
                  remote_aes: dict[str, tuple[str, str, int]] | None = None, settings: dict[str, object] | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, extra_toml: str = "") -> None:
         self.data_dir = Path(data_dir)
+        self.extra_toml = extra_toml  # raw TOML tables appended to the config ([remote_dicomweb.X], [[routes]])
         self.index_url = index_url
         self.aet = aet
         self.remote_aes = remote_aes or {}
@@ -68,6 +69,8 @@ class OpenPACSServer:
         for name, (aet, host, port) in self.remote_aes.items():
             lines += ["", f"[remote_aes.{name}]", f"aet = {_toml_value(aet)}", f"host = {_toml_value(host)}",
                       f"port = {port}"]
+        if self.extra_toml:
+            lines += ["", self.extra_toml.strip()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def index_args(self) -> list[str]:
