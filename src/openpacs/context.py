@@ -20,6 +20,7 @@ from .services.qc import QCService
 from .services.query import QueryService
 from .services.reports import ReportService
 from .services.retrieve import RetrieveService
+from .services.routing import RoutingService
 from .services.storage_policy import build_guard
 from .storage import BlobStore, open_store
 
@@ -43,6 +44,7 @@ class Context:
     started_at: float = 0.0
     reports: ReportService | None = None
     jobs: JobQueue | None = None
+    routing: RoutingService | None = None
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -82,7 +84,8 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     jobs = JobQueue(index, lease_seconds=settings.job_lease_seconds, backoff_base=settings.job_backoff_seconds,
                     backoff_cap=settings.job_backoff_max, default_attempts=settings.job_max_attempts)
     return Context(settings, store, index, ingest, query, retrieve, auth, audit, departments, nodes,
-                   monitor=monitor, figures=figures, started_at=time.time(), reports=reports, jobs=jobs)
+                   monitor=monitor, figures=figures, started_at=time.time(), reports=reports, jobs=jobs,
+                   routing=RoutingService(index, settings, nodes))
 
 
 def build_security(settings: Settings, index: Index) -> tuple[AuthService, AuditService, DepartmentService]:

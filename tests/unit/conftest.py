@@ -37,10 +37,11 @@ def _truncate_all(url: str) -> None:
     """Empty the archive tables (other schemas' tables, e.g. the append-only audit trail, are left alone)."""
     import psycopg
 
-    from openpacs.index import schema
+    from openpacs.index import routing_schema, schema
 
     core = (schema.patients, schema.studies, schema.series, schema.instances, schema.changes, schema.jobs,
-            schema.settings_table)
+            schema.settings_table, routing_schema.routing_rules, routing_schema.routing_cursor,
+            routing_schema.routing_pending)
     with psycopg.connect(url, autocommit=True) as conn:
         # CASCADE: also the tables that reference these (patient_demographics references patients)
         conn.execute("TRUNCATE " + ", ".join(f'"{t.name}"' for t in core) + " RESTART IDENTITY CASCADE")

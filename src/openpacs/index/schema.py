@@ -137,6 +137,7 @@ instances = Table(
     Column("calling_aet", String()),
     Column("source", String()),
     Column("received_at", DateTime(timezone=True)),
+    Column("called_aet", String()),  # migration 0013: the AE title the sender called (routing conditions)
 )
 Index("ix_instances_series", instances.c.series_fk)
 Index("ix_instances_blob", instances.c.blob_key)

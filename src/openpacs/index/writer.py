@@ -30,6 +30,7 @@ class NewInstance:
     transfer_syntax_uid: str
     calling_aet: str = ""
     source: str = ""
+    called_aet: str = ""
     replace: bool = False  # duplicate policy "overwrite": replace an existing instance's blob
     departments: tuple[str, ...] | None = None  # the sender's scope: it may replace only instances of these
 
@@ -131,7 +132,7 @@ class BatchWriter:
             row_values.update(iv)
             row_values.update(series_fk=series_id, blob_key=it.blob_key, size_bytes=it.size, sha256=it.sha256,
                               transfer_syntax_uid=it.transfer_syntax_uid, calling_aet=it.calling_aet,
-                              source=it.source, received_at=ts)
+                              source=it.source, received_at=ts, called_aet=it.called_aet or None)
             new_rows.append(row_values)
             acc = b.studies[study_id]
             acc.new_instances += 1

@@ -260,6 +260,7 @@ class IngestService:
             return self._fail(Status.OUT_OF_RESOURCES, f"storage write failed: {e}", cls, sop, source)
         item = NewInstance(values=values, blob_key=blob.key, size=blob.size, sha256=digest,
                            transfer_syntax_uid=ts, calling_aet=source.calling_aet, source=source.protocol,
+                           called_aet=source.called_aet,
                            replace=policy == "overwrite", departments=source.departments)
         pending = _Pending(item, Future())
         with self._accepting:  # nothing is queued behind close()'s sentinel, where no commit would ever come
