@@ -72,6 +72,7 @@ class Settings:
     job_backoff_max: float = 600.0
     job_max_attempts: int = 5
     job_concurrency: int = 2
+    commit_timeout: float = 300.0  # a send job asking for storage commitment waits this long for the report, then retries
     network_timeout: float = 120.0
     dicom_tls_port: int = 2762  # DICOM TLS listener, on when tls_cert/tls_key are set (tls_ca: mutual TLS); 0: off
     check_called_aet: bool = False

@@ -180,6 +180,26 @@ def test_rules_api_stable_study_and_dry_run(server, peers, tmp_path):
     assert api(server, "GET", "/routes/mr-study").status_code == 404
 
 
+def test_rule_transfer_syntax_transcodes(server, peers, tmp_path):
+    """A rule that names a transfer syntax: an instance stored in Implicit VR goes out in Explicit VR Little Endian."""
+    r = api(server, "POST", "/routes", json={"name": "explicit", "destinations": ["CTDEST"],
+                                             "transfer_syntax": "1.2.840.10008.1.2.1",
+                                             "conditions": [{"attribute": "StationName", "value": "TSTEST"}]})
+    assert r.status_code == 201 and r.json()["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    peers["ct"].clear()
+    ds_path = image(tmp_path, "OT", generate_uid(), StationName="TSTEST")
+    ds = pydicom.dcmread(ds_path)
+    implicit = write_part10(ds, tmp_path / "implicit.dcm", "1.2.840.10008.1.2")
+    stored_ok(server, [implicit])
+    (job,) = wait_jobs(server, "explicit")
+    assert job["payload"]["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    (received,) = wait_files(peers["ct"], 1)
+    got = pydicom.dcmread(received)
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert got.SOPInstanceUID == ds.SOPInstanceUID and got.PixelData == ds.PixelData
+    assert api(server, "DELETE", "/routes/explicit").status_code == 204
+
+
 def test_hostile_tag_content_and_a_refusing_destination(server, peers, tmp_path):
     r = api(server, "POST", "/routes", json={
         "name": "hostile", "destinations": ["REFUSER"], "match": "any",

@@ -35,7 +35,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
 
     s = sub.add_parser("send", help="send patients, studies, series or instances to a remote node (a job)")
     common(s)
-    s.add_argument("destination", help="node name or AE title ([remote_aes.*] or a node added in the console)")
+    s.add_argument("destination", help="node name or AE title ([remote_aes.*] or a node added in the console), or a "
+                                       "DICOMweb peer ([remote_dicomweb.*], sent by STOW-RS)")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--patient", nargs="+", metavar="PATIENT_ID")
     g.add_argument("--study", nargs="+", metavar="UID")
@@ -43,6 +44,8 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     g.add_argument("--instance", nargs="+", metavar="UID")
     s.add_argument("--priority", type=int, default=0)
     s.add_argument("--associations", type=int, help="parallel associations [the node's max_associations]")
+    s.add_argument("--commit", action="store_true",
+                   help="ask the DICOM node for storage commitment (done only once it has committed every instance)")
     s.add_argument("--wait", action="store_true", help="wait until the job is done or failed (exit 1 if failed)")
 
 
@@ -60,23 +63,22 @@ def _as_dict(j: jobsvc.Job) -> dict[str, Any]:
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from ..context import build_context
-    from ..services.nodes import remote_aes_for
 
     ctx = build_context(settings)
     try:
         q = ctx.jobs
         assert q is not None
         if args.command == "send":
-            remotes = remote_aes_for(settings)
-            if args.destination not in remotes and not any(r.aet.strip() == args.destination
-                                                           for r in remotes.values()):
-                print(f"error: destination {args.destination!r} unknown (no such node or [remote_aes.*])")
+            kind = jobsvc.destination_kind(settings, args.destination)
+            if kind is None:
+                print(f"error: destination {args.destination!r} unknown "
+                      "(no such node, [remote_aes.*] or [remote_dicomweb.*])")
                 return 2
             level, uids = next((lvl, v) for lvl, v in (("PATIENT", args.patient), ("STUDY", args.study),
                                                        ("SERIES", args.series), ("IMAGE", args.instance)) if v)
             try:
                 job = jobsvc.submit_send(ctx, args.destination, level, uids, priority=args.priority,
-                                         associations=args.associations)
+                                         associations=args.associations, commit=args.commit)
             except jobsvc.JobError as e:
                 print(f"error: {e}")
                 return 1

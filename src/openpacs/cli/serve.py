@@ -55,6 +55,8 @@ async def _serve(settings: Settings) -> None:
 
     started = time.time()
     ctx = build_context(settings)
+    if ctx.routing is not None:
+        ctx.routing.config_rules()  # a malformed [[routes]] table stops the start with its name (RouteError)
     first_start_admin(ctx)
     if ctx.audit is not None:
         from ..config import redacted
@@ -89,6 +91,7 @@ async def _serve(settings: Settings) -> None:
     hl7_task = asyncio.create_task(serve_hl7(ctx, stop, hl7_ready), name="hl7")
     await dimse_ready.wait() if not dimse_task.done() else None
     jobs_task = asyncio.create_task(_run_jobs(ctx, stop), name="jobs")
+    router_task = asyncio.create_task(_run_router(ctx, stop), name="router")
     await hl7_ready.wait() if not hl7_task.done() else None
     log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
              settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
@@ -99,7 +102,7 @@ async def _serve(settings: Settings) -> None:
     done, _ = await asyncio.wait(services, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     http.should_exit = True
-    for t in (dimse_task, http_task, hl7_task, jobs_task):
+    for t in (dimse_task, http_task, hl7_task, jobs_task, router_task):
         try:
             await asyncio.wait_for(t, timeout=60)
         except Exception as e:  # a failed service is reported, the others still stop cleanly
@@ -116,17 +119,31 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
-    """The job worker of this node (services/jobs.py): send jobs and HL7 messages to the RIS run on this event loop."""
+    """The job worker of this node (services/jobs.py): send jobs (C-STORE, STOW-RS) and HL7 messages to the RIS run on
+    this event loop."""
+    from ..dicomweb.sender import KIND as STOW
+    from ..dicomweb.sender import StowSender
     from ..dimse.sender import KIND as SEND
     from ..dimse.sender import Sender
     from ..hl7.outbound import KIND as HL7_OUT
     from ..hl7.outbound import RisSender
     from ..services.jobs import JobWorker, Runner
+    from ..services.remote_qr import KIND as RETRIEVE
+    from ..services.remote_qr import Retriever
 
     assert ctx.jobs is not None
-    runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout)}
+    runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
+                                  STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs)}
     worker = JobWorker(ctx.jobs, runners, concurrency=ctx.settings.job_concurrency)
     await worker.run(stop)
+
+
+async def _run_router(ctx: Context, stop: asyncio.Event) -> None:
+    """Auto-routing (services/routing.py): follows the change feed and submits send jobs, beside the job worker."""
+    from ..services.routing import Router
+
+    assert ctx.routing is not None and ctx.jobs is not None
+    await Router(ctx, ctx.routing).run(stop)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -142,9 +159,14 @@ def serve(settings: Settings) -> int:
     if refusal:
         log.error("%s", refusal)
         return 2
+    from ..services.routing import RouteError
+
     try:
         eventloop.run(_serve(settings))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    except RouteError as e:
+        log.error("cannot start: %s", e)
+        return 2
     return 0

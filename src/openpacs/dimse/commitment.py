@@ -5,6 +5,15 @@ The report goes on the requester's association while it is open, else (or when t
 ``commit_new_association`` asks for it) on a new association we open to the requester's configured AE, proposing
 the SOP class with SCP/SCU role selection SCU=0, SCP=1: on that association we are the SCP of the SOP class and
 send the N-EVENT-REPORT (PS3.4 J.3.3).
+
+The SCU side (send jobs with ``commit``, dimse/sender.py): ``request_commitment`` opens an association with only
+the Storage Commitment Push Model context, sends the N-ACTION-RQ (Transaction UID, Referenced SOP Sequence) and
+keeps the association open while the job waits. The peer's N-EVENT-REPORT-RQ may come on that association (a
+``_Requestor`` association answers it instead of aborting like a C-MOVE sub-association) or on a new association to
+our DICOM listener (operations.dispatch hands N-EVENT-REPORT on a commitment context to ``n_event_report``). Both
+paths write the report into the waiting job's payload through the index (services.commitment.record_report), which
+the job polls: one path, whichever process of the node (DIMSE worker processes on PostgreSQL) took the report, and
+only a running job that asked this very Transaction UID of this AE accepts it.
 """
 
 from __future__ import annotations
@@ -21,13 +30,12 @@ from ..config import RemoteAE
 from ..services import commitment as sc
 from ..services.types import Status
 from . import access, commands, pdu
-from .association import STA6, AssociationClosed
+from .association import STA6, Association, AssociationClosed
 from .commands import Command
 from .negotiation import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STORAGE_COMMITMENT_PUSH, AcceptedContext, classify
 from .operations import _decode_identifier, _encode_identifier, _final
 
 if TYPE_CHECKING:
-    from .association import Association
     from .server import Endpoint
 
 log = logging.getLogger("openpacs.dimse")
@@ -257,3 +265,137 @@ def _audit(endpoint: Endpoint, calling: str, address: str, transaction: str, res
                      patient_id="\\".join(dict.fromkeys(p for p in patients.values() if p)), detail=detail)
 
     endpoint.in_background(record)
+
+
+# -- SCU: N-ACTION to a peer, N-EVENT-REPORT from it ----------------------------------------------------------------
+
+NO_SUCH_EVENT_TYPE = 0x0113
+UNKNOWN_TRANSACTION = PROCESSING_FAILURE
+
+
+def _report_lists(ds: Dataset) -> tuple[str, list[str], list[tuple[str, int | None]]]:
+    transaction = str(ds.get("TransactionUID", "") or "").strip()
+    committed = [str(i.get("ReferencedSOPInstanceUID", "") or "").strip()
+                 for i in ds.get("ReferencedSOPSequence") or []]
+    failed: list[tuple[str, int | None]] = []
+    for item in ds.get("FailedSOPSequence") or []:
+        reason = item.get("FailureReason")
+        failed.append((str(item.get("ReferencedSOPInstanceUID", "") or "").strip(),
+                       int(reason) if reason is not None else None))
+    return transaction, [u for u in committed if u], [(u, r) for u, r in failed if u]
+
+
+async def n_event_report(assoc: Association, ctx: AcceptedContext, cmd: Command,
+                         chunks: list[bytes | memoryview]) -> None:
+    """A peer reports the result of storage commitment we asked for (on our N-ACTION's association or a new one)."""
+    rsp = commands.N_EVENT_REPORT_RSP
+    event = cmd.get(commands.EVENT_TYPE_ID)
+    extra: dict[int, Any] = {
+        commands.AFFECTED_SOP_CLASS_UID: ctx.abstract_syntax,
+        commands.AFFECTED_SOP_INSTANCE_UID: cmd.get(commands.AFFECTED_SOP_INSTANCE_UID) or WELL_KNOWN_INSTANCE,
+    }
+    if event is not None:
+        extra[commands.EVENT_TYPE_ID] = event
+    reporter = assoc.called_aet if assoc._requestor is not None else assoc.calling_aet
+
+    def answer(status: int, comment: str = "") -> None:
+        if status:
+            log.warning("storage commitment N-EVENT-REPORT from %s refused: 0x%04X %s", assoc._who(), status,
+                        comment)
+        _final(assoc, ctx.context_id, cmd, rsp, status, comment=comment, extra=extra)
+
+    if event not in (EVENT_SUCCESS, EVENT_FAILURES):
+        answer(NO_SUCH_EVENT_TYPE, "Event Type ID must be 1 or 2")
+        return
+    if not chunks:
+        answer(MISSING_ATTRIBUTE, "no Event Information")
+        return
+    try:
+        transaction, committed, failed = _report_lists(_decode_identifier(ctx, chunks))
+    except Exception as exc:  # noqa: BLE001 - an undecodable report is the peer's problem
+        answer(PROCESSING_FAILURE, f"undecodable Event Information: {exc}")
+        return
+    endpoint = assoc.endpoint
+    accepted = await assoc.loop.run_in_executor(
+        endpoint.executor, sc.record_report, endpoint.ctx.index, transaction, reporter, committed, failed)
+    if not accepted:
+        answer(UNKNOWN_TRANSACTION, "no send job waits for this Transaction UID from this AE")
+        return
+    log.info("storage commitment %s: report from %s (%d committed, %d failed)", transaction, assoc._who(),
+             len(committed), len(failed))
+    answer(0x0000)
+
+
+class _Requestor(Association):
+    """Our N-ACTION's association: the peer may send the N-EVENT-REPORT-RQ on it (PS3.4 J.3.3)."""
+
+    def _on_message(self, context_id: int, cmd: Command, chunks: list[bytes | memoryview] | None) -> None:
+        ctx = self.contexts.get(context_id)
+        if cmd.field == commands.N_EVENT_REPORT_RQ and ctx is not None and ctx.service == "commit":
+            self.track(asyncio.ensure_future(n_event_report(self, ctx, cmd, chunks or [])))
+            return
+        super()._on_message(context_id, cmd, chunks)
+
+
+async def request_commitment(endpoint: Endpoint, remote: RemoteAE, refs: list[sc.Reference],
+                             transaction: str) -> Association:
+    """Associate with ``remote`` and ask it to commit ``refs`` (N-ACTION-RQ, Action Type 1). Returns the open
+    association (release it once the report is in); raises ConnectionError when the peer cannot be reached,
+    PermanentError-worthy ``LookupError`` when it does not offer storage commitment, RuntimeError on a refusal."""
+    from ..dicom.header import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    settings = endpoint.settings
+    contexts = [pdu.PresentationContextRQ(1, STORAGE_COMMITMENT_PUSH, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])]
+    proposed = {1: AcceptedContext(1, STORAGE_COMMITMENT_PUSH, "", "commit", "", peer_is_scu=False,
+                                   peer_is_scp=True)}
+    rq = pdu.AssociateRQ(
+        protocol_version=1, called_aet=remote.aet, calling_aet=settings.aet, application_context=pdu.APPLICATION_CONTEXT,
+        contexts=contexts,
+        user=pdu.UserInformation(max_length=settings.max_pdu if settings.max_pdu > 0 else 0,
+                                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                 implementation_version_name=IMPLEMENTATION_VERSION_NAME, roles={}),
+    )
+    where = f"{remote.aet} at {remote.host}:{remote.port}"
+    try:
+        _, assoc = await asyncio.wait_for(endpoint.loop.create_connection(
+            lambda: _Requestor(endpoint, requestor=(rq, proposed)), remote.host, remote.port,
+            ssl=endpoint.client_tls if remote.tls else None, server_hostname=remote.host if remote.tls else None,
+            ssl_handshake_timeout=settings.artim_timeout if remote.tls else None), timeout=settings.network_timeout)
+        await asyncio.wait_for(assoc.established, timeout=settings.artim_timeout + 1)
+    except (OSError, TimeoutError, AssociationClosed) as exc:
+        raise ConnectionError(f"storage commitment: cannot associate with {where}: "
+                              f"{exc or type(exc).__name__}") from exc
+    ctx = assoc.contexts.get(1)
+    if ctx is None:
+        assoc.abort("no storage commitment context")
+        raise LookupError(f"{remote.aet} does not accept the Storage Commitment Push Model (1.2.840.10008.1.20.1)")
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    items = []
+    for ref in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+        items.append(item)
+    ds.ReferencedSOPSequence = Sequence(items)
+    elements = {
+        commands.REQUESTED_SOP_CLASS_UID: STORAGE_COMMITMENT_PUSH,
+        commands.COMMAND_FIELD: commands.N_ACTION_RQ,
+        commands.REQUESTED_SOP_INSTANCE_UID: WELL_KNOWN_INSTANCE,
+        commands.ACTION_TYPE_ID: REQUEST_STORAGE_COMMITMENT,
+    }
+    try:
+        rsp = await asyncio.wait_for(assoc.send_request(1, elements, _encode_identifier(ctx, ds)),
+                                     timeout=settings.dimse_timeout)
+    except (AssociationClosed, TimeoutError) as exc:
+        assoc.abort("no N-ACTION-RSP")
+        raise ConnectionError(f"storage commitment: no N-ACTION response from {where}: "
+                              f"{exc or type(exc).__name__}") from exc
+    status = int(rsp.get(commands.STATUS, 0xC000))
+    if status != 0x0000:
+        comment = str(rsp.get(commands.ERROR_COMMENT, "") or "").strip()
+        await assoc.release()
+        raise RuntimeError(f"storage commitment refused by {remote.aet}: N-ACTION status 0x{status:04X}"
+                           + (f" {comment}" if comment else ""))
+    log.info("storage commitment %s asked of %s: %d instance(s)", transaction, where, len(refs))
+    return assoc

@@ -63,6 +63,12 @@ _DIMSE_NAME = {
 def dispatch(assoc: Association, context_id: int, cmd: Command, chunks: list[bytes | memoryview] | None) -> None:
     ctx = assoc.contexts[context_id]
     field = cmd.field
+    if field == commands.N_EVENT_REPORT_RQ and ctx.service == "commit":
+        from . import commitment  # a storage commitment result for one of our send jobs (its transaction authorizes it)
+
+        report = commitment.n_event_report(assoc, ctx, cmd, chunks or [])
+        assoc.track(asyncio.ensure_future(_guard(assoc, ctx, cmd, report)))
+        return
     if _REQUEST_OF_SERVICE.get(ctx.service) != field and field not in _N_REQUESTS_OF_SERVICE.get(ctx.service, ()):
         log.warning("DIMSE 0x%04X from %s on a %s context refused", field, assoc._who(), ctx.abstract_syntax)
         _final(

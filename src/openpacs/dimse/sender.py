@@ -3,6 +3,13 @@
 Proposes each instance's stored transfer syntax alone plus Explicit/Implicit VR Little Endian (scu.propose), sends the
 stored bytes unchanged when the stored syntax is accepted, transcodes otherwise; ``max_associations`` lanes per
 destination. Each instance the peer acknowledges is committed as acknowledged before that lane sends its next one.
+
+With ``commit`` in the payload (API ``commit: true``, ``openpacs send --commit``), once every instance is
+acknowledged the job asks the peer for storage commitment of all of them (dimse/commitment.py request_commitment:
+N-ACTION on its own association, a new Transaction UID per attempt, recorded in the payload first) and waits up to
+``commit_timeout`` for the N-EVENT-REPORT, which reaches the payload through the index whichever association and
+process it came on. Done only when the peer committed every instance; instances it lists as failed (or leaves out)
+become failed items with the Failure Reason and are sent again by the next attempt; a timeout is retried too.
 """
 
 from __future__ import annotations
@@ -13,11 +20,16 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydicom.uid import generate_uid
+
 from ..config import RemoteAE
-from ..services.jobs import JobContext, JobQueue, PermanentError, resolve_refs
+from ..index.db import now
+from ..services import commitment as sc
+from ..services.jobs import ITEM_ACKED, JobContext, JobQueue, PermanentError, resolve_refs
 from ..services.types import InstanceRef
 from . import access, commands
 from .association import AssociationClosed, status_kind
+from .commitment import request_commitment
 from .operations import _convert, choose_context
 from .scu import open_association
 from .server import Endpoint
@@ -60,8 +72,14 @@ class Sender:
         if remote is None:
             raise PermanentError(f"destination {name!r} unknown (no such node or [remote_aes.*])")
         items = await self._run(self.queue.pending_items, job.id)
-        if not items:
-            return
+        if items:
+            await self._send(jc, remote, items)
+        if job.payload.get("commit"):
+            jc.check()
+            await self._commit(jc, remote)
+
+    async def _send(self, jc: JobContext, remote: RemoteAE, items: list[Any]) -> None:
+        job = jc.job
         by_uid = {}
         uids = [i.sop_instance_uid for i in items]
         for ref in await self._run(resolve_refs, self.ctx, "IMAGE", uids):
@@ -76,8 +94,9 @@ class Sender:
             else:
                 work.put_nowait((it, ref))
         wanted: dict[str, set[str]] = {}
+        target = str(job.payload.get("transfer_syntax") or "")  # a routing rule's choice; empty: as stored
         for _, ref in list(work._queue):  # type: ignore[attr-defined]
-            wanted.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax_uid)
+            wanted.setdefault(ref.sop_class_uid, set()).add(target or ref.transfer_syntax_uid)
         lanes = max(1, min(int(job.payload.get("associations") or remote.max_associations), work.qsize(), 16))
         refused: list[tuple[str, bool]] = []
         results = await asyncio.gather(*(self._lane(jc, remote, wanted, work, refused) for _ in range(lanes)),
@@ -122,7 +141,10 @@ class Sender:
                     await self._run(self.queue.item_failed, job.id, item.seq, None, f"cannot read: {exc}")
                     refused.append((f"{ref.sop_instance_uid}: cannot read", True))
                     continue
-                chosen = choose_context(assoc.contexts, ref, need_peer_scp=False)
+                target = str(job.payload.get("transfer_syntax") or "")
+                chosen = next((c for c in assoc.contexts.values() if target and c.transfer_syntax == target
+                               and c.abstract_syntax == ref.sop_class_uid), None)
+                chosen = chosen or choose_context(assoc.contexts, ref, need_peer_scp=False)
                 if chosen is None:
                     msg = f"no accepted context for {ref.sop_class_uid} in {ref.transfer_syntax_uid}"
                     await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
@@ -161,3 +183,59 @@ class Sender:
                 await assoc.release()
             else:
                 assoc.abort("send done")
+
+    async def _commit(self, jc: JobContext, remote: RemoteAE) -> None:
+        """Storage commitment of every acknowledged instance; raises unless the peer committed them all."""
+        job = jc.job
+        acked = [i for i in await self._run(self.queue.items, job.id) if i.state == ITEM_ACKED]
+        if not acked:
+            return
+        seq_of = {i.sop_instance_uid: i.seq for i in acked}
+        refs = [sc.Reference(r.sop_class_uid, r.sop_instance_uid)
+                for r in await self._run(resolve_refs, self.ctx, "IMAGE", list(seq_of))]
+        if not refs:
+            return
+        transaction = generate_uid()
+        await self._run(self.queue.update_payload, job.id, {
+            "commit_transaction": transaction, "commit_aet": remote.aet, "commit_report": None})
+        try:
+            assoc = await request_commitment(self.endpoint(), remote, refs, transaction)
+        except LookupError as exc:
+            raise PermanentError(str(exc)) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(self.settings.commit_timeout)
+        report: dict[str, Any] | None = None
+        try:
+            while True:
+                jc.check()
+                current = await self._run(self.queue.get, job.id)
+                found = (current.payload.get("commit_report") if current is not None else None) or None
+                if found and found.get("transaction") == transaction:
+                    report = found
+                    break
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"storage commitment {transaction}: no N-EVENT-REPORT from {remote.aet} "
+                                       f"within {self.settings.commit_timeout:.0f}s")
+                await asyncio.sleep(0.3)
+        finally:
+            if not assoc.closed.done():
+                await assoc.release()
+        committed = set(report.get("committed") or ())
+        failed: dict[str, int | None] = {str(u): r for u, r in report.get("failed") or ()}
+        problems: list[str] = []
+        for ref in refs:
+            uid = ref.sop_instance_uid
+            if uid in committed and uid not in failed:
+                continue
+            msg = sc.describe_failure(failed[uid]) if uid in failed else "not in the storage commitment report"
+            await self._run(self.queue.unack, job.id, seq_of[uid], failed.get(uid), f"{remote.aet}: {msg}")
+            problems.append(f"{uid} ({msg})")
+        summary = {"transaction": transaction, "aet": remote.aet, "committed": len(refs) - len(problems),
+                   "failed": len(problems), "at": now().isoformat(),
+                   "state": "committed" if not problems else "failures"}
+        await self._run(self.queue.update_payload, job.id, {"commit_report": None, "commit_result": summary})
+        if problems:
+            raise RuntimeError(f"storage commitment {transaction}: {len(problems)} of {len(refs)} instance(s) not "
+                               f"committed by {remote.aet}: {'; '.join(problems[:3])}")
+        log.info("job %d: %s committed all %d instance(s) (transaction %s)", job.id, remote.aet, len(refs),
+                 transaction)

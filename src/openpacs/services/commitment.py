@@ -125,3 +125,62 @@ def for_context(ctx: Any) -> CommitmentService:
         svc = CommitmentService(ctx.store, ctx.index)
         ctx.commitment = svc
     return svc
+
+
+# -- the SCU side: results of the storage commitment our send jobs asked a peer for ------------------------------------
+
+def valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
+
+
+def record_report(index: Index, transaction: str, reporter_aet: str, committed: Sequence[str],
+                  failed: Sequence[tuple[str, int | None]]) -> bool:
+    """Hand a peer's N-EVENT-REPORT to the running send job waiting for ``transaction`` (its payload's
+    ``commit_transaction``; it polls for ``commit_report``). Through the index, so that it reaches the job whichever
+    process of the node received the report. False when no running job waits for it from ``reporter_aet``."""
+    import json
+
+    from sqlalchemy import update
+
+    from ..index.db import now
+    from ..index.schema import jobs
+
+    if not valid_uid(transaction):  # digits and dots only: safe inside the LIKE pattern
+        return False
+    with index.write_engine.begin() as c:
+        rows = c.execute(select(jobs.c.id, jobs.c.payload).where(
+            jobs.c.kind == "send", jobs.c.state == "running",
+            jobs.c.payload.like(f'%"commit_transaction": "{transaction}"%'))).all()
+        for job_id, raw in rows:
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                continue
+            if payload.get("commit_transaction") != transaction:
+                continue
+            if str(payload.get("commit_aet", "")).strip() != reporter_aet.strip():
+                log.warning("storage commitment %s: report from %s, but job %d asked %s: ignored", transaction,
+                            reporter_aet, job_id, payload.get("commit_aet"))
+                return False
+            payload["commit_report"] = {"transaction": transaction, "committed": list(committed),
+                                        "failed": [[uid, reason] for uid, reason in failed]}
+            c.execute(update(jobs).where(jobs.c.id == job_id).values(payload=json.dumps(payload), updated_at=now()))
+            return True
+    return False
+
+
+FAILURE_REASONS = {
+    PROCESSING_FAILURE: "processing failure",
+    NO_SUCH_OBJECT_INSTANCE: "no such object instance",
+    RESOURCE_LIMITATION: "resource limitation",
+    SOP_CLASS_NOT_SUPPORTED: "referenced SOP class not supported",
+    CLASS_INSTANCE_CONFLICT: "class / instance conflict",
+    0x0131: "duplicate transaction UID",
+}
+
+
+def describe_failure(reason: int | None) -> str:
+    if reason is None:
+        return "not committed (no Failure Reason)"
+    return f"not committed: Failure Reason 0x{reason:04X}" + (
+        f" ({FAILURE_REASONS[reason]})" if reason in FAILURE_REASONS else "")

@@ -254,6 +254,35 @@ class JobQueue:
                                               job_items.c.state != ITEM_ACKED)
                       .values(state=ITEM_FAILED, status=status, error=error[:1000], updated_at=t))
 
+    def update_payload(self, job_id: int, values: Mapping[str, Any]) -> None:
+        """Merge ``values`` into the job's payload (a runner's durable notes, e.g. a storage commitment result)."""
+        with self.index.write_engine.begin() as c:
+            raw = c.execute(select(jobs.c.payload).where(jobs.c.id == job_id)).scalar()
+            if raw is None:
+                return
+            try:
+                payload = json.loads(raw) or {}
+            except ValueError:
+                payload = {}
+            payload.update(values)
+            c.execute(update(jobs).where(jobs.c.id == job_id).values(payload=json.dumps(payload), updated_at=now()))
+
+    def unack(self, job_id: int, seq: int, status: int | None, error: str) -> None:
+        """An acknowledged item turns out not kept by the peer (storage commitment failed): failed, and sent again
+        by the next attempt."""
+        t = now()
+        with self.index.write_engine.begin() as c:
+            row = c.execute(select(job_items.c.state, job_items.c.bytes).where(
+                job_items.c.job_id == job_id, job_items.c.seq == seq)).first()
+            if row is None:
+                return
+            c.execute(update(job_items).where(job_items.c.job_id == job_id, job_items.c.seq == seq)
+                      .values(state=ITEM_FAILED, status=status, error=error[:1000], updated_at=t))
+            if row.state == ITEM_ACKED:
+                c.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    done=jobs.c.done - 1, bytes=jobs.c.bytes - row.bytes, updated_at=t,
+                    progress=(jobs.c.done - 1) * 1.0 / jobs.c.total))
+
     def _recount(self, c: Any, job_id: int) -> dict[str, Any]:
         rows = dict(c.execute(select(job_items.c.state, func.count()).where(job_items.c.job_id == job_id)
                               .group_by(job_items.c.state)).all())
@@ -344,11 +373,34 @@ def resolve_refs(ctx: Any, level: str, uids: Sequence[str],
     return list(out.values())
 
 
+STOW = "stow"  # the job kind of a send to a DICOMweb peer (dicomweb/sender.py); "send" for DIMSE (dimse/sender.py)
+
+
+def destination_kind(settings: Any, destination: str) -> str | None:
+    """``stow`` for a ``[remote_dicomweb.NAME]`` peer, ``send`` for a DICOM node (by node name or AE title), else
+    None (unknown destination)."""
+    from .nodes import remote_aes_for
+
+    if destination in (getattr(settings, "remote_dicomweb", None) or {}):
+        return STOW
+    remotes = remote_aes_for(settings)
+    if destination in remotes or any(r.aet.strip() == destination.strip() for r in remotes.values()):
+        return "send"
+    return None
+
+
 def submit_send(ctx: Any, destination: str, level: str, uids: Sequence[str], *, priority: int = 0,
-                associations: int | None = None, departments: tuple[str, ...] | None = None) -> Job:
-    """A ``send`` job of every instance named, fixed now (instances stored later are not part of it)."""
+                associations: int | None = None, departments: tuple[str, ...] | None = None,
+                commit: bool = False) -> Job:
+    """A ``send`` job (a DICOM node) or a ``stow`` job (a DICOMweb peer) of every instance named, fixed now
+    (instances stored later are not part of it). ``commit``: ask the DICOM node for storage commitment at the end."""
     if level not in SEND_LEVELS:
         raise JobError(f"level: one of {', '.join(SEND_LEVELS)}")
+    kind = destination_kind(ctx.settings, destination)
+    if kind is None:
+        raise JobError(f"destination {destination!r} unknown (no such node, [remote_aes.*] or [remote_dicomweb.*])")
+    if commit and kind == STOW:
+        raise JobError(f"storage commitment applies to DICOM nodes; {destination!r} is a DICOMweb peer")
     uids = [u.strip() for u in uids if u and u.strip()]
     if not uids:
         raise JobError("nothing to send: no UID given")
@@ -356,10 +408,12 @@ def submit_send(ctx: Any, destination: str, level: str, uids: Sequence[str], *, 
     if not refs:
         raise JobError(f"nothing to send: no stored instance for {level.lower()} {', '.join(uids[:3])}")
     payload: dict[str, Any] = {"destination": destination, "level": level, "uids": uids[:100]}
-    if associations:
+    if associations and kind != STOW:
         payload["associations"] = int(associations)
+    if commit:
+        payload["commit"] = True
     queue: JobQueue = ctx.jobs
-    return queue.submit("send", payload, items=[r.sop_instance_uid for r in refs], priority=priority,
+    return queue.submit(kind, payload, items=[r.sop_instance_uid for r in refs], priority=priority,
                         destination=destination, item_bytes=[r.size for r in refs])
 
 

@@ -130,6 +130,7 @@ class Rule:
     schedule: tuple[str, ...] = ()  # "HH:MM-HH:MM" windows (local time of the node); empty: always
     days: tuple[str, ...] = ()  # mon..sun; empty: every day
     transfer_syntax: str = ""  # empty: as stored (transcoded only when the peer does not accept it)
+    commit: bool = False  # ask a DICOM destination for storage commitment: the job is done once it has committed
     priority: int = 0
     enabled: bool = True
     description: str = ""
@@ -146,7 +147,7 @@ class Rule:
         return {"destinations": list(self.destinations), "conditions": [c.spec() for c in self.conditions],
                 "match": self.match, "trigger": self.trigger, "stable_seconds": self.stable_seconds,
                 "schedule": list(self.schedule), "days": list(self.days), "transfer_syntax": self.transfer_syntax,
-                "priority": self.priority, "description": self.description}
+                "commit": self.commit, "priority": self.priority, "description": self.description}
 
     def matches(self, attrs: Mapping[str, Any]) -> bool:
         if not self.conditions:
@@ -327,7 +328,7 @@ def parse_rule(name: Any, spec: Mapping[str, Any], *, source: str = "index", ena
     if not isinstance(name, str) or not _NAME.match(name):
         raise RouteError("name: 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
     allowed = {"destinations", "conditions", "match", "trigger", "stable_seconds", "schedule", "days",
-               "transfer_syntax", "priority", "description", "enabled", "name"}
+               "transfer_syntax", "commit", "priority", "description", "enabled", "name"}
     unknown = set(spec) - allowed
     if unknown:
         raise RouteError(f"unknown field(s) {', '.join(sorted(unknown))}")
@@ -382,13 +383,17 @@ def parse_rule(name: Any, spec: Mapping[str, Any], *, source: str = "index", ena
         raise RouteError("priority: an integer") from None
     return Rule(name=name, destinations=tuple(dests), conditions=conditions, match=match, trigger=trigger,
                 stable_seconds=stable, schedule=tuple(w.strip() for w in schedule), days=tuple(days),
-                transfer_syntax=ts, priority=priority, enabled=bool(spec.get("enabled", enabled)),
+                transfer_syntax=ts, commit=bool(spec.get("commit", False)), priority=priority,
+                enabled=bool(spec.get("enabled", enabled)),
                 description=str(spec.get("description") or "")[:1000], source=source)
 
 
 def send_kind(settings: Any, destination: str) -> str:
-    """The job kind that sends to ``destination``: STOW-RS to a DICOMweb peer, else C-STORE."""
-    return "stow" if destination in (getattr(settings, "remote_dicomweb", None) or {}) else "send"
+    """The job kind that sends to ``destination``: STOW-RS to a DICOMweb peer, else C-STORE (a destination removed
+    since the rule was written fails in its job, with the reason, rather than here)."""
+    from .jobs import destination_kind
+
+    return destination_kind(settings, destination) or "send"
 
 
 # ---- the rules -------------------------------------------------------------------------------------------------
@@ -696,9 +701,11 @@ class Router:
                 *, level: str, study: str | None = None) -> None:
         payload: dict[str, Any] = {"destination": dest, "level": level, "rule": rule.name,
                                    "uids": [study] if study else uids[:100]}
+        kind = send_kind(self.ctx.settings, dest)
         if rule.transfer_syntax:
             payload["transfer_syntax"] = rule.transfer_syntax
-        kind = send_kind(self.ctx.settings, dest)
+        if rule.commit and kind == "send":
+            payload["commit"] = True
         job_id = self.ctx.jobs.submit_in(c, kind, payload, items=uids, priority=rule.priority, destination=dest,
                                          item_bytes=sizes)
         if not_before is not None:

@@ -60,9 +60,12 @@ class JobDetail(JobOut):
 
 
 class SendRequest(BaseModel):
-    destination: str = Field(..., min_length=1, max_length=64, description="a node name or its AE title")
+    destination: str = Field(..., min_length=1, max_length=64,
+                             description="a node name or its AE title (C-STORE), or a [remote_dicomweb] peer (STOW-RS)")
     priority: int = Field(0, ge=-100, le=100)
     associations: int | None = Field(None, ge=1, le=16, description="default: the node's max_associations")
+    commit: bool = Field(False, description="ask the DICOM node for storage commitment: the job is done only once "
+                                            "the peer has committed every instance")
 
 
 class InstancesSend(SendRequest):
@@ -149,14 +152,15 @@ def build_router(ctx: Any) -> APIRouter:
             raise not_found(f"job {job_id}") from None
 
     def _send(level: str, uids: list[str], body: SendRequest, p: Principal) -> JobOut:
-        from ...services.nodes import remote_aes_for  # the configured peers (TOML + index nodes)
-
-        remotes = remote_aes_for(ctx.settings)
-        if body.destination not in remotes and not any(r.aet.strip() == body.destination for r in remotes.values()):
-            raise not_found(f"destination {body.destination!r} (no such node)")
+        kind = jobsvc.destination_kind(ctx.settings, body.destination)  # TOML + index nodes, DICOMweb peers
+        if kind is None:
+            raise not_found(f"destination {body.destination!r} (no such node or DICOMweb peer)")
+        if body.commit and kind != "send":
+            raise bad(f"commit: storage commitment applies to DICOM nodes; {body.destination!r} is a DICOMweb peer")
         try:
             job = jobsvc.submit_send(ctx, body.destination, level, uids, priority=body.priority,
-                                     associations=body.associations, departments=p.departments)
+                                     associations=body.associations, departments=p.departments,
+                                     commit=body.commit)
         except jobsvc.JobError as e:
             raise not_found(str(e)) from None
         except Exception as e:  # QueryError: a UID the retrieve refuses

@@ -1,4 +1,5 @@
-"""API router: remote DICOM nodes (index nodes editable, TOML ``[remote_aes.*]`` read-only), their activity, C-ECHO."""
+"""API router: remote DICOM nodes (index nodes editable, TOML ``[remote_aes.*]`` read-only), their activity, C-ECHO;
+query/retrieve from remote archives (DICOM nodes and ``[remote_dicomweb.*]`` peers, services/remote_qr.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, StrictBool
-from starlette.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from starlette.responses import JSONResponse, Response
 
 from ...services import auth as authsvc
+from ...services import remote_qr
 from ...services.auth import Principal
 from ...services.nodes import Node, NodeConflict, NodeError, NodesService
 from .common import need, not_found
+from .jobs import JobOut
 
 READER = Depends(need(authsvc.READ))
 ADMINISTRATOR = Depends(need(authsvc.ADMIN))
@@ -55,6 +58,28 @@ class EchoOut(BaseModel):
     total_ms: float
     detail: str
     at: datetime
+
+
+class RemoteArchiveOut(BaseModel):
+    name: str
+    protocol: str = Field(..., description="dimse (C-FIND, C-MOVE/C-GET) or dicomweb (QIDO-RS, WADO-RS)")
+    address: str
+    methods: list[str]
+
+
+class RetrieveIn(BaseModel):
+    """What to fetch from the remote into this archive: ``uids`` at ``level`` (or the single UID / Patient ID of that
+    level given by its keyword), with the study (and series) above for series and instances."""
+
+    model_config = ConfigDict(extra="forbid")
+    level: str = Field("STUDY", description="PATIENT, STUDY, SERIES or IMAGE (INSTANCE)")
+    uids: list[str] = Field(default_factory=list, max_length=1000)
+    PatientID: str | None = None
+    StudyInstanceUID: str | None = None
+    SeriesInstanceUID: str | None = None
+    method: str | None = Field(None, description="move (C-MOVE to our AE title, the default) or get (C-GET) for a "
+                                                 "DICOM node; wado (WADO-RS) for a DICOMweb peer")
+    priority: int = Field(0, ge=-100, le=100)
 
 
 def _activity(row: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,5 +170,90 @@ def build_router(ctx: Any) -> APIRouter:
         n = one(name)
         r = svc().echo(n)
         return EchoOut(node=n.name, ok=r.ok, status=r.status, ms=r.ms, total_ms=r.total_ms, detail=r.detail, at=r.at)
+
+    # -- query/retrieve from remote archives -------------------------------------------------------------------
+    def remote(name: str) -> remote_qr.Remote:
+        r = remote_qr.find_remote(ctx.settings, name)
+        if r is None:
+            raise not_found(f"remote node {name!r}")
+        return r
+
+    def audit(event: str, request: Request, p: Principal, **kw: Any) -> None:
+        if ctx.audit is not None:
+            ctx.audit.record(event, principal=p, protocol="API", source_address=request.scope.get("openpacs.client", ""),
+                             **kw)
+
+    def search(name: str, level: str, request: Request, p: Principal, path: dict[str, str]) -> Response:
+        r = remote(name)
+        try:
+            q = remote_qr.build_query(level, list(request.query_params.multi_items()), path)
+        except remote_qr.RemoteQueryError as e:
+            raise HTTPException(400, str(e)) from None
+        try:
+            found, more = remote_qr.query(ctx.settings, r, q)
+        except remote_qr.RemoteUnavailable as e:
+            audit("Query", request, p, outcome=4, destination=r.name, query=str(request.url.query)[:1000],
+                  detail=f"remote {level.lower()} query on {r.name} failed: {e}")
+            raise HTTPException(504 if e.timeout else 502, f"{r.name} ({r.describe()}): {e}") from None
+        audit("Query", request, p, destination=r.name, query=str(request.url.query)[:1000],
+              detail=f"remote {level.lower()} query on {r.name} ({r.protocol}): {len(found)} match(es)")
+        headers = {"X-Result-Truncated": "true"} if more else {}
+        return JSONResponse(found, headers=headers)
+
+    q_responses: dict[int | str, dict[str, Any]] = {
+        400: {"description": "invalid query key or value"}, 404: {"description": "unknown node"},
+        502: {"description": "the remote failed or cannot be reached"}, 504: {"description": "the remote timed out"}}
+
+    @router.get("/remote-archives", response_model=list[RemoteArchiveOut],
+                summary="Remote archives that can be queried: DICOM nodes and DICOMweb peers")
+    def remote_archives(p: Principal = READER) -> list[RemoteArchiveOut]:
+        return [RemoteArchiveOut(name=r.name, protocol=r.protocol, address=r.describe(), methods=list(r.methods))
+                for r in remote_qr.remotes(ctx.settings).values()]
+
+    @router.get("/nodes/{name}/patients", summary="C-FIND (Patient Root) on a remote node: DICOM JSON",
+                responses=q_responses)
+    def remote_patients(name: str, request: Request, p: Principal = READER) -> Response:
+        return search(name, "PATIENT", request, p, {})
+
+    @router.get("/nodes/{name}/studies", summary="Studies on a remote node (C-FIND or QIDO-RS), QIDO-RS keys: DICOM JSON",
+                responses=q_responses)
+    def remote_studies(name: str, request: Request, p: Principal = READER) -> Response:
+        return search(name, "STUDY", request, p, {})
+
+    @router.get("/nodes/{name}/studies/{study}/series", summary="Series of a study on a remote node: DICOM JSON",
+                responses=q_responses)
+    def remote_series(name: str, study: str, request: Request, p: Principal = READER) -> Response:
+        return search(name, "SERIES", request, p, {"StudyInstanceUID": study})
+
+    @router.get("/nodes/{name}/studies/{study}/series/{series}/instances",
+                summary="Instances of a series on a remote node: DICOM JSON", responses=q_responses)
+    def remote_instances(name: str, study: str, series: str, request: Request, p: Principal = READER) -> Response:
+        return search(name, "IMAGE", request, p, {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+
+    @router.post("/nodes/{name}/retrieve", response_model=JobOut, status_code=202,
+                 summary="Retrieve from a remote node into this archive (C-MOVE, C-GET or WADO-RS): a job",
+                 responses={400: {"description": "invalid request"}, 404: {"description": "unknown node"}})
+    def retrieve(name: str, body: RetrieveIn, request: Request, p: Principal = ADMINISTRATOR) -> JobOut:
+        r = remote(name)
+        level = body.level.upper()
+        uids = list(body.uids)
+        single = {"PATIENT": body.PatientID, "STUDY": body.StudyInstanceUID, "SERIES": body.SeriesInstanceUID}
+        if not uids and single.get(level):
+            uids = [str(single[level])]
+        try:
+            req = remote_qr.validate_request(r, level, uids, body.StudyInstanceUID or "", body.SeriesInstanceUID or "",
+                                             body.method)
+        except remote_qr.RemoteQueryError as e:
+            raise HTTPException(400, str(e)) from None
+        if ctx.jobs is None:
+            raise HTTPException(503, "the job queue is not available on this node")
+        job = remote_qr.submit_retrieve(ctx.jobs, r, req, priority=body.priority, user=p.name)
+        audit("BeginTransferring", request, p, source_aet=r.ae.aet if r.ae is not None else "",
+              destination=ctx.settings.aet,
+              study_uids=req.uids if req.level == "STUDY" else ([req.study] if req.study else []),
+              patient_id=req.uids[0] if req.level == "PATIENT" else "",
+              detail=f"retrieve job {job.id}: {req.level.lower()} {', '.join(req.uids[:3])} from {r.name} by "
+                     f"{req.method}")
+        return JobOut(**{k: getattr(job, k) for k in JobOut.model_fields})
 
     return router

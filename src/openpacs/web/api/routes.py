@@ -35,6 +35,7 @@ class RuleIn(BaseModel):
     schedule: list[str] | str | None = None
     days: list[str] | str | None = None
     transfer_syntax: str | None = None
+    commit: bool | None = None
     priority: int | None = None
     description: str | None = None
 
@@ -50,6 +51,7 @@ class RuleOut(BaseModel):
     schedule: list[str]
     days: list[str]
     transfer_syntax: str
+    commit: bool
     priority: int
     description: str
     source: str

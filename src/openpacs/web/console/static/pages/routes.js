@@ -45,6 +45,7 @@
     const days = h("input", { name: "days", value: v.days.join(" "), placeholder: "every day · sat sun" });
     const ts = h("input", { name: "transfer_syntax", value: v.transfer_syntax, placeholder: "as stored" });
     const enabled = h("input", { type: "checkbox", name: "enabled", checked: v.enabled });
+    const commit = h("input", { type: "checkbox", name: "commit", checked: !!v.commit });
     const desc = h("input", { name: "description", value: v.description || "" });
     const err = h("p.err", { role: "alert" });
     const form = h("form.panel#route-form", {
@@ -55,7 +56,7 @@
           conditions: [...conds.querySelectorAll(".cond")].map(r => r.read()),
           match: match.value, trigger: trigger.value, stable_seconds: Number(stable.value || 0),
           schedule: schedule.value.trim(), days: days.value.trim(), transfer_syntax: ts.value.trim(),
-          enabled: enabled.checked, description: desc.value,
+          enabled: enabled.checked, commit: commit.checked, description: desc.value,
         };
         try {
           if (rule) await OP.api("routes/" + encodeURIComponent(rule.name), { method: "PUT", body });
@@ -73,7 +74,7 @@
       h("fieldset", h("legend", "Destinations"), dests.length ? dests.map(b => h("label", b, " " + b.value + " ")) : h("span.muted", "No nodes yet: add one under Nodes.")),
       h("div.row", OP.field("Send", trigger), OP.field("Stable after (s)", stable), OP.field("Schedule", schedule, "time windows, local time"),
         OP.field("Days", days), OP.field("Transfer syntax", ts, "UID, empty = as stored")),
-      h("div.row", OP.field("Description", desc)),
+      h("div.row", OP.field("Description", desc), h("label", { title: "DICOM destinations: the job is done only once the peer has committed every instance" }, commit, " ask for storage commitment")),
       err,
       h("div.actions", h("button.primary", { type: "submit" }, rule ? "Save" : "Add rule"), h("button", { type: "button", onclick: onDone }, "Cancel")));
     return form;
@@ -114,7 +115,7 @@
       { label: "To", render: r => r.destinations.join(", ") },
       { label: "Send", render: r => (r.trigger === "stable" ? `study, stable ${r.stable_seconds} s` : "each instance")
         + (r.schedule.length ? ` · ${r.schedule.join(", ")}` : "") + (r.days.length ? ` (${r.days.join(" ")})` : "")
-        + (r.transfer_syntax ? ` · ${r.transfer_syntax}` : "") },
+        + (r.transfer_syntax ? ` · ${r.transfer_syntax}` : "") + (r.commit ? " · commitment" : "") },
       { label: "", render: r => (!admin || !r.editable) ? "" : h("span",
         h("button", { type: "button", "aria-label": (r.enabled ? "Disable " : "Enable ") + r.name, onclick: async () => {
           try { await OP.api("routes/" + encodeURIComponent(r.name), { method: "PUT", body: { enabled: !r.enabled } }); reload(); }
