@@ -231,6 +231,10 @@ def test_routing_console_page(server, chromium_path, artifacts):
     api(server, "POST", "/routes", json={"name": "night-archive", "destinations": ["STUDYDEST"], "trigger": "stable",
                                          "stable_seconds": 600, "schedule": ["22:00-06:00"],
                                          "description": "everything to the long-term archive at night"})
+    r = api(server, "POST", "/routes", json={"name": "mr-priors", "kind": "prefetch", "sources": ["STUDYDEST"],
+                                             "on": ["study", "order"], "max_priors": 2,
+                                             "conditions": [{"attribute": "Modality", "value": "MR"}]})
+    assert r.status_code == 201, r.text
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -239,11 +243,16 @@ def test_routing_console_page(server, chromium_path, artifacts):
         expect(page.get_by_text("ct-to-reading")).to_be_visible()
         expect(page.get_by_text("Modality = CT")).to_be_visible()
         expect(page.get_by_text("22:00-06:00", exact=False)).to_be_visible()
+        expect(page.get_by_text("from STUDYDEST")).to_be_visible()
         page.click("#add-rule")
         expect(page.locator("#route-form")).to_be_visible()
         page.screenshot(path=str(artifacts / "console-routing.png"), full_page=True)
+        page.click("#add-prefetch")
+        expect(page.locator("#prefetch-form")).to_be_visible()
+        page.screenshot(path=str(artifacts / "console-prefetch.png"), full_page=True)
         browser.close()
     assert api(server, "DELETE", "/routes/night-archive").status_code == 204
+    assert api(server, "DELETE", "/routes/mr-priors").status_code == 204
 
 
 def test_bad_toml_rule_refuses_to_start(tmp_path):

@@ -119,8 +119,8 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
-    """The job worker of this node (services/jobs.py): send jobs (C-STORE, STOW-RS) and HL7 messages to the RIS run on
-    this event loop."""
+    """The job worker of this node (services/jobs.py): send jobs (C-STORE, STOW-RS), retrieve and prefetch jobs, and
+    HL7 messages to the RIS run on this event loop."""
     from ..dicomweb.sender import KIND as STOW
     from ..dicomweb.sender import StowSender
     from ..dimse.sender import KIND as SEND
@@ -128,12 +128,15 @@ async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
     from ..hl7.outbound import KIND as HL7_OUT
     from ..hl7.outbound import RisSender
     from ..services.jobs import JobWorker, Runner
+    from ..services.prefetch import KIND as PREFETCH
+    from ..services.prefetch import Prefetcher
     from ..services.remote_qr import KIND as RETRIEVE
     from ..services.remote_qr import Retriever
 
     assert ctx.jobs is not None
     runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
-                                  STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs)}
+                                  STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs),
+                                  PREFETCH: Prefetcher(ctx, ctx.jobs)}
     worker = JobWorker(ctx.jobs, runners, concurrency=ctx.settings.job_concurrency)
     await worker.run(stop)
 

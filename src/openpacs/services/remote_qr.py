@@ -929,7 +929,10 @@ class Retriever:
         job = jc.job
         client = WebClient(remote.web)
         pending = {i.sop_instance_uid: i for i in self.queue.pending_items(job.id)}
-        source = Source(protocol="DICOMWEB", address=remote.web.url, user=str(job.payload.get("user") or ""))
+        # the peer's name as the calling AE: what came from it is known as such (prefetch rules do not fire again
+        # for priors they fetched; routing conditions on CallingAETitle see it)
+        source = Source(protocol="DICOMWEB", calling_aet=remote.name[:16], address=remote.web.url,
+                        user=str(job.payload.get("user") or ""))
         if req.level == "IMAGE":
             paths = [f"/studies/{req.study}/series/{req.series}/instances/{u}" for u in req.uids if u in pending]
         else:

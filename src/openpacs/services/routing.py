@@ -32,14 +32,18 @@ from sqlalchemy.exc import IntegrityError
 
 from ..index.db import Index
 from ..index.routing_schema import routing_cursor, routing_pending, routing_rules
-from ..index.schema import changes, instances, jobs, series, studies
+from ..index.schema import changes, instances, jobs, patients, series, studies
+from ..index.worklist_schema import scheduled_steps
 
 log = logging.getLogger("openpacs.routing")
 
 TRIGGERS = ("instance", "stable")
+KINDS = ("route", "prefetch")  # prefetch rules: services/prefetch.py
+PREFETCH_ON = ("study", "order")
 OPS = ("equals", "wildcard", "regex", "range", "in")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 CURSOR = "router"
+ORDERS_CURSOR = "prefetch-orders"  # the last scheduled_steps.id the prefetch rules have seen
 BATCH = 500
 MAX_VALUE = 4096  # characters of an attribute value a condition looks at (hostile content stays bounded)
 MAX_PATTERN = 512
@@ -66,6 +70,8 @@ INDEXED: dict[str, Any] = {
     "AccessionNumber": studies.c.accession_number,
     "StudyDate": studies.c.study_date,
     "ReferringPhysicianName": studies.c.referring_physician_name,
+    "PatientID": patients.c.patient_id,
+    "IssuerOfPatientID": patients.c.issuer_of_patient_id,
 }
 ALIASES = {"calling_aet": "CallingAETitle", "called_aet": "CalledAETitle", "modality": "Modality",
            "sop_class": "SOPClassUID", "department": "Department", "institution": "InstitutionName"}
@@ -138,12 +144,29 @@ class Rule:
     id: int | None = None
     updated_at: datetime | None = None
     updated_by: str | None = None
+    # prefetch rules (kind "prefetch"): where from, when, and which priors
+    kind: str = "route"
+    sources: tuple[str, ...] = ()
+    on: tuple[str, ...] = ("study",)
+    prior_modalities: tuple[str, ...] | str = "same"  # "same", a list, or () for any
+    same_body_part: bool = False
+    max_priors: int = 3
+    max_age_days: float = 0.0  # 0: any age
+    method: str = ""  # move | get | wado; empty: the archive's first
 
     @property
     def editable(self) -> bool:
         return self.source == "index"
 
     def spec(self) -> dict[str, Any]:
+        if self.kind == "prefetch":
+            return {"kind": "prefetch", "sources": list(self.sources), "on": list(self.on),
+                    "conditions": [c.spec() for c in self.conditions], "match": self.match,
+                    "prior_modalities": (self.prior_modalities if isinstance(self.prior_modalities, str)
+                                         else list(self.prior_modalities)),
+                    "same_body_part": self.same_body_part, "max_priors": self.max_priors,
+                    "max_age_days": self.max_age_days, "method": self.method, "priority": self.priority,
+                    "description": self.description}
         return {"destinations": list(self.destinations), "conditions": [c.spec() for c in self.conditions],
                 "match": self.match, "trigger": self.trigger, "stable_seconds": self.stable_seconds,
                 "schedule": list(self.schedule), "days": list(self.days), "transfer_syntax": self.transfer_syntax,
@@ -327,8 +350,13 @@ def parse_rule(name: Any, spec: Mapping[str, Any], *, source: str = "index", ena
     """A rule from its JSON/TOML form, or RouteError naming what is wrong."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise RouteError("name: 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)")
+    kind = str(spec.get("kind") or "route").lower()
+    if kind not in KINDS:
+        raise RouteError(f"kind: one of {', '.join(KINDS)}")
+    if kind == "prefetch":
+        return _parse_prefetch(name, spec, source, enabled, known_destinations)
     allowed = {"destinations", "conditions", "match", "trigger", "stable_seconds", "schedule", "days",
-               "transfer_syntax", "commit", "priority", "description", "enabled", "name"}
+               "transfer_syntax", "commit", "priority", "description", "enabled", "name", "kind"}
     unknown = set(spec) - allowed
     if unknown:
         raise RouteError(f"unknown field(s) {', '.join(sorted(unknown))}")
@@ -343,17 +371,7 @@ def parse_rule(name: Any, spec: Mapping[str, Any], *, source: str = "index", ena
         missing = [d for d in dests if d not in known]
         if missing:
             raise RouteError(f"destinations: unknown node(s) {', '.join(missing)} (add them under Nodes first)")
-    raw_match = spec.get("match", "all")
-    conds_spec: list[Any] = list(spec.get("conditions") or [])
-    if isinstance(raw_match, Mapping):  # TOML shorthand
-        conds_spec += _shorthand(raw_match)
-        raw_match = "all"
-    match = str(raw_match).lower()
-    if match not in ("all", "any"):
-        raise RouteError("match: 'all' or 'any'")
-    if not isinstance(conds_spec, list):
-        raise RouteError("conditions: a list")
-    conditions = tuple(parse_condition(c) for c in conds_spec)
+    conditions, match = _conditions(spec)
     trigger = str(spec.get("trigger") or "instance").lower()
     if trigger not in TRIGGERS:
         raise RouteError(f"trigger: one of {', '.join(TRIGGERS)}")
@@ -386,6 +404,80 @@ def parse_rule(name: Any, spec: Mapping[str, Any], *, source: str = "index", ena
                 transfer_syntax=ts, commit=bool(spec.get("commit", False)), priority=priority,
                 enabled=bool(spec.get("enabled", enabled)),
                 description=str(spec.get("description") or "")[:1000], source=source)
+
+
+def _conditions(spec: Mapping[str, Any]) -> tuple[tuple[Condition, ...], str]:
+    raw_match = spec.get("match", "all")
+    conds_spec: Any = spec.get("conditions") or []
+    if not isinstance(conds_spec, list):
+        raise RouteError("conditions: a list")
+    conds_spec = list(conds_spec)
+    if isinstance(raw_match, Mapping):  # TOML shorthand
+        conds_spec += _shorthand(raw_match)
+        raw_match = "all"
+    match = str(raw_match).lower()
+    if match not in ("all", "any"):
+        raise RouteError("match: 'all' or 'any'")
+    return tuple(parse_condition(c) for c in conds_spec), match
+
+
+def _names(spec: Mapping[str, Any], key: str) -> list[str]:
+    raw = spec.get(key)
+    if isinstance(raw, str):
+        raw = [d for d in raw.replace(",", " ").split() if d]
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(d, str) and d.strip() for d in raw):
+        raise RouteError(f"{key}: a list of names")
+    return list(dict.fromkeys(d.strip() for d in raw))
+
+
+def _parse_prefetch(name: str, spec: Mapping[str, Any], source: str, enabled: bool,
+                    known: Iterable[str] | None) -> Rule:
+    allowed = {"kind", "name", "enabled", "sources", "on", "conditions", "match", "prior_modalities",
+               "same_body_part", "max_priors", "max_age_days", "method", "priority", "description"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise RouteError(f"unknown field(s) {', '.join(sorted(unknown))} (a prefetch rule)")
+    sources = _names(spec, "sources")
+    if not sources:
+        raise RouteError("sources: one or more archives to fetch the priors from")
+    if known is not None:
+        missing = [d for d in sources if d not in set(known)]
+        if missing:
+            raise RouteError(f"sources: unknown archive(s) {', '.join(missing)} (add them under Nodes first)")
+    on = [o.lower() for o in _names(spec, "on")] or ["study"]
+    if any(o not in PREFETCH_ON for o in on):
+        raise RouteError(f"on: some of {', '.join(PREFETCH_ON)}")
+    conditions, match = _conditions(spec)
+    mods_raw = spec.get("prior_modalities", "same")
+    mods: tuple[str, ...] | str
+    if mods_raw in ("same", "SAME"):
+        mods = "same"
+    else:
+        names = _names({"m": mods_raw}, "m") if mods_raw not in ("", None, []) else []
+        if any(not re.fullmatch(r"[A-Z0-9]{1,16}", m) for m in names):
+            raise RouteError("prior_modalities: \"same\", a list of modalities (CT, MR...), or empty for any")
+        mods = tuple(names)
+    try:
+        max_priors = int(spec.get("max_priors", 3))
+        max_age = float(spec.get("max_age_days", 0) or 0)
+        priority = int(spec.get("priority", -10))
+    except (TypeError, ValueError):
+        raise RouteError("max_priors, max_age_days and priority: numbers") from None
+    if not 1 <= max_priors <= 50:
+        raise RouteError("max_priors: 1 to 50")
+    if max_age < 0:
+        raise RouteError("max_age_days: 0 (any age) or more")
+    method = str(spec.get("method") or "").lower()
+    if method and method not in ("move", "get", "wado"):
+        raise RouteError("method: move, get or wado (empty: the archive's first)")
+    return Rule(name=name, destinations=(), conditions=conditions, match=match, kind="prefetch",
+                sources=tuple(sources), on=tuple(on), prior_modalities=mods,
+                same_body_part=bool(spec.get("same_body_part", False)), max_priors=max_priors,
+                max_age_days=max_age, method=method, priority=priority,
+                enabled=bool(spec.get("enabled", enabled)), description=str(spec.get("description") or "")[:1000],
+                source=source)
 
 
 def send_kind(settings: Any, destination: str) -> str:
@@ -518,7 +610,8 @@ class RoutingService:
         out = []
         for rule in rules:
             matched = [a["SOPInstanceUID"] for a in attrs if rule.matches(a)]
-            out.append({"rule": rule.name, "enabled": rule.enabled, "trigger": rule.trigger,
+            out.append({"rule": rule.name, "kind": rule.kind, "sources": list(rule.sources),
+                        "enabled": rule.enabled, "trigger": rule.trigger,
                         "destinations": list(rule.destinations), "instances": len(matched),
                         "of": len(attrs), "would_send": bool(matched) and rule.enabled,
                         "open_now": rule.open_at(now),
@@ -532,7 +625,8 @@ def _attrs_query() -> Any:
             func.coalesce(series.c.institution_name, studies.c.institution_name).label("InstitutionName")]
     cols += [col.label(name) for name, col in INDEXED.items()]
     return (select(*cols).select_from(instances.join(series, instances.c.series_fk == series.c.id)
-                                      .join(studies, series.c.study_fk == studies.c.id)))
+                                      .join(studies, series.c.study_fk == studies.c.id)
+                                      .join(patients, studies.c.patient_fk == patients.c.id)))
 
 
 def read_header(store: Any, key: str, full: bool = False) -> bytes:
@@ -610,7 +704,8 @@ class Router:
         now = now or datetime.now(UTC)
         rules = [r for r in self.service.rules() if r.enabled]
         more = self._feed(rules, now)
-        self._stable(rules, now)
+        self._stable([r for r in rules if r.kind == "route"], now)
+        self._orders([r for r in rules if r.kind == "prefetch" and "order" in r.on], now)
         return more
 
     def _feed(self, rules: list[Rule], now: datetime) -> bool:
@@ -630,8 +725,13 @@ class Router:
                 return False
             last = int(rows[-1].seq)
             uids = [r.uid for r in rows if r.change_type == "NewInstance"]
-            if rules and uids:
-                self._route(c, rules, uids, now)
+            routes = [r for r in rules if r.kind == "route"]
+            if routes and uids:
+                self._route(c, routes, uids, now)
+            new_studies = [r.uid for r in rows if r.change_type == "NewStudy"]
+            prefetch = [r for r in rules if r.kind == "prefetch" and "study" in r.on]
+            if prefetch and new_studies:
+                self._prefetch_studies(c, prefetch, new_studies)
             c.execute(update(routing_cursor).where(routing_cursor.c.name == CURSOR).values(seq=last, updated_at=now))
         return len(rows) == BATCH
 
@@ -654,6 +754,77 @@ class Router:
                 self._submit(c, rule, dest, [a["SOPInstanceUID"] for a in matched], [a["_size"] for a in matched],
                              None if start <= now else start, level="IMAGE")
             self.routed += len(matched)
+
+    def _prefetch_studies(self, c: Any, rules: list[Rule], study_uids: list[str]) -> None:
+        """A new study: each prefetch rule it matches (on its first instance) queues a prefetch job."""
+        for uid in dict.fromkeys(study_uids):
+            rows = [dict(r) for r in c.execute(_attrs_query().where(studies.c.study_instance_uid == uid)
+                                                .limit(1)).mappings()]
+            if not rows:
+                continue  # deleted since
+            _add_file_attributes(rows, rules, self._read_header)
+            a = rows[0]
+            for rule in rules:
+                if (a.get("CallingAETitle") or "") in self._source_aets(rule):
+                    continue  # a prior this rule (or another from the same archive) fetched: no chain reaction
+                if rule.matches(a):
+                    self._submit_prefetch(c, rule, a.get("PatientID") or "", a.get("IssuerOfPatientID") or "",
+                                          a.get("Modality") or "", a.get("BodyPartExamined") or "", exclude=[uid],
+                                          why=f"study {uid}")
+
+    def _source_aets(self, rule: Rule) -> set[str]:
+        from .nodes import remote_aes_for
+
+        aes = remote_aes_for(self.ctx.settings)
+        return {n[:16] for n in rule.sources} | {aes[n].aet for n in rule.sources if n in aes}
+
+    def _orders(self, rules: list[Rule], now: datetime) -> None:
+        """New scheduled procedure steps (ORM/OMI from the RIS, or the API): prefetch rules with on = order."""
+        with self.index.write_engine.begin() as c:
+            stmt = select(routing_cursor.c.seq).where(routing_cursor.c.name == ORDERS_CURSOR)
+            if not self.index.is_sqlite:
+                stmt = stmt.with_for_update()
+            seq = c.execute(stmt).scalar()
+            if seq is None:
+                head = int(c.execute(select(func.max(scheduled_steps.c.id))).scalar() or 0)
+                c.execute(insert(routing_cursor).values(name=ORDERS_CURSOR, seq=head, updated_at=now))
+                return
+            steps = c.execute(select(scheduled_steps).where(scheduled_steps.c.id > seq)
+                              .order_by(scheduled_steps.c.id).limit(BATCH)).mappings().all()
+            if not steps:
+                return
+            for st in steps:
+                a = {"PatientID": st["patient_id"], "IssuerOfPatientID": st["issuer_of_patient_id"] or "",
+                     "Modality": st["modality"], "AccessionNumber": st["accession_number"],
+                     "ScheduledStationAETitle": st["scheduled_station_ae_title"],
+                     "RequestedProcedureDescription": st["requested_procedure_description"],
+                     "StudyInstanceUID": st["study_instance_uid"]}
+                for rule in rules:
+                    if rule.matches(a):
+                        self._submit_prefetch(c, rule, a["PatientID"] or "", a["IssuerOfPatientID"],
+                                              a["Modality"] or "", "",
+                                              exclude=[st["study_instance_uid"]] if st["study_instance_uid"] else [],
+                                              why=f"order {st['accession_number'] or st['id']}")
+            c.execute(update(routing_cursor).where(routing_cursor.c.name == ORDERS_CURSOR)
+                      .values(seq=int(steps[-1]["id"]), updated_at=now))
+
+    def _submit_prefetch(self, c: Any, rule: Rule, patient_id: str, issuer: str, modality: str, body_part: str,
+                         *, exclude: list[str], why: str) -> None:
+        if not patient_id:
+            return
+        key = f"{rule.name}:{patient_id}"
+        waiting = c.execute(select(jobs.c.id).where(jobs.c.kind == "prefetch", jobs.c.destination == key,
+                                                    jobs.c.state == "pending").limit(1)).scalar()
+        if waiting is not None:
+            return  # one not started yet will find every prior of this patient: no second one
+        mods = ([modality] if modality else []) if rule.prior_modalities == "same" else list(rule.prior_modalities)
+        payload = {"rule": rule.name, "PatientID": patient_id, "IssuerOfPatientID": issuer, "sources":
+                   list(rule.sources), "prior_modalities": mods, "same_body_part": rule.same_body_part,
+                   "BodyPartExamined": body_part, "max_priors": rule.max_priors, "max_age_days": rule.max_age_days,
+                   "method": rule.method, "exclude": exclude, "why": why}
+        job_id = self.ctx.jobs.submit_in(c, "prefetch", payload, priority=rule.priority, max_attempts=3,
+                                         destination=key)
+        log.info("prefetch rule %s: job %d for patient %s (%s)", rule.name, job_id, patient_id, why)
 
     def _touch_pending(self, c: Any, rule: Rule, matched: list[dict[str, Any]], now: datetime) -> None:
         per_study: dict[str, int] = {}

@@ -253,3 +253,56 @@ def test_index_rules_crud(make_ctx):
     with pytest.raises(R.RouteConflict):
         ctx.routing.update("toml", {"enabled": False})
     assert json.loads(json.dumps(ctx.routing.rules()[0].spec()))["destinations"] == ["WS1"]
+
+
+# ---- prefetch rules ---------------------------------------------------------------------------------------------
+
+
+def test_prefetch_rule_parsing():
+    r = R.parse_rule("p", {"kind": "prefetch", "sources": "ARCH1 ARCH2", "on": ["study", "order"],
+                           "prior_modalities": ["CT", "MR"], "max_priors": 2, "max_age_days": 365,
+                           "match": {"Modality": "CT"}})
+    assert (r.kind, r.sources, r.on, r.prior_modalities, r.max_priors) == (
+        "prefetch", ("ARCH1", "ARCH2"), ("study", "order"), ("CT", "MR"), 2)
+    assert r.spec()["kind"] == "prefetch" and "destinations" not in r.spec()
+    for bad, msg in (({"sources": []}, "sources"), ({"sources": ["A"], "on": ["weekly"]}, "on"),
+                     ({"sources": ["A"], "max_priors": 0}, "max_priors"),
+                     ({"sources": ["A"], "method": "ftp"}, "method"),
+                     ({"sources": ["A"], "prior_modalities": ["ct scan"]}, "prior_modalities"),
+                     ({"sources": ["A"], "destinations": ["B"]}, "unknown field")):
+        with pytest.raises(R.RouteError, match=msg):
+            R.parse_rule("p", {"kind": "prefetch", **bad})
+    with pytest.raises(R.RouteError, match="unknown archive"):
+        R.parse_rule("p", {"kind": "prefetch", "sources": ["NOPE"]}, known_destinations=["A"])
+
+
+def test_router_queues_one_prefetch_per_patient_and_never_for_fetched_priors(make_ctx):
+    from openpacs.config import RemoteAE
+
+    ctx = make_ctx(remote_aes={"ARCH": RemoteAE(aet="ARCHIVE_AE", host="127.0.0.1", port=1)})
+    ctx.routing._config_rules = [R.parse_rule("priors", {"kind": "prefetch", "sources": ["ARCH"],
+                                                         "match": {"Modality": "CT"}}, source="config")]
+    router = R.Router(ctx, ctx.routing)
+    router.step()
+    for _ in range(2):  # two new CT studies of one patient in one batch: one prefetch job
+        store(ctx, instance(modality="CT", patient_id="P9", study_uid=generate_uid()))
+    store(ctx, instance(modality="MR", patient_id="P9", study_uid=generate_uid()))  # no match
+    router.step()
+    (job,) = [j for j in _jobs(ctx) if j.kind == "prefetch"]
+    assert job.payload["PatientID"] == "P9" and job.payload["prior_modalities"] == ["CT"]
+    assert job.payload["sources"] == ["ARCH"] and len(job.payload["exclude"]) == 1
+    # a study that came from the archive itself (a fetched prior) queues nothing, even once the first job ran
+    with ctx.index.write_engine.begin() as c:
+        from sqlalchemy import update
+
+        from openpacs.index.schema import jobs
+        c.execute(update(jobs).values(state="done"))
+    from core_factory import dataset_bytes
+
+    from openpacs.services.types import Source
+
+    prior = instance(modality="CT", patient_id="P9", study_uid=generate_uid())
+    ctx.ingest.store_dataset([dataset_bytes(prior)], "1.2.840.10008.1.2.1", str(prior.SOPClassUID),
+                             str(prior.SOPInstanceUID), Source("DIMSE", "ARCHIVE_AE", "OPENPACS"))
+    router.step()
+    assert len([j for j in _jobs(ctx) if j.kind == "prefetch"]) == 1

@@ -38,22 +38,39 @@ class RuleIn(BaseModel):
     commit: bool | None = None
     priority: int | None = None
     description: str | None = None
+    # prefetch rules (kind = "prefetch")
+    kind: str | None = None
+    sources: list[str] | str | None = None
+    on: list[str] | str | None = None
+    prior_modalities: list[str] | str | None = None
+    same_body_part: bool | None = None
+    max_priors: int | None = None
+    max_age_days: float | None = None
+    method: str | None = None
 
 
 class RuleOut(BaseModel):
     name: str
+    kind: str = "route"
     enabled: bool
-    destinations: list[str]
+    destinations: list[str] = []
     conditions: list[dict[str, Any]]
     match: str
-    trigger: str
-    stable_seconds: float
-    schedule: list[str]
-    days: list[str]
-    transfer_syntax: str
-    commit: bool
+    trigger: str = "instance"
+    stable_seconds: float = 0
+    schedule: list[str] = []
+    days: list[str] = []
+    transfer_syntax: str = ""
+    commit: bool = False
     priority: int
     description: str
+    sources: list[str] = []
+    on: list[str] = []
+    prior_modalities: list[str] | str = []
+    same_body_part: bool = False
+    max_priors: int = 0
+    max_age_days: float = 0
+    method: str = ""
     source: str
     editable: bool
     updated_at: datetime | None
@@ -92,6 +109,8 @@ def build_router(ctx: Any) -> APIRouter:
 
     def describe(r: Rule) -> str:
         conds = " and ".join(f"{c.attribute} {c.op} {c.value}" for c in r.conditions) or "every instance"
+        if r.kind == "prefetch":
+            return f"prefetch on {','.join(r.on)} when {conds} from {','.join(r.sources)}"
         return f"{conds} -> {','.join(r.destinations)} ({r.trigger}{', off' if not r.enabled else ''})"
 
     @router.get("/routes", response_model=RoutingOut, summary="Routing rules, the router's position, waiting studies")

@@ -80,6 +80,50 @@
     return form;
   }
 
+  function prefetchForm(rule, archives, onDone) {
+    const v = rule || { name: "", enabled: true, sources: [], on: ["study"], conditions: [{ attribute: "Modality", op: "equals", value: "CT" }],
+      match: "all", prior_modalities: "same", same_body_part: false, max_priors: 3, max_age_days: 1825, method: "", description: "" };
+    const name = h("input", { name: "name", required: true, maxlength: 64, value: v.name, disabled: !!rule });
+    const srcs = archives.map(d => h("input", { type: "checkbox", name: "source", value: d, checked: v.sources.includes(d) }));
+    const onStudy = h("input", { type: "checkbox", name: "on-study", checked: v.on.includes("study") });
+    const onOrder = h("input", { type: "checkbox", name: "on-order", checked: v.on.includes("order") });
+    const conds = h("div.conds");
+    v.conditions.forEach(c => conds.appendChild(conditionRow(c)));
+    const mods = h("input", { name: "prior_modalities", value: Array.isArray(v.prior_modalities) ? v.prior_modalities.join(" ") : v.prior_modalities, placeholder: "same · CT MR · empty = any" });
+    const maxPriors = h("input", { name: "max_priors", type: "number", min: 1, max: 50, value: String(v.max_priors) });
+    const maxAge = h("input", { name: "max_age_days", type: "number", min: 0, value: String(v.max_age_days) });
+    const body = h("input", { type: "checkbox", name: "same_body_part", checked: v.same_body_part });
+    const enabled = h("input", { type: "checkbox", name: "enabled", checked: v.enabled });
+    const err = h("p.err", { role: "alert" });
+    return h("form.panel#prefetch-form", {
+      onsubmit: async ev => {
+        ev.preventDefault();
+        const m = mods.value.trim();
+        const payload = { kind: "prefetch", sources: srcs.filter(b => b.checked).map(b => b.value),
+          on: [onStudy.checked ? "study" : null, onOrder.checked ? "order" : null].filter(Boolean),
+          conditions: [...conds.querySelectorAll(".cond")].map(r => r.read()), match: "all",
+          prior_modalities: m === "same" ? "same" : m.split(/[\s,]+/).filter(Boolean), same_body_part: body.checked,
+          max_priors: Number(maxPriors.value || 3), max_age_days: Number(maxAge.value || 0), enabled: enabled.checked };
+        try {
+          if (rule) await OP.api("routes/" + encodeURIComponent(rule.name), { method: "PUT", body: payload });
+          else await OP.api("routes", { method: "POST", body: Object.assign({ name: name.value.trim() }, payload) });
+          OP.toast(rule ? `Rule ${rule.name} saved` : `Prefetch rule ${name.value.trim()} added`);
+          onDone();
+        } catch (e) { err.textContent = e.detail || e.message; }
+      },
+    },
+      h("h2", rule ? `Edit prefetch rule ${rule.name}` : "Add a prefetch rule"),
+      h("p.muted", "When a study arrives or an order is placed, fetch the patient's prior studies from other archives."),
+      h("div.row", OP.field("Name", name), h("label", enabled, " enabled"), h("label", onStudy, " when a study arrives"), h("label", onOrder, " when an order is placed")),
+      h("fieldset", h("legend", "For (none: everything)"), conds,
+        h("button", { type: "button", onclick: () => conds.appendChild(conditionRow({ attribute: "", op: "equals", value: "" })) }, "+ condition")),
+      h("fieldset", h("legend", "Fetch from"), srcs.length ? srcs.map(b => h("label", b, " " + b.value + " ")) : h("span.muted", "No archives yet: add one under Nodes.")),
+      h("div.row", OP.field("Prior modalities", mods), OP.field("How many (newest)", maxPriors), OP.field("At most (days old)", maxAge, "0 = any age"),
+        h("label", body, " same body part")),
+      err,
+      h("div.actions", h("button.primary", { type: "submit" }, rule ? "Save" : "Add prefetch rule"), h("button", { type: "button", onclick: onDone }, "Cancel")));
+  }
+
   function dryRunPanel() {
     const uid = h("input", { name: "study", placeholder: "Study Instance UID", pattern: "[0-9.]+", required: true, size: 60, "aria-label": "Study Instance UID" });
     const out = h("div#dry-run-result");
@@ -112,8 +156,11 @@
         r.description ? h("div.muted", r.description) : null) },
       { label: "State", render: r => r.enabled ? h("span.badge.ok", "on") : h("span.badge", "off") },
       { label: "When", render: r => r.conditions.length ? h("span", r.conditions.map(describe).join(r.match === "all" ? " and " : " or ")) : h("span.muted", "every instance") },
-      { label: "To", render: r => r.destinations.join(", ") },
-      { label: "Send", render: r => (r.trigger === "stable" ? `study, stable ${r.stable_seconds} s` : "each instance")
+      { label: "To", render: r => r.kind === "prefetch" ? h("span", h("span.badge", "prefetch"), " from " + r.sources.join(", ")) : r.destinations.join(", ") },
+      { label: "Send", render: r => r.kind === "prefetch"
+        ? `on ${r.on.join(" and ")}: newest ${r.max_priors} prior(s), ${Array.isArray(r.prior_modalities) ? (r.prior_modalities.join(" ") || "any modality") : "same modality"}`
+          + (r.max_age_days ? `, ≤ ${r.max_age_days} days` : "") + (r.same_body_part ? ", same body part" : "")
+        : (r.trigger === "stable" ? `study, stable ${r.stable_seconds} s` : "each instance")
         + (r.schedule.length ? ` · ${r.schedule.join(", ")}` : "") + (r.days.length ? ` (${r.days.join(" ")})` : "")
         + (r.transfer_syntax ? ` · ${r.transfer_syntax}` : "") + (r.commit ? " · commitment" : "") },
       { label: "", render: r => (!admin || !r.editable) ? "" : h("span",
@@ -121,7 +168,7 @@
           try { await OP.api("routes/" + encodeURIComponent(r.name), { method: "PUT", body: { enabled: !r.enabled } }); reload(); }
           catch (e) { OP.toast(e.detail || e.message, "err"); }
         } }, r.enabled ? "Disable" : "Enable"), " ",
-        h("button", { type: "button", "aria-label": "Edit " + r.name, onclick: () => { OP.clear(formBox).appendChild(ruleForm(r, data.destinations, reload)); } }, "Edit"), " ",
+        h("button", { type: "button", "aria-label": "Edit " + r.name, onclick: () => { OP.clear(formBox).appendChild(r.kind === "prefetch" ? prefetchForm(r, data.destinations, reload) : ruleForm(r, data.destinations, reload)); } }, "Edit"), " ",
         h("button.danger", { type: "button", "aria-label": "Remove " + r.name, onclick: async () => {
           if (!(await OP.confirm("Remove rule", `Remove the routing rule ${r.name}?`, "Remove"))) return;
           try { await OP.api("routes/" + encodeURIComponent(r.name), { method: "DELETE" }); OP.toast(`Rule ${r.name} removed`); reload(); }
@@ -136,7 +183,8 @@
           (c.behind > 0 ? h("span.badge.warn", `${c.behind} change(s) to route`) : h("span.badge.ok", "up to date")),
           c.updated_at ? ` · last step ${OP.when(c.updated_at)}` : "",
           data.waiting.length ? ` · ${data.waiting.length} stud(ies) waiting to be stable` : ""),
-        admin ? h("button.primary#add-rule", { type: "button", onclick: () => { OP.clear(formBox).appendChild(ruleForm(null, data.destinations, reload)); } }, "Add rule") : null),
+        admin ? h("div.actions", h("button.primary#add-rule", { type: "button", onclick: () => { OP.clear(formBox).appendChild(ruleForm(null, data.destinations, reload)); } }, "Add rule"),
+          h("button#add-prefetch", { type: "button", onclick: () => { OP.clear(formBox).appendChild(prefetchForm(null, data.destinations, reload)); } }, "Add prefetch rule")) : null),
       formBox,
       h("div.panel", OP.table(columns, data.rules, { empty: "No routing rules yet." })),
       data.waiting.length ? h("div.panel", h("h2", "Waiting to be stable"), OP.table([
