@@ -7,8 +7,9 @@ Figures, each round on fresh storage, the two sides of a comparison in alternati
                    Orthanc:  POST /modalities/dest/store {"Resources": [study], "Synchronous": true}, request to
                              response (one association, Orthanc's store job);
                    OpenPACS: POST /api/studies/{uid}/send {"destination": "DEST", "associations": 1} (the node's
-                             default max_associations), then GET /api/jobs/{id} every 50 ms until done; again with
-                             "associations": 4 on the same server (storescp cleared).
+                             default max_associations), then GET /api/jobs/{id} every 50 ms until done; then, on
+                             the same server, "associations": 4 to a second storescp started with --fork (a plain
+                             storescp serves one association at a time).
                    Every run checks that storescp holds all N files.
   ingest_inst_s    OpenPACS only: N instances over 4 parallel storescu processes into (a) a server without rules and
                    (b) one with `[[routes]] name="all" destinations=["DEST"]` (everything to a storescp); the routing
@@ -122,8 +123,9 @@ def group_cpu(pgid: int) -> float:
 
 
 def proc_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and of its children it has reaped (storescp --fork)."""
     f = _stat(pid)
-    return (int(f[11]) + int(f[12])) / TICK if f else 0.0
+    return sum(int(x) for x in f[11:15]) / TICK if f else 0.0
 
 
 class Window:
@@ -200,8 +202,10 @@ class Orthanc:
         self.log.close()
 
 
-def openpacs(tmp: Path, scp_port: int, routes: str = "") -> OpenPACSServer:
-    return OpenPACSServer(tmp / "data", remote_aes={"DEST": (DEST_AET, "127.0.0.1", scp_port)}, extra_toml=routes)
+def openpacs(tmp: Path, scp_port: int, routes: str = "",
+             remotes: dict[str, tuple[str, str, int]] | None = None) -> OpenPACSServer:
+    return OpenPACSServer(tmp / "data", remote_aes={"DEST": (DEST_AET, "127.0.0.1", scp_port), **(remotes or {})},
+                          extra_toml=routes)
 
 
 def log_problems(text: str) -> list[str]:
@@ -252,8 +256,8 @@ def forward_orthanc(tmp: Path, files: list[str]) -> dict[str, float]:
         scp.stop()
 
 
-def send_job(s: requests.Session, base: str, uid: str, associations: int, n: int) -> None:
-    r = s.post(f"{base}/api/studies/{uid}/send", json={"destination": "DEST", "associations": associations},
+def send_job(s: requests.Session, base: str, uid: str, associations: int, n: int, dest: str = "DEST") -> None:
+    r = s.post(f"{base}/api/studies/{uid}/send", json={"destination": dest, "associations": associations},
                timeout=60)
     if r.status_code != 202:
         raise RuntimeError(f"send: HTTP {r.status_code} {r.text[:500]}")
@@ -268,9 +272,12 @@ def send_job(s: requests.Session, base: str, uid: str, associations: int, n: int
 
 
 def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, problems: list[str]) -> dict[str, float]:
+    """1 association to a plain storescp (one association at a time, like Orthanc's), then 4 associations to a
+    `storescp --fork` (a plain storescp would serve the 4 lanes one after the other)."""
     n = len(files)
-    scp = StoreSCP(tmp / "scp", aet=DEST_AET).start()
-    srv = openpacs(tmp, scp.port)
+    scp1 = StoreSCP(tmp / "scp1", aet=DEST_AET).start()
+    scp4 = StoreSCP(tmp / "scp4", aet=DEST_AET, options=("+xa", "--fork")).start()
+    srv = openpacs(tmp, scp1.port, remotes={"DEST4": (DEST_AET, "127.0.0.1", scp4.port)})
     out: dict[str, float] = {}
     try:
         srv.start()
@@ -279,8 +286,7 @@ def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, prob
         storescu_parallel(srv.dicom_port, srv.aet, files)
         os.sync()
         time.sleep(1)
-        for assoc in (1, 4):
-            scp.clear()
+        for assoc, dest, scp, prefix in ((1, "DEST", scp1, "forward"), (4, "DEST4", scp4, "forward4")):
             spy = None
             if profile and assoc == 1:
                 spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(srv.proc.pid),
@@ -289,12 +295,11 @@ def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, prob
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
             with Window(srv.proc.pid, scp) as w:
-                send_job(s, base, uid, assoc, n)
+                send_job(s, base, uid, assoc, n, dest)
                 w.stop()
             check_files(scp, n, f"openpacs ({assoc} association(s))")
-            key = "forward_inst_s" if assoc == 1 else "forward4_inst_s"
-            out[key] = round(n / w.wall, 1)
-            out.update(w.figures("forward" if assoc == 1 else "forward4"))
+            out[f"{prefix}_inst_s"] = round(n / w.wall, 1)
+            out.update(w.figures(prefix))
             if spy is not None:
                 spy.wait()
                 print_profile(tmp / "pyspy.txt")
@@ -302,7 +307,8 @@ def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, prob
         if srv.proc is not None:
             srv.stop()
         problems += log_problems(srv.log_text())
-        scp.stop()
+        scp1.stop()
+        scp4.stop()
     return out
 
 

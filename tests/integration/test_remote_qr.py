@@ -403,3 +403,26 @@ def test_console_query_remote_and_retrieve(env: Env, chromium_path, artifacts) -
         finally:
             browser.close()
     assert _qido_count(env, st.uid) == len(st.files)
+
+
+def test_orthanc_as_cstore_destination_of_a_send_job(env: Env) -> None:
+    """A send job (the C-STORE SCU of dimse/sender.py) with Orthanc as the destination: what Orthanc then holds is
+    byte for byte the data set OpenPACS stored, compressed syntax included."""
+    st = _make_study("RQRSEND1", "SEND^TO^ORTHANC", "20261201", "RQRSND", "CT", 2, ("MR_small_jpeg_ls_lossless.dcm",))
+    for data in st.files.values():
+        r = requests.post(f"{env.web}/studies", data=_stow_body(data), timeout=60,
+                          headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=XBOUNDX'})
+        assert r.status_code == 200, r.text
+    stored = _openpacs_stored(env, st.uid)
+    r = requests.post(f"{env.api}/studies/{st.uid}/send", json={"destination": "ORTHANC"}, timeout=60)
+    assert r.status_code == 202, r.text
+    job = _wait_job(env, r.json()["id"])
+    assert job["state"] == "done" and job["done"] == 3, job
+    for sop, part in stored.items():
+        oid = env.orthanc.find_instance(sop)
+        assert oid, f"{sop} not in Orthanc"
+        assert dicomdata.split_meta(env.orthanc.instance_file(oid))[1] == dicomdata.split_meta(part)[1]
+
+
+def _stow_body(data: bytes) -> bytes:
+    return (b"--XBOUNDX\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--XBOUNDX--\r\n")

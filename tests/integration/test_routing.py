@@ -60,16 +60,34 @@ class RefusingSCP:
         self.server.shutdown()
 
 
+class EchoOnlySCP:
+    """A peer (pynetdicom) that accepts only Verification: no storage presentation context is ever accepted."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        self.port = free_port()
+        ae = AE(ae_title="ECHOONLY")
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     base = tmp_path_factory.mktemp("routing-peers")
     ct = dcmtk.StoreSCP(base / "ct", aet="CTDEST").start()
     study = dcmtk.StoreSCP(base / "study", aet="STUDYDEST").start()
     refuser = RefusingSCP()
-    yield {"ct": ct, "study": study, "refuser": refuser, "base": base}
+    echo_only = EchoOnlySCP()
+    yield {"ct": ct, "study": study, "refuser": refuser, "echo_only": echo_only, "base": base}
     ct.stop()
     study.stop()
     refuser.stop()
+    echo_only.stop()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +105,7 @@ Modality = "CT"
         "CTDEST": ("CTDEST", "127.0.0.1", peers["ct"].port),
         "STUDYDEST": ("STUDYDEST", "127.0.0.1", peers["study"].port),
         "REFUSER": ("REFUSER", "127.0.0.1", peers["refuser"].port),
+        "ECHOONLY": ("ECHOONLY", "127.0.0.1", peers["echo_only"].port),
     }, settings={"job_backoff_seconds": 1.0, "job_max_attempts": 2}, extra_toml=toml)
     srv.start()
     yield srv
@@ -223,6 +242,18 @@ def test_hostile_tag_content_and_a_refusing_destination(server, peers, tmp_path)
     wait_files(peers["ct"], 1)
     assert dcmtk.echo(server.dicom_port).returncode == 0
     assert api(server, "DELETE", "/routes/hostile").status_code == 204
+
+
+def test_a_peer_that_accepts_no_presentation_context(server, peers, tmp_path):
+    r = api(server, "POST", "/routes", json={"name": "to-echo-only", "destinations": ["ECHOONLY"],
+                                             "conditions": [{"attribute": "StationName", "value": "NOCTX"}]})
+    assert r.status_code == 201, r.text
+    stored_ok(server, [image(tmp_path, "CT", generate_uid(), StationName="NOCTX")])
+    (job,) = wait_jobs(server, "to-echo-only", states=("failed",), timeout=60)
+    assert "accepted no presentation context" in job["error"], job
+    assert job["attempts"] == 1  # the same on every attempt: not retried
+    assert dcmtk.echo(server.dicom_port).returncode == 0
+    assert api(server, "DELETE", "/routes/to-echo-only").status_code == 204
 
 
 def test_routing_console_page(server, chromium_path, artifacts):
