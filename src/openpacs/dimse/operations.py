@@ -381,6 +381,58 @@ def choose_context(
     return None
 
 
+class Sent:
+    """What became of one instance offered to a peer by :func:`store_instance`."""
+
+    __slots__ = ("status", "nbytes", "error", "ours")
+
+    def __init__(self, status: int | None, nbytes: int = 0, error: str = "", ours: bool = False) -> None:
+        self.status = status  # the peer's C-STORE status; None when nothing was sent
+        self.nbytes = nbytes  # data set bytes the peer acknowledged
+        self.error = error  # why it failed ("" for success and warnings)
+        self.ours = ours  # a failure of ours (no context, no codec): the same on every attempt
+
+    @property
+    def kind(self) -> str:
+        return "failure" if self.status is None else status_kind(self.status)
+
+
+async def store_instance(
+    target: Association, ref: InstanceRef, data: bytes, *, need_peer_scp: bool,
+    originator: tuple[str, int] | None = None, prefer: str = "",
+) -> Sent:
+    """Offer one stored instance to ``target`` (a C-MOVE sub-association, the C-GET SCU's own association, or a send
+    job's association): the stored bytes unchanged when the stored syntax was accepted, else converted (``prefer``:
+    a transfer syntax to use when accepted, e.g. a routing rule's choice). The one C-STORE SCU of every sending path.
+
+    The DIMSE timeout (``TimeoutError``) and a lost association (``AssociationClosed``) reach the caller, which
+    knows whether the rest can go on."""
+    chosen = None
+    if prefer:
+        chosen = next((c for c in target.contexts.values() if c.transfer_syntax == prefer
+                       and c.abstract_syntax == ref.sop_class_uid and (c.peer_is_scp or not need_peer_scp)), None)
+    chosen = chosen or choose_context(target.contexts, ref, need_peer_scp=need_peer_scp)
+    if chosen is None:
+        return Sent(None, error=f"no accepted context for {ref.sop_class_uid} in {ref.transfer_syntax_uid}",
+                    ours=True)
+    try:
+        if chosen.transfer_syntax == ref.transfer_syntax_uid:
+            dataset = _convert(data, ref.transfer_syntax_uid, chosen.transfer_syntax)
+        else:
+            dataset = await target.loop.run_in_executor(
+                target.endpoint.executor, _convert, data, ref.transfer_syntax_uid, chosen.transfer_syntax)
+    except Exception as exc:  # noqa: BLE001 - no codec, undecodable pixel data: this instance fails
+        return Sent(None, error=f"cannot transcode to {chosen.transfer_syntax}: {exc}", ours=True)
+    rsp = await asyncio.wait_for(
+        target.send_c_store(chosen.context_id, ref.sop_class_uid, ref.sop_instance_uid, dataset, originator),
+        timeout=target.settings.dimse_timeout)
+    status = int(rsp.get(commands.STATUS, 0xC000))
+    if status_kind(status) == "failure":
+        comment = str(rsp.get(commands.ERROR_COMMENT, "") or "").strip()
+        return Sent(status, error=f"status 0x{status:04X}" + (f" {comment}" if comment else ""))
+    return Sent(status, len(dataset))
+
+
 class SubOperations:
     """Counts and failed UIDs of a C-GET/C-MOVE, and the responses that report them."""
 
@@ -552,35 +604,10 @@ async def _send_all(
         kind = "failure"
         try:
             data = await current
-            chosen = choose_context(target.contexts, ref, need_peer_scp=target is assoc)
-            if chosen is None:
-                log.warning(
-                    "sub-operation for %s: no accepted context for %s in %s",
-                    ref.sop_instance_uid,
-                    ref.sop_class_uid,
-                    ref.transfer_syntax_uid,
-                )
-            else:
-                if chosen.transfer_syntax == ref.transfer_syntax_uid:
-                    dataset = _convert(data, ref.transfer_syntax_uid, chosen.transfer_syntax)
-                else:
-                    dataset = await loop.run_in_executor(
-                        endpoint.executor, _convert, data, ref.transfer_syntax_uid, chosen.transfer_syntax
-                    )
-                rsp = await asyncio.wait_for(
-                    target.send_c_store(
-                        chosen.context_id, ref.sop_class_uid, ref.sop_instance_uid, dataset, originator
-                    ),
-                    timeout=assoc.settings.dimse_timeout,
-                )
-                kind = status_kind(rsp.get(commands.STATUS, 0xC000))
-                if kind == "failure":
-                    log.warning(
-                        "C-STORE sub-operation %s refused by %s: 0x%04X",
-                        ref.sop_instance_uid,
-                        target._who(),
-                        rsp.get(commands.STATUS, 0xC000),
-                    )
+            sent = await store_instance(target, ref, data, need_peer_scp=target is assoc, originator=originator)
+            kind = sent.kind
+            if sent.error:
+                log.warning("C-STORE sub-operation %s to %s: %s", ref.sop_instance_uid, target._who(), sent.error)
         except AssociationClosed:
             if target is assoc:
                 raise

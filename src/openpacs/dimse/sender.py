@@ -1,6 +1,7 @@
 """The C-STORE SCU of send jobs (services/jobs.py kind ``send``): instances of the archive to a remote AE.
 
-Proposes each instance's stored transfer syntax alone plus Explicit/Implicit VR Little Endian (scu.propose), sends the
+Proposes each instance's stored transfer syntax alone plus Explicit/Implicit VR Little Endian (scu.propose); each instance
+goes out through operations.store_instance, the one C-STORE SCU that C-MOVE and C-GET sub-operations use too: it sends the
 stored bytes unchanged when the stored syntax is accepted, transcodes otherwise; ``max_associations`` lanes per
 destination. Each instance the peer acknowledges is committed as acknowledged before that lane sends its next one.
 
@@ -27,10 +28,10 @@ from ..index.db import now
 from ..services import commitment as sc
 from ..services.jobs import ITEM_ACKED, JobContext, JobQueue, PermanentError, resolve_refs
 from ..services.types import InstanceRef
-from . import access, commands
-from .association import AssociationClosed, status_kind
+from . import access
+from .association import AssociationClosed
 from .commitment import request_commitment
-from .operations import _convert, choose_context
+from .operations import store_instance
 from .scu import open_association
 from .server import Endpoint
 
@@ -141,43 +142,22 @@ class Sender:
                     await self._run(self.queue.item_failed, job.id, item.seq, None, f"cannot read: {exc}")
                     refused.append((f"{ref.sop_instance_uid}: cannot read", True))
                     continue
-                target = str(job.payload.get("transfer_syntax") or "")
-                chosen = next((c for c in assoc.contexts.values() if target and c.transfer_syntax == target
-                               and c.abstract_syntax == ref.sop_class_uid), None)
-                chosen = chosen or choose_context(assoc.contexts, ref, need_peer_scp=False)
-                if chosen is None:
-                    msg = f"no accepted context for {ref.sop_class_uid} in {ref.transfer_syntax_uid}"
-                    await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
-                    refused.append((f"{ref.sop_instance_uid}: {msg}", True))
-                    continue
                 try:
-                    if chosen.transfer_syntax == ref.transfer_syntax_uid:
-                        dataset = _convert(data, ref.transfer_syntax_uid, chosen.transfer_syntax)
-                    else:
-                        dataset = await self._run(_convert, data, ref.transfer_syntax_uid, chosen.transfer_syntax)
-                except Exception as exc:  # noqa: BLE001
-                    msg = f"cannot transcode to {chosen.transfer_syntax}: {exc}"
-                    await self._run(self.queue.item_failed, job.id, item.seq, None, msg)
-                    refused.append((f"{ref.sop_instance_uid}: {msg}", True))
-                    continue
-                try:
-                    rsp = await asyncio.wait_for(
-                        assoc.send_c_store(chosen.context_id, ref.sop_class_uid, ref.sop_instance_uid, dataset),
-                        timeout=self.settings.dimse_timeout)
+                    sent = await store_instance(assoc, ref, data, need_peer_scp=False,
+                                                prefer=str(job.payload.get("transfer_syntax") or ""))
                 except TimeoutError:
                     assoc.abort("DIMSE timeout waiting for C-STORE-RSP")
                     raise ConnectionError(f"no C-STORE response from {remote.aet} within "
                                           f"{self.settings.dimse_timeout:.0f}s") from None
                 except AssociationClosed as exc:
                     raise ConnectionError(f"association with {remote.aet} closed: {exc}") from exc
-                status = int(rsp.get(commands.STATUS, 0xC000))
-                if status_kind(status) == "failure":
-                    comment = str(rsp.get(commands.ERROR_COMMENT, "") or "").strip()
-                    msg = f"status 0x{status:04X}" + (f" {comment}" if comment else "")
-                    await self._run(self.queue.item_failed, job.id, item.seq, status, msg)
-                    refused.append((f"{ref.sop_instance_uid}: {msg}", False))  # the peer may recover
+                if sent.kind == "failure":
+                    await self._run(self.queue.item_failed, job.id, item.seq, sent.status, sent.error)
+                    # ours (no context, no codec) is the same on every attempt; the peer's refusal may pass
+                    refused.append((f"{ref.sop_instance_uid}: {sent.error}", sent.ours))
                 else:
-                    await self._run(self.queue.ack, job.id, item.seq, status, len(dataset))
+                    assert sent.status is not None
+                    await self._run(self.queue.ack, job.id, item.seq, sent.status, sent.nbytes)
         finally:
             if assoc.contexts and not assoc.closed.done():
                 await assoc.release()
