@@ -55,6 +55,8 @@ class Sender:
         self.ctx = ctx
         self.settings = ctx.settings
         self.queue = queue
+        self._acks: list[tuple[int, int, int, int, asyncio.Future[None]]] = []
+        self._flushing = False
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender")
         self._endpoint: Endpoint | None = None
 
@@ -62,6 +64,33 @@ class Sender:
         if self._endpoint is None:
             self._endpoint = Endpoint(self.settings, self.ctx, asyncio.get_running_loop(), self.executor)
         return self._endpoint
+
+    async def _ack(self, job_id: int, seq: int, status: int, nbytes: int) -> None:
+        """Record the peer's acknowledgement durably before the lane sends its next instance; the acks of
+        concurrent lanes that arrive while a commit runs share the next one (a group commit)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks.append((job_id, seq, status, nbytes, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush_acks())
+        await fut
+
+    async def _flush_acks(self) -> None:
+        try:
+            while self._acks:
+                batch, self._acks = self._acks, []
+                try:
+                    await self._run(self.queue.ack_many, [(j, s, st, n) for j, s, st, n, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - each waiting lane gets the error
+                    for *_, f in batch:
+                        if not f.done():
+                            f.set_exception(exc)
+                else:
+                    for *_, f in batch:
+                        if not f.done():
+                            f.set_result(None)
+        finally:
+            self._flushing = False
 
     def _run(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -133,12 +162,23 @@ class Sender:
         try:
             if not assoc.contexts:
                 raise PermanentError(f"{remote.aet} accepted no presentation context")
-            while not work.empty():
-                jc.check()
+            def take() -> tuple[Any, InstanceRef, asyncio.Future[Any]] | None:
+                """The lane's next instance, its file read started now: it overlaps the send and the ack before."""
+                if work.empty():
+                    return None
                 item, ref = work.get_nowait()
+                return item, ref, self._run(self.ctx.retrieve.read_file, ref)
+
+            following = take()
+            while following is not None:
+                jc.check()
+                item, ref, reading = following
+                following = None
                 try:
-                    data = await self._run(self.ctx.retrieve.read_file, ref)
+                    data = await reading
+                    following = take()
                 except Exception as exc:  # noqa: BLE001 - a missing blob fails this instance, not the job
+                    following = take()
                     await self._run(self.queue.item_failed, job.id, item.seq, None, f"cannot read: {exc}")
                     refused.append((f"{ref.sop_instance_uid}: cannot read", True))
                     continue
@@ -157,7 +197,7 @@ class Sender:
                     refused.append((f"{ref.sop_instance_uid}: {sent.error}", sent.ours))
                 else:
                     assert sent.status is not None
-                    await self._run(self.queue.ack, job.id, item.seq, sent.status, sent.nbytes)
+                    await self._ack(job.id, item.seq, sent.status, sent.nbytes)
         finally:
             if assoc.contexts and not assoc.closed.done():
                 await assoc.release()
