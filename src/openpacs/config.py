@@ -55,6 +55,30 @@ class Settings:
     blob_sync: str = "auto"  # auto | syncfs | fsync: how a group commit makes its blobs durable (storage/filesystem.py)
     storage_min_free: str = ""  # refuse new data (0xA700) when less is free: bytes ("50GB") or "N%" of the store
     storage_quota: str = ""  # refuse new data when the stored instances would exceed this many bytes ("2TB")
+    # Storage management (services/compression.py, retention.py, scrub.py; README "Storage management")
+    compress: str = ""  # "" (off) | jpeg-ls-lossless | jpeg2000-lossless | htj2k-lossless: compression at rest
+    compress_after_days: float = 0  # 0: shortly after arrival (background job); N: instances older than N days
+    compress_batch: int = 200  # instances per compress job
+    retention: list[dict[str, Any]] = field(default_factory=list)  # TOML [[retention]] rules (services/retention.py)
+    scrub_interval_hours: float = 24.0  # the integrity scrub runs this often (0: only when asked)
+    retention_interval_hours: float = 1.0  # retention rules are applied this often (0: only when asked)
+    storage_check_seconds: float = 30.0  # how often the storage scheduler looks for compression/retention/scrub work
+    # IOCM (services/iocm.py): rejected instances are deleted this many days after their rejection; the purge job
+    # looks every rejected_purge_check_hours
+    rejected_purge_days: float = 30.0
+    rejected_purge_check_hours: float = 6.0
+    # S3-compatible object storage (storage/s3.py) for storage_url = "s3://bucket/prefix" and tier_url; credentials
+    # default to the standard AWS environment variables / config files when empty
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_max_pool: int = 64  # HTTP connections per store (concurrent PUTs of the ingest threads)
+    # cold tier (services/tiering.py): studies received more than tier_after_days ago move to tier_url (0: off)
+    tier_url: str = ""
+    tier_after_days: int = 0
+    tier_cache_dir: str = ""  # optional local cache of blobs read back from the tier
+    tier_cache_max_gb: float = 10.0
 
     # DICOM upper layer
     aet: str = "OPENPACS"
@@ -237,13 +261,17 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                 if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
                     raise ValueError(f"{config_file}: routes must be [[routes]] tables")
                 routes = [dict(r) for r in raw]
+            elif key == "retention":
+                if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+                    raise ValueError(f"{config_file}: retention must be [[retention]] tables")
+                values["retention"] = [dict(r) for r in raw]
             elif key in Settings.__dataclass_fields__:
                 values[key] = _coerce(key, raw)
             else:
                 raise ValueError(f"{config_file}: unknown setting {key!r}")
     for name in Settings.__dataclass_fields__:
         env = os.environ.get(_ENV_PREFIX + name.upper())
-        if env is not None and name not in ("remote_aes", "remote_dicomweb", "routes"):
+        if env is not None and name not in ("remote_aes", "remote_dicomweb", "routes", "retention"):
             values[name] = _coerce(name, env)
     for name, raw in overrides.items():
         if raw is not None:
@@ -280,6 +308,13 @@ def validate(s: Settings) -> None:
         parse_mllp_url(s.ris_hl7)  # ValueError names the problem
     if s.hl7_max_message < 1024 or s.hl7_max_connections < 1 or s.hl7_idle_timeout < 0:
         raise ValueError("hl7_max_message must be >= 1024, hl7_max_connections >= 1 and hl7_idle_timeout >= 0")
+    if s.compress not in ("", "jpeg-ls-lossless", "jpeg2000-lossless", "htj2k-lossless"):
+        raise ValueError(f"compress must be \"\", jpeg-ls-lossless, jpeg2000-lossless or htj2k-lossless, "
+                         f"not {s.compress!r}")
+    if s.retention:
+        from .services.retention import parse_rule
+        for rule in s.retention:
+            parse_rule(rule, "toml")  # RetentionError (a ValueError) names the rule and the problem
     if s.max_pdu < 4096:
         raise ValueError(f"max_pdu must be at least 4096, not {s.max_pdu}")
     # a TOML integer is a byte count; the sizes are parsed (and refused when malformed) by services.storage_policy
@@ -290,7 +325,7 @@ def as_dict(s: Settings) -> dict[str, Any]:
     return dataclasses.asdict(s)
 
 
-SECRET_SETTINGS = frozenset({"metrics_token"})
+SECRET_SETTINGS = frozenset({"metrics_token", "s3_secret_key"})
 _SECRET_KEYS = ("token", "password")
 REDACTED = "***"
 

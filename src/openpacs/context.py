@@ -13,6 +13,7 @@ from .services.audit import AuditService
 from .services.auth import AuthService, OIDCValidator
 from .services.departments import DepartmentService
 from .services.ingest import IngestService
+from .services.iocm import IOCMService
 from .services.jobs import JobQueue
 from .services.metrics import Monitor, SystemFigures
 from .services.nodes import NodesService
@@ -45,6 +46,7 @@ class Context:
     reports: ReportService | None = None
     jobs: JobQueue | None = None
     routing: RoutingService | None = None
+    iocm: IOCMService | None = None
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -61,7 +63,7 @@ class Context:
 
 def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.resolved_storage_url, sync=settings.blob_sync)
+    store = open_store(settings.resolved_storage_url, sync=settings.blob_sync, settings=settings)  # + tier_url
     index = Index(settings.resolved_index_url)
     if migrate:
         index.migrate()
@@ -79,13 +81,15 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     reports = ReportService(index, ingest)
     ingest.on_stored = reports.study_stored  # reports (ORU) waiting for their study are attached when it arrives
     reports.listeners.append(QCService(index).check_study)  # new studies reconciled with the RIS's orders
+    iocm = IOCMService(index, ingest, store, settings, audit)
+    ingest.on_stored = iocm.chain(ingest.on_stored)  # IOCM rejection notes (Key Object Selections) applied on arrival
     figures = SystemFigures(index, store)
     figures.guard = ingest.guard
     jobs = JobQueue(index, lease_seconds=settings.job_lease_seconds, backoff_base=settings.job_backoff_seconds,
                     backoff_cap=settings.job_backoff_max, default_attempts=settings.job_max_attempts)
     return Context(settings, store, index, ingest, query, retrieve, auth, audit, departments, nodes,
                    monitor=monitor, figures=figures, started_at=time.time(), reports=reports, jobs=jobs,
-                   routing=RoutingService(index, settings, nodes))
+                   routing=RoutingService(index, settings, nodes), iocm=iocm)
 
 
 def build_security(settings: Settings, index: Index) -> tuple[AuthService, AuditService, DepartmentService]:

@@ -39,12 +39,6 @@ class TlsServer(OpenPACSServer):
 
     ca: Path
     tls_port: int
-    extra_toml = ""
-
-    def write_config(self) -> None:
-        super().write_config()
-        with open(self.config_path, "a") as fh:
-            fh.write(self.extra_toml)
 
     def _https(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))

@@ -22,7 +22,7 @@ from helpers.ports import free_port
 from helpers.server import OpenPACSServer, openpacs_command, stop_cleanly
 
 CHECK_IDS = {"storage", "index", "blobs-missing", "blobs-orphan", "blobs-sha256", "ports", "clock", "tls", "nodes",
-             "security"}
+             "security", "scrub"}  # scrub: the last integrity scrub's findings (services/scrub.py)
 
 
 def cli(*args: str | os.PathLike[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

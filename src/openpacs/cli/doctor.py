@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Settings
 from ..services.doctor import FAIL, OK, SKIP, WARN, Report, run_checks
 
-CHECKS = ("storage", "index", "blobs", "ports", "clock", "tls", "nodes", "security")
+CHECKS = ("storage", "index", "blobs", "ports", "clock", "tls", "nodes", "security", "scrub")
 
 
 def add_parser(sub: Any, common: Any) -> None:

@@ -92,6 +92,8 @@ async def _serve(settings: Settings) -> None:
     await dimse_ready.wait() if not dimse_task.done() else None
     jobs_task = asyncio.create_task(_run_jobs(ctx, stop), name="jobs")
     router_task = asyncio.create_task(_run_router(ctx, stop), name="router")
+    tiering_task = asyncio.create_task(_run_tiering(ctx, stop), name="tiering")
+    storage_task = asyncio.create_task(_run_storage(ctx, stop), name="storage")
     await hl7_ready.wait() if not hl7_task.done() else None
     log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
              settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
@@ -102,7 +104,7 @@ async def _serve(settings: Settings) -> None:
     done, _ = await asyncio.wait(services, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     http.should_exit = True
-    for t in (dimse_task, http_task, hl7_task, jobs_task, router_task):
+    for t in (dimse_task, http_task, hl7_task, jobs_task, router_task, tiering_task, storage_task):
         try:
             await asyncio.wait_for(t, timeout=60)
         except Exception as e:  # a failed service is reported, the others still stop cleanly
@@ -127,16 +129,26 @@ async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
     from ..dimse.sender import Sender
     from ..hl7.outbound import KIND as HL7_OUT
     from ..hl7.outbound import RisSender
+    from ..services.iocm import KIND as PURGE_REJECTED
+    from ..services.iocm import PurgeRejectedRunner, ensure_scheduled
     from ..services.jobs import JobWorker, Runner
     from ..services.prefetch import KIND as PREFETCH
     from ..services.prefetch import Prefetcher
     from ..services.remote_qr import KIND as RETRIEVE
     from ..services.remote_qr import Retriever
+    from ..services.tiering import KIND as TIER
+    from ..services.tiering import Tierer
 
     assert ctx.jobs is not None
     runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
                                   STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs),
                                   PREFETCH: Prefetcher(ctx, ctx.jobs)}
+    runners[TIER] = Tierer(ctx, ctx.jobs)  # cold tier moves (services/tiering.py)
+    runners[PURGE_REJECTED] = PurgeRejectedRunner(ctx, ctx.jobs)  # services/iocm.py
+    from ..services.storage_schedule import for_context as storage_services
+
+    runners.update(storage_services(ctx).runners(ctx))  # compress, retention, scrub (services/storage_schedule.py)
+    await asyncio.to_thread(ensure_scheduled, ctx.jobs)
     worker = JobWorker(ctx.jobs, runners, concurrency=ctx.settings.job_concurrency)
     await worker.run(stop)
 
@@ -147,6 +159,24 @@ async def _run_router(ctx: Context, stop: asyncio.Event) -> None:
 
     assert ctx.routing is not None and ctx.jobs is not None
     await Router(ctx, ctx.routing).run(stop)
+
+
+async def _run_storage(ctx: Context, stop: asyncio.Event) -> None:
+    """Storage management (services/storage_schedule.py): queues compress, scrub and retention jobs when due."""
+    from ..services.storage_schedule import StorageScheduler
+
+    scheduler = StorageScheduler(ctx)
+    try:
+        await scheduler.run(stop)
+    finally:
+        await asyncio.to_thread(scheduler.services.close)
+
+
+async def _run_tiering(ctx: Context, stop: asyncio.Event) -> None:
+    """The daily cold-tier check (services/tiering.py): a tier job when tier_after_days > 0."""
+    from ..services.tiering import TierScheduler
+
+    await TierScheduler(ctx).run(stop)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydicom
@@ -368,7 +368,7 @@ class WadoRS:
         return refs[0]
 
     def _local_path(self, ref: InstanceRef) -> str | None:
-        if ref.demographics_version:  # the patient module is overlaid (retrieve.read_file): no byte-identical path
+        if ref.demographics_version or ref.qc_key:  # modules overlaid (retrieve.read_file): no byte-identical path
             return None
         try:
             return self.ctx.store.path(ref.blob_key)
@@ -397,9 +397,17 @@ class WadoRS:
         )
 
     def _reader(self, ref: InstanceRef) -> FrameReader:
+        if ref.qc_key is not None:  # frames and bulk data: the QC overlay (study/series text attributes) has neither
+            ref = replace(ref, qc_key=None)
         path = self._local_path(ref)
         if path is not None and os.path.exists(path):
             return FrameReader(path)
+        opener = getattr(self.ctx.store, "open", None)  # an object store: ranged GETs, only the header and frames
+        if opener is not None and not ref.demographics_version and not ref.qc_key:
+            try:
+                return FrameReader(opener(ref.blob_key))
+            except (OSError, AttributeError):
+                pass
         return FrameReader(self._read(ref))
 
     @staticmethod
@@ -521,7 +529,7 @@ class WadoRS:
     # -- metadata -----------------------------------------------------------------------------------------------------
 
     def _instance_metadata(self, ref: InstanceRef, base: str, xml: bool = False) -> bytes:
-        key = (ref.blob_key, ref.patient_fk, ref.demographics_version, base, xml)
+        key = (ref.blob_key, ref.patient_fk, ref.demographics_version, ref.qc_key, base, xml)
         doc = self.metadata_cache.get(key)
         if doc is None:
             doc = self._build_metadata(ref, base, xml)

@@ -9,6 +9,7 @@ from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from .matching import compile_match
+from .query import visible
 from .schema import patients, series, studies
 
 SORTS: dict[str, Any] = {
@@ -61,6 +62,7 @@ def study_conditions(filters: dict[str, str], departments: tuple[str, ...] | Non
         conds.append(studies.c.patient_fk.in_(select(patients.c.id).where(*pconds)))
     if departments is not None:
         conds.append(studies.c.department.in_(departments))
+    conds.append(visible("STUDY"))  # IOCM: a study whose instances are all rejected is hidden
     return conds
 
 

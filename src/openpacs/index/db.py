@@ -197,11 +197,30 @@ class Index:
             ])
             return [r.blob_key for r in rows]
 
+    def recount(self, conn: Connection, series_ids: Iterable[int]) -> None:
+        """Bring the counters and lists of these series and of their studies and patients back in line (after an
+        IOCM rejection or restore changed which instances they count), inside the caller's transaction."""
+        sids = sorted(set(series_ids))
+        if not sids:
+            return
+        rows = conn.execute(select(series.c.id, series.c.study_fk, studies.c.patient_fk)
+                            .select_from(series.join(studies, series.c.study_fk == studies.c.id))
+                            .where(series.c.id.in_(sids))).all()
+        for r in rows:
+            self._recount_series(conn, r.id)
+        for stid in sorted({r.study_fk for r in rows}):
+            self._recount_study(conn, stid)
+        for pid in sorted({r.patient_fk for r in rows}):
+            self._recount_patient(conn, pid)
+
     def _recount_series(self, conn: Connection, sid: int) -> None:
-        n, size = conn.execute(
-            select(func.count(), func.coalesce(func.sum(instances.c.size_bytes), 0)).where(instances.c.series_fk == sid)
+        """Counters count the instances not rejected (IOCM, services/iocm.py); the series goes with its last row."""
+        total, n, size = conn.execute(
+            select(func.count(), func.count(instances.c.id).filter(instances.c.rejected.is_(None)),
+                   func.coalesce(func.sum(instances.c.size_bytes).filter(instances.c.rejected.is_(None)), 0))
+            .where(instances.c.series_fk == sid)
         ).one()
-        if n == 0:
+        if total == 0:
             conn.execute(delete(series).where(series.c.id == sid))
         else:
             conn.execute(update(series).where(series.c.id == sid).values(num_instances=n, size_bytes=size))
@@ -213,10 +232,11 @@ class Index:
         if not rows:
             conn.execute(delete(studies).where(studies.c.id == stid))
             return
+        rows = [r for r in rows if r.num_instances > 0]  # a series of rejected instances only is not counted
         classes = conn.execute(
             select(instances.c.sop_class_uid).distinct()
             .select_from(instances.join(series, instances.c.series_fk == series.c.id))
-            .where(series.c.study_fk == stid)
+            .where(series.c.study_fk == stid, instances.c.rejected.is_(None))
         ).scalars().all()
         modalities: list[str] = []
         for r in rows:
@@ -233,6 +253,7 @@ class Index:
         if not rows:
             conn.execute(delete(patients).where(patients.c.id == pid))
             return
+        rows = [r for r in rows if r.num_instances > 0]  # a study of rejected instances only is not counted
         conn.execute(update(patients).where(patients.c.id == pid).values(
             num_studies=len(rows), num_series=sum(r.num_series for r in rows),
             num_instances=sum(r.num_instances for r in rows),

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, select
+from sqlalchemy import Select, and_, exists, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..services.types import Query
@@ -32,6 +32,19 @@ class CompiledQuery:
     attributes: list[Attribute]  # indexed attributes selected, in column order after the id
 
 
+def visible(level: str) -> ColumnElement:
+    """Not hidden by an IOCM rejection (services/iocm.py). A rejected instance is not counted by its series, study
+    and patient, so an entity whose counter is 0 while it still has children holds only rejected instances; the
+    EXISTS runs only for those (a patient known from ADT alone, without studies, stays visible)."""
+    if level == "IMAGE":
+        return instances.c.rejected.is_(None)
+    child, fk = {"SERIES": (instances, instances.c.series_fk), "STUDY": (series, series.c.study_fk),
+                 "PATIENT": (studies, studies.c.patient_fk)}[level]
+    table = _TABLE[level]
+    return or_(table.c.num_instances > 0,
+               ~exists(select(child.c.id).where(fk == table.c.id).correlate_except(child)))
+
+
 def attributes_for(level: str) -> list[Attribute]:
     """Indexed attributes visible at a level (the level's own and those above it)."""
     return [a for a in ATTRIBUTES.values() if _DEPTH[a.level] <= _DEPTH[level]]
@@ -45,7 +58,8 @@ def _condition(attr: Attribute, value: str, q: Query, pn_ci: bool) -> ColumnElem
         if cond is None:
             return None
         # correlated to the enclosing statement's studies only (the representative-instance lookup joins series too)
-        return exists(select(series.c.id).where(series.c.study_fk == studies.c.id, cond).correlate_except(series))
+        return exists(select(series.c.id).where(series.c.study_fk == studies.c.id, series.c.num_instances > 0, cond)
+                      .correlate_except(series))
     table = _TABLE[attr.level]
     col = table.c[attr.column]
     norm = table.c.get(attr.column + "_norm")
@@ -61,6 +75,7 @@ def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: 
         cols.append(_TABLE[a.level].c[a.column].label(f"{a.level}_{a.column}"))
     stmt = select(*cols).select_from(_JOIN[level])
     conds, lower, patient_conds = _conditions(q, pn_case_insensitive)
+    conds.append(visible(level))
     if patient_conds:
         # Patients first: a name wildcard scans the small patients table and reaches studies by their index, instead
         # of scanning every study and looking its patient up (10k studies, '*PATIENT001*': 3.6 -> ~1 ms)
@@ -129,7 +144,9 @@ def _exists_below(level: str, lower_level: str, conds: list[ColumnElement]) -> C
     frm: Any = _TABLE[chain[0]]
     for prev, nxt in zip(chain, chain[1:], strict=False):
         frm = frm.join(_TABLE[nxt], fk[nxt] == _TABLE[prev].c.id)
-    return exists(select(_TABLE[chain[0]].c.id).select_from(frm).where(fk[chain[0]] == parent.c.id, *conds))
+    low = _TABLE[lower_level]
+    shown = low.c.rejected.is_(None) if lower_level == "IMAGE" else low.c.num_instances > 0
+    return exists(select(_TABLE[chain[0]].c.id).select_from(frm).where(fk[chain[0]] == parent.c.id, shown, *conds))
 
 
 def rows(conn: Any, cq: CompiledQuery) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -78,6 +80,11 @@ studies = Table(
     Column("size_bytes", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True)),
+    # migration 0016: kept by retention rules (services/retention.py) while set
+    Column("protected", Boolean, nullable=False, default=False, server_default=false()),
+    # migration 0014 (services/qc_edit.py): bumped by every QC edit/merge/split/move; > 0: retrieval overlays the
+    # index's study module onto the stored files
+    Column("qc_version", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_studies_patient", studies.c.patient_fk)
 Index("ix_studies_date", studies.c.study_date)
@@ -111,6 +118,8 @@ series = Table(
     Column("size_bytes", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True)),
+    # migration 0014 (services/qc_edit.py): as studies.qc_version, for the series module
+    Column("qc_version", Integer, nullable=False, default=0, server_default="0"),
 )
 Index("ix_series_study", series.c.study_fk)
 Index("ix_series_modality", series.c.modality)
@@ -138,6 +147,10 @@ instances = Table(
     Column("source", String()),
     Column("received_at", DateTime(timezone=True)),
     Column("called_aet", String()),  # migration 0013: the AE title the sender called (routing conditions)
+    # migration 0015 (services/iocm.py): the IOCM rejection title's code value (113001...) while rejected; hidden
+    # from every query and retrieval, and the counters of its series, study and patient no longer count it
+    Column("rejected", String()),
+    Column("rejected_at", DateTime(timezone=True)),
 )
 Index("ix_instances_series", instances.c.series_fk)
 Index("ix_instances_blob", instances.c.blob_key)

@@ -182,10 +182,12 @@ class BatchWriter:
                              " JOIN studies st ON s.study_fk = st.id WHERE i.id = :id"), {"id": instance_id})
         series_id, study_id, patient_id = cur.fetchone()
         cur.execute(self.sql("DELETE FROM instances WHERE id = :id"), {"id": instance_id})
-        cur.execute(self.sql("SELECT count(*), coalesce(sum(size_bytes), 0) FROM instances WHERE series_fk = :id"),
-                    {"id": series_id})
-        n, size = cur.fetchone()
-        if n == 0:
+        # counters count the instances not rejected (IOCM, services/iocm.py); the series goes with its last row
+        cur.execute(self.sql("SELECT count(*), count(CASE WHEN rejected IS NULL THEN 1 END),"
+                             " coalesce(sum(CASE WHEN rejected IS NULL THEN size_bytes END), 0)"
+                             " FROM instances WHERE series_fk = :id"), {"id": series_id})
+        total, n, size = cur.fetchone()
+        if total == 0:
             cur.execute(self.sql("DELETE FROM series WHERE id = :id"), {"id": series_id})
         else:
             cur.execute(self.sql("UPDATE series SET num_instances = :n, size_bytes = :s WHERE id = :id"),
@@ -196,8 +198,9 @@ class BatchWriter:
         if not rows:
             cur.execute(self.sql("DELETE FROM studies WHERE id = :id"), {"id": study_id})
         else:
+            rows = [r for r in rows if r[1] > 0]
             cur.execute(self.sql("SELECT DISTINCT i.sop_class_uid FROM instances i JOIN series s ON i.series_fk = s.id"
-                                 " WHERE s.study_fk = :id"), {"id": study_id})
+                                 " WHERE s.study_fk = :id AND i.rejected IS NULL"), {"id": study_id})
             classes = sorted(r[0] for r in cur.fetchall())
             modalities = list(dict.fromkeys(r[0] for r in rows if r[0]))
             cur.execute(self.sql("UPDATE studies SET num_series = :ns, num_instances = :ni, size_bytes = :s,"
@@ -209,6 +212,7 @@ class BatchWriter:
         if not prow:
             cur.execute(self.sql("DELETE FROM patients WHERE id = :id"), {"id": patient_id})
         else:
+            prow = [r for r in prow if r[1] > 0]
             cur.execute(self.sql("UPDATE patients SET num_studies = :a, num_series = :b, num_instances = :c"
                                  " WHERE id = :id"),
                         {"a": len(prow), "b": sum(r[0] for r in prow), "c": sum(r[1] for r in prow), "id": patient_id})

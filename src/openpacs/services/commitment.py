@@ -90,7 +90,18 @@ class CommitmentService:
             result.failed = [(r, RESOURCE_LIMITATION) for r in refs]
             return result
         studies_seen: dict[str, None] = {}
+        try:  # the same facts as the integrity scrub (services/scrub.py): what it found corrupt is not committed
+            from .scrub import flagged
+
+            scrubbed_bad = flagged(self.index, list(rows))
+        except Exception:  # noqa: BLE001 - an index without the scrub table: the blob checks below still hold
+            scrubbed_bad = set()
         for ref in refs:
+            if ref.sop_instance_uid in scrubbed_bad and supported(ref.sop_class_uid):
+                log.warning("storage commitment: %s was found missing or corrupt by the last integrity scrub",
+                            ref.sop_instance_uid)
+                result.failed.append((ref, PROCESSING_FAILURE))
+                continue
             reason = self._check(ref, rows.get(ref.sop_instance_uid), supported)
             if reason is None:
                 result.committed.append(ref)

@@ -713,6 +713,10 @@ def run_checks(settings: Settings, *, full: bool = False, echo_nodes: bool = Tru
             checks.append(check_nodes(settings, idx, do_echo=echo_nodes, echo=echo))
         if want("security"):
             checks.append(check_security(settings))
+        if want("scrub"):
+            from .scrub import doctor_check
+
+            checks.append(doctor_check(idx))
     finally:
         if idx is not None:
             idx.close()

@@ -247,6 +247,20 @@ class JobQueue:
                     done=jobs.c.done + 1, bytes=jobs.c.bytes + nbytes, updated_at=t,
                     progress=(jobs.c.done + 1) * 1.0 / jobs.c.total))
 
+    def ack_many(self, acks: Sequence[tuple[int, int, int, int]]) -> None:
+        """Several (job id, seq, status, bytes) acknowledgements in one transaction (one commit for many lanes)."""
+        t = now()
+        with self.index.write_engine.begin() as c:
+            for job_id, seq, status, nbytes in acks:
+                n = c.execute(update(job_items).where(job_items.c.job_id == job_id, job_items.c.seq == seq,
+                                                      job_items.c.state != ITEM_ACKED)
+                              .values(state=ITEM_ACKED, status=status, error=None, bytes=nbytes,
+                                      updated_at=t)).rowcount
+                if n:
+                    c.execute(update(jobs).where(jobs.c.id == job_id).values(
+                        done=jobs.c.done + 1, bytes=jobs.c.bytes + nbytes, updated_at=t,
+                        progress=(jobs.c.done + 1) * 1.0 / jobs.c.total))
+
     def item_failed(self, job_id: int, seq: int, status: int | None, error: str) -> None:
         t = now()
         with self.index.write_engine.begin() as c:

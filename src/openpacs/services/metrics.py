@@ -77,9 +77,11 @@ class Monitor:
 
     def __init__(self, activity: ActivityRecorder | None = None) -> None:
         self.activity = activity
+        self.last_store = 0.0  # time.monotonic() of the last acknowledged store
 
     # stores (the one ingest path reports these, whatever the protocol)
     def stored(self, protocol: str, seconds: float, nbytes: int, calling_aet: str = "") -> None:
+        self.last_store = time.monotonic()  # background work (services/compression.py) yields while ingest is busy
         protocol = _protocol(protocol)
         STORED.labels(protocol).inc()
         STORED_BYTES.labels(protocol).inc(nbytes)
@@ -175,6 +177,7 @@ class SystemFigures:
         self._at = 0.0
         self._value: dict[str, Any] = {}
         self.guard: Any = None
+        self.extra: list[Any] = []  # callables adding figures (services/scrub.py: scrub_failures, scrub_last_at)
 
     def get(self) -> dict[str, Any]:
         with self._lock:
@@ -207,6 +210,8 @@ class SystemFigures:
                "storage_min_free_bytes": None, "storage_quota_bytes": None, "storage_refusing": None}
         if self.guard is not None:  # services.storage_policy.StorageGuard: thresholds and refusals
             out.update(self.guard.figures())
+        for more in self.extra:
+            out.update(more())
         return out
 
 
@@ -230,6 +235,9 @@ class IndexCollector(Collector):
             yield GaugeMetricFamily("openpacs_storage_quota_bytes", "storage_quota in bytes", value=f["storage_quota_bytes"])
         yield GaugeMetricFamily("openpacs_storage_refusing", "1 while new data is refused for lack of space or quota",
                                 value=1 if f.get("storage_refusing") else 0)
+        if f.get("scrub_failures") is not None:
+            yield GaugeMetricFamily("openpacs_scrub_failures", "Instances the last integrity scrub found missing or "
+                                    "corrupt", value=f["scrub_failures"])
         fam = GaugeMetricFamily("openpacs_jobs", "Jobs by state", labels=["state"])
         for state in sorted(set(f["jobs"]) | {"pending", "running", "failed"}):
             fam.add_metric([state], f["jobs"].get(state, 0))

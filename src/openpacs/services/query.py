@@ -258,6 +258,7 @@ class QueryService:
                         .select_from(instances.join(series, instances.c.series_fk == series.c.id)
                                      .join(studies, series.c.study_fk == studies.c.id))
                         .where(studies.c.patient_fk.in_(chunk)))
+            stmt = stmt.where(instances.c.rejected.is_(None))  # IOCM: a rejected instance never represents
             if conds:  # on the tables below the level, all in this statement's FROM (instances up to the level)
                 stmt = stmt.where(*conds)
             for eid, key in conn.execute(stmt):

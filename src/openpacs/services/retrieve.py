@@ -33,20 +33,27 @@ class RetrieveService:
         from .patients import PatientService
 
         self.patients = PatientService(index)
+        from .qc_edit import QCOverlay
+
+        self.qc_overlay = QCOverlay(index)  # QC edits (services/qc_edit.py): the study and series modules
 
     def _select(self):  # type: ignore[no-untyped-def]
         return select(
             studies.c.study_instance_uid, series.c.series_instance_uid, instances.c.sop_instance_uid,
             instances.c.sop_class_uid, instances.c.transfer_syntax_uid, instances.c.blob_key, instances.c.size_bytes,
             instances.c.sha256, studies.c.patient_fk, patient_demographics.c.version,
+            studies.c.id, studies.c.qc_version, series.c.id, series.c.qc_version,  # services/qc_edit.py overlay
         ).select_from(_JOIN["IMAGE"].outerjoin(patient_demographics,
-                                               patient_demographics.c.patient_fk == studies.c.patient_fk))
+                                               patient_demographics.c.patient_fk == studies.c.patient_fk)
+                      ).where(instances.c.rejected.is_(None))  # IOCM (services/iocm.py): rejected are not served
 
     def _refs(self, stmt) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
         stmt = stmt.order_by(studies.c.id, series.c.id, instances.c.id)
         with self.index.engine.connect() as conn:
             return [InstanceRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], patient_fk=r[8] if r[9] else 0,
-                                demographics_version=r[9] or 0) for r in conn.execute(stmt)]
+                                demographics_version=r[9] or 0,
+                                qc_key=(r[10], r[11], r[12], r[13]) if r[11] or r[13] else None)
+                    for r in conn.execute(stmt)]
 
     def resolve(self, identifier: Dataset, model: str, departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
         """Instances named by a C-MOVE/C-GET identifier: unique keys at the level and above (PS3.4 C.4.2.2.1)."""
@@ -94,7 +101,9 @@ class RetrieveService:
         coerce on retrieval, the one rule of every retrieval path; untouched patients are byte-identical)."""
         data = self.store.read(ref.blob_key)
         if ref.demographics_version:
-            return self.patients.coerce(data, ref.patient_fk, ref.demographics_version)
+            data = self.patients.coerce(data, ref.patient_fk, ref.demographics_version)
+        if ref.qc_key is not None:  # QC edits, merges, splits, moves (services/qc_edit.py): study + series modules
+            data = self.qc_overlay.coerce(data, ref.qc_key)
         return data
 
 

@@ -74,6 +74,9 @@ class InstanceRef:
     # set when ADT made the index's patient module authoritative: the stored bytes get it overlaid on retrieval
     patient_fk: int = 0
     demographics_version: int = 0
+    # set when QC changed the study or series (services/qc_edit.py): (study pk, version, series pk, version); the
+    # index's study and series modules are overlaid on retrieval
+    qc_key: tuple[int, int, int, int] | None = None
 
 
 @dataclass

@@ -125,6 +125,9 @@ def api_policy(sub: str, method: str) -> RoutePolicy:
     head = parts[0] if parts else ""
     if sub == "/me":  # who am I: any caller, signed in or not (an auditor has no read right, and needs the console)
         return RoutePolicy(None, None)
+    if head in ("storage", "retention", "rejections") or (head == "studies" and parts[-1] in ("protect", "unprotect",
+                                                                                          "reject")):
+        return RoutePolicy(authsvc.ADMIN, None)  # storage management (web/api/storage_usage.py audits its changes)
     if head in ("users", "tokens", "departments", "nodes", "jobs", "config", "log", "hl7", "qc") or sub.startswith("/system/"):
         # nodes and jobs may be read by readers of the console; changing them is administration
         if head in ("nodes", "jobs") and method in SAFE_METHODS:
@@ -135,6 +138,8 @@ def api_policy(sub: str, method: str) -> RoutePolicy:
     if head == "audit":
         return RoutePolicy(authsvc.AUDIT, "AuditLogUsed")
     if head in ("patients", "studies", "series", "instances"):
+        if method == "PATCH" or (method == "POST" and parts[-1] in ("merge", "split", "move")):
+            return RoutePolicy(authsvc.ADMIN, None)  # QC edits (web/api/qc_edit.py audits them: Patient Record)
         if method == "DELETE":
             return RoutePolicy(authsvc.DELETE, "StudyDeleted")
         if method == "POST":

@@ -23,7 +23,24 @@ log = logging.getLogger("openpacs.web.api")
 
 
 def build_api(ctx: Any) -> FastAPI:
-    from . import admin, docs, hl7, jobs, me, nodes, qc, reports, routes, studies, system, worklist
+    from . import (
+        admin,
+        docs,
+        hl7,
+        iocm,
+        jobs,
+        me,
+        nodes,
+        qc,
+        qc_edit,  # QC edits, merges, splits, moves, history and undo
+        reports,
+        routes,
+        storage_usage,  # storage management: usage, compression, retention, scrub
+        studies,
+        system,
+        tiering,
+        worklist,
+    )
 
     app = FastAPI(
         title="OpenPACS API",
@@ -54,6 +71,6 @@ def build_api(ctx: Any) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({exc.__class__.__name__}); see the server log"},
                             status_code=500)
 
-    for module in (me, studies, nodes, jobs, routes, admin, system, hl7, worklist, reports, qc, docs):
+    for module in (me, studies, nodes, jobs, routes, admin, system, hl7, worklist, reports, qc, qc_edit, tiering, storage_usage, iocm, docs):
         app.include_router(module.build_router(ctx))
     return app

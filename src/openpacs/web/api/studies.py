@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 
 from ...index.browse import SORTS, browse_studies
 from ...index.matching import MatchError
+from ...index.query import visible
 from ...index.schema import instances, patients, series, studies
 from ...services.auth import Principal
 from ...services.types import Source
@@ -125,13 +126,13 @@ def build_router(ctx: Any) -> APIRouter:
         r = conn.execute(select(*[c for c in studies.c], patients.c.patient_id, patients.c.patient_name,
                                 patients.c.patient_birth_date, patients.c.patient_sex)
                          .select_from(studies.join(patients, studies.c.patient_fk == patients.c.id))
-                         .where(studies.c.study_instance_uid == uid)).mappings().first()
+                         .where(studies.c.study_instance_uid == uid, visible("STUDY"))).mappings().first()
         if r is None or not _scope_ok(request, r["department"]):
             raise not_found(f"study {uid}")
         return r
 
     def _series_list(conn: Any, study_id: int, study_uid: str) -> list[dict[str, Any]]:
-        rows = conn.execute(select(series).where(series.c.study_fk == study_id)).mappings().all()
+        rows = conn.execute(select(series).where(series.c.study_fk == study_id, visible("SERIES"))).mappings().all()
         out = []
         for s in sorted(rows, key=lambda s: (int(s["series_number"]) if (s["series_number"] or "").lstrip("-").isdigit()
                                             else 1 << 30, s["id"])):
@@ -170,7 +171,8 @@ def build_router(ctx: Any) -> APIRouter:
     def series_instances(uid: str, request: Request, p: Principal = READ) -> dict[str, Any]:
         with index.engine.connect() as conn:
             s = _series_row(conn, uid, request)
-            rows = conn.execute(select(instances).where(instances.c.series_fk == s["id"])).mappings().all()
+            rows = conn.execute(select(instances).where(instances.c.series_fk == s["id"],
+                                                        visible("IMAGE"))).mappings().all()
         def num(r: Any) -> tuple[int, int]:
             n = r["instance_number"] or ""
             return (int(n) if n.lstrip("-").isdigit() else 1 << 30, r["id"])
@@ -184,7 +186,7 @@ def build_router(ctx: Any) -> APIRouter:
         r = conn.execute(select(instances.c.blob_key, studies.c.department, studies.c.study_instance_uid)
                          .select_from(instances.join(series, instances.c.series_fk == series.c.id)
                                       .join(studies, series.c.study_fk == studies.c.id))
-                         .where(instances.c.sop_instance_uid == uid)).mappings().first()
+                         .where(instances.c.sop_instance_uid == uid, visible("IMAGE"))).mappings().first()
         if r is None or not _scope_ok(request, r["department"]):
             raise not_found(f"instance {uid}")
         return r

@@ -52,6 +52,8 @@ class Stats(BaseModel):
     storage_min_free_bytes: int | None = None  # storage_min_free resolved in bytes (None: not set)
     storage_quota_bytes: int | None = None
     storage_refusing: str | None = None  # why new data is refused now (0xA700), None while it is accepted
+    scrub_failures: int | None = None  # instances the last integrity scrub found missing or corrupt (services/scrub.py)
+    scrub_last_at: datetime | None = None
     jobs: dict[str, int]
     associations_active: int
     http_requests_active: int

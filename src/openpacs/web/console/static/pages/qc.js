@@ -39,6 +39,7 @@
       h("div.panel", OP.table(columns, page.items, { empty: "Nothing to reconcile." }),
         page.next ? h("div.pager", h("a", { href: OP.href("qc", [], Object.assign({}, query, { cursor: page.next })) }, "More →")) : null),
     ]);
+    if (OP.qcEdit) main.append(await OP.qcEdit.historyPanel(query));  // pages/qc_edit.js: edits, merges, splits
   }
   OP.page({ id: "qc", title: "QC", right: "admin", render });
 })();

@@ -116,7 +116,8 @@
           if (!await OP.confirm("Delete study?", `Delete study ${s.description || uid} of ${OP.pn(s.patient.name)} (${s.num_instances} instances)? This cannot be undone.`, "Delete")) return;
           try { await OP.api(`studies/${encodeURIComponent(uid)}`, { method: "DELETE" }); OP.toast("Study deleted"); OP.go("studies"); }
           catch (e) { OP.toast(e.detail || e.message, "err"); }
-        } }, "Delete study") : null);
+        } }, "Delete study") : null,
+        OP.rejectControl ? OP.rejectControl(s) : null);  // IOCM (pages/rejections.js)
       main.append(h("p", h("a", { href: "#/studies" }, "← Studies")),
         h("h1", OP.pn(s.patient.name) || "(no name)", " — ", s.description || "(no description)"),
         h("div.panel", h("dl.kv",
@@ -136,6 +137,7 @@
             h("figcaption", h("strong", `${se.modality || ""} #${se.number || ""}`), " ", se.description || "", h("br"),
               `${se.num_instances} instance(s)`, " ", btn, list));
         })), tags);
+      if (OP.can("admin") && OP.qcEdit) main.append(OP.qcEdit.studyPanel(s));  // pages/qc_edit.js
     },
   });
 })();
