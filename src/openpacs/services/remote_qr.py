@@ -596,6 +596,37 @@ def submit_retrieve(queue: JobQueue, remote: Remote, req: RetrieveRequest, *, pr
     return queue.submit(KIND, payload, priority=priority, destination=remote.name, max_attempts=3)
 
 
+def _final_response(assoc: Any, responses: Any, op: str, aet: str, jc: JobContext,
+                    on_pending: Any = None) -> Dataset:
+    """The final response of a C-MOVE or C-GET (pynetdicom's generator of (status, identifier)): pending ones are
+    skipped (``on_pending`` called for each), a stopped job aborts the association."""
+    for status, _ident in responses:
+        code = _status(status)
+        if code is None:
+            raise RemoteUnavailable(f"no {op} response from {aet} (timeout or abort)", timeout=True)
+        if code in (0xFF00, 0xFF01):
+            if on_pending is not None:
+                on_pending()
+            if jc.stopped is not None:
+                assoc.abort()
+                raise JobStopped(jc.stopped)
+            continue
+        return status  # type: ignore[no-any-return]
+    raise RemoteUnavailable(f"{op} {'to' if op == 'C-MOVE' else 'from'} {aet} ended without a final response")
+
+
+def _tally(final: Dataset, counts: dict[str, int], statuses: list[str]) -> int:
+    """Add a final response's sub-operation counts, and its status when not success; returns the status."""
+    for key, attr in (("completed", "NumberOfCompletedSuboperations"), ("failed", "NumberOfFailedSuboperations"),
+                      ("warning", "NumberOfWarningSuboperations")):
+        counts[key] += int(getattr(final, attr, 0) or 0)
+    code = int(final.Status)
+    if code != 0:
+        comment = str(getattr(final, "ErrorComment", "") or "")
+        statuses.append(f"0x{code:04X}" + (f" {comment}" if comment else ""))
+    return code
+
+
 @dataclass
 class Found:
     """An instance the remote holds: the UIDs the retrieve needs."""
@@ -795,38 +826,21 @@ class Retriever:
         models = sorted({m for m, _ in idents})
         with client.associate([(m, GET_SYNTAXES[:2]) for m in models]) as assoc:
             for model, ds in idents:
-                last = time.monotonic()
-                final: Dataset | None = None
-                for status, _ident in assoc.send_c_move(ds, self.settings.aet, model):
-                    code = _status(status)
-                    if code is None:
-                        raise RemoteUnavailable(f"no C-MOVE response from {remote.ae.aet} (timeout or abort)",
-                                                timeout=True)
-                    if code in (0xFF00, 0xFF01):
-                        if time.monotonic() - last > 0.5:
-                            self._ack_present(job)
-                            last = time.monotonic()
-                        if jc.stopped is not None:
-                            assoc.abort()
-                            raise JobStopped(jc.stopped)
-                        continue
-                    final = status
-                    break
-                if final is None:
-                    raise RemoteUnavailable(f"C-MOVE to {remote.ae.aet} ended without a final response")
-                code = int(final.Status)
-                for key, attr in (("completed", "NumberOfCompletedSuboperations"),
-                                  ("failed", "NumberOfFailedSuboperations"),
-                                  ("warning", "NumberOfWarningSuboperations")):
-                    counts[key] += int(getattr(final, attr, 0) or 0)
+                last = [time.monotonic()]
+
+                def pending(last: list[float] = last) -> None:
+                    if time.monotonic() - last[0] > 0.5:
+                        self._ack_present(job)
+                        last[0] = time.monotonic()
+
+                final = _final_response(assoc, assoc.send_c_move(ds, self.settings.aet, model),
+                                        "C-MOVE", remote.ae.aet, jc, pending)
+                code = _tally(final, counts, statuses)
                 if code == 0xA801:  # retrying cannot help: the remote must be told about us first
                     self._save_payload(job, remote={**counts, "statuses": ["0xA801"]})
                     raise PermanentError(f"{remote.ae.aet} does not know the move destination {self.settings.aet} "
                                          f"(status 0xA801): add AE title {self.settings.aet} with our address and "
                                          f"DICOM port {self.settings.dicom_port} to its modalities, or use C-GET")
-                if code != 0:
-                    comment = str(getattr(final, "ErrorComment", "") or "")
-                    statuses.append(f"0x{code:04X}" + (f" {comment}" if comment else ""))
         self._ack_present(job)
         self._save_payload(job, remote={**counts, "statuses": statuses})
         failed_status = next((int(s.split()[0], 16) for s in statuses), None)
@@ -893,29 +907,8 @@ class Retriever:
             if not any(c.abstract_syntax == model for c in assoc.accepted_contexts):
                 raise PermanentError(f"{remote.ae.aet} does not accept C-GET")
             for m, ds in idents:
-                final: Dataset | None = None
-                for status, _ident in assoc.send_c_get(ds, m):
-                    code = _status(status)
-                    if code is None:
-                        raise RemoteUnavailable(f"no C-GET response from {remote.ae.aet} (timeout or abort)",
-                                                timeout=True)
-                    if code in (0xFF00, 0xFF01):
-                        if jc.stopped is not None:
-                            assoc.abort()
-                            raise JobStopped(jc.stopped)
-                        continue
-                    final = status
-                    break
-                if final is None:
-                    raise RemoteUnavailable(f"C-GET from {remote.ae.aet} ended without a final response")
-                for key, attr in (("completed", "NumberOfCompletedSuboperations"),
-                                  ("failed", "NumberOfFailedSuboperations"),
-                                  ("warning", "NumberOfWarningSuboperations")):
-                    counts[key] += int(getattr(final, attr, 0) or 0)
-                code = int(final.Status)
-                if code != 0:
-                    comment = str(getattr(final, "ErrorComment", "") or "")
-                    statuses.append(f"0x{code:04X}" + (f" {comment}" if comment else ""))
+                final = _final_response(assoc, assoc.send_c_get(ds, m), "C-GET", remote.ae.aet, jc)
+                _tally(final, counts, statuses)
         self._save_payload(job, remote={**counts, "statuses": statuses})
         self._ack_present(job)  # sent before (an earlier attempt) and answered as a duplicate
         for item in self.queue.pending_items(job.id):
