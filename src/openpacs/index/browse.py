@@ -23,7 +23,7 @@ SORTS: dict[str, Any] = {
 STUDY_COLUMNS = [
     studies.c.id, studies.c.study_instance_uid, studies.c.study_date, studies.c.study_time,
     studies.c.accession_number, studies.c.study_description, studies.c.referring_physician_name,
-    studies.c.modalities_in_study, studies.c.department, studies.c.num_series, studies.c.num_instances,
+    studies.c.modalities_in_study, studies.c.sop_classes_in_study, studies.c.department, studies.c.num_series, studies.c.num_instances,
     studies.c.size_bytes, studies.c.created_at, studies.c.updated_at, patients.c.patient_id, patients.c.patient_name,
     patients.c.patient_birth_date, patients.c.patient_sex,
 ]

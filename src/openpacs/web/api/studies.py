@@ -25,6 +25,7 @@ from ...index.browse import SORTS, browse_studies
 from ...index.matching import MatchError
 from ...index.query import visible
 from ...index.schema import instances, patients, series, studies
+from ...services import summaries
 from ...services.auth import Principal
 from ...services.types import Source
 from ..auth import departments_of
@@ -49,6 +50,7 @@ def _study_json(r: Any) -> dict[str, Any]:
         "accession": r["accession_number"], "description": r["study_description"],
         "referring_physician": r["referring_physician_name"],
         "modalities": [m for m in (r["modalities_in_study"] or "").split("\\") if m],
+        "kinds": summaries.kinds_of(r.get("sop_classes_in_study"), r["modalities_in_study"]),
         "department": r["department"], "num_series": r["num_series"], "num_instances": r["num_instances"],
         "size_bytes": r["size_bytes"], "received_at": _iso(r["created_at"]), "updated_at": _iso(r["updated_at"]),
         "patient": {"id": r["patient_id"], "name": r["patient_name"], "birth_date": r["patient_birth_date"],
@@ -133,13 +135,39 @@ def build_router(ctx: Any) -> APIRouter:
 
     def _series_list(conn: Any, study_id: int, study_uid: str) -> list[dict[str, Any]]:
         rows = conn.execute(select(series).where(series.c.study_fk == study_id, visible("SERIES"))).mappings().all()
+        per_series: dict[int, list[Any]] = {}
+        for i in conn.execute(select(instances.c.series_fk, instances.c.sop_class_uid, instances.c.number_of_frames,
+                                     instances.c.rows, instances.c.columns, instances.c.blob_key,
+                                     instances.c.instance_number)
+                              .where(instances.c.series_fk.in_([s["id"] for s in rows]), visible("IMAGE"))
+                              .order_by(instances.c.id)):
+            per_series.setdefault(i.series_fk, []).append(i)
         out = []
         for s in sorted(rows, key=lambda s: (int(s["series_number"]) if (s["series_number"] or "").lstrip("-").isdigit()
                                             else 1 << 30, s["id"])):
             out.append({"uid": s["series_instance_uid"], "number": s["series_number"], "modality": s["modality"],
                         "description": s["series_description"], "body_part": s["body_part_examined"],
                         "num_instances": s["num_instances"], "size_bytes": s["size_bytes"],
+                        "summary": _summary(s["modality"], per_series.get(s["id"], [])),
                         "thumbnail": f"/dicom-web/studies/{study_uid}/series/{s['series_instance_uid']}/thumbnail"})
+        return out
+
+    def _summary(modality: str | None, rows: list[Any]) -> dict[str, Any]:
+        def frames(v: Any) -> int:
+            try:
+                return max(1, int(v))
+            except (TypeError, ValueError):
+                return 1
+        facts = summaries.SeriesFacts(modality or "", [(r.sop_class_uid, frames(r.number_of_frames), r.rows,
+                                                         r.columns) for r in rows])
+        header = None
+        if rows and summaries.needs_header(facts):
+            pick = next((r for r in rows if r.sop_class_uid == summaries.WSI), rows[0])
+            header = summaries.read_header(ctx.store, pick.blob_key)
+        out: dict[str, Any] = dict(summaries.summarize(facts, header))
+        plan = summaries.rt_plan_details(header)
+        if plan is not None:
+            out["rt_plan"] = plan
         return out
 
     @router.get("/studies/{uid}", summary="One study with its patient and series")

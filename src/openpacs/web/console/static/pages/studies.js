@@ -44,6 +44,26 @@
     return h("div.panel", h("h2", "Upload"), zone, bar, status);
   }
 
+  // department objects (services/summaries.py): a labelled badge per kind, in the list and on each series
+  const KIND_LABELS = { ecg: "ECG", wsi: "WSI", pdf: "PDF", sr: "SR", rt: "RT", seg: "SEG", video: "Video", cine: "Cine",
+    nm: "NM", pet: "PET", image: "Image", other: "Document" };
+  function kindBadge(kind) {
+    return h(`span.badge.kind.kind-${kind}`, { title: KIND_LABELS[kind] || kind }, KIND_LABELS[kind] || kind);
+  }
+
+  function rtPlanPanel(plan) {
+    const num = (v, unit) => v === null || v === undefined ? "" : `${Math.round(v * 10) / 10}${unit}`;
+    return h("div.panel.rt-plan", h("h2", "RT Plan ", plan.label || plan.name || ""),
+      h("dl.kv", h("dt", "Intent"), h("dd", plan.intent || "—"), h("dt", "Fractions planned"), h("dd", String(plan.fractions || "—")),
+        h("dt", "Prescription"), h("dd", plan.prescriptions.length ? plan.prescriptions.map(p => `${num(p.dose_gy, " Gy")}${p.description ? " (" + p.description + ")" : ""}`).join(", ") : "—")),
+      OP.table([
+        { label: "Beam", render: b => String(b.number) }, { label: "Name", render: b => b.name },
+        { label: "Radiation", render: b => b.radiation }, { label: "Type", render: b => b.type },
+        { label: "Energy", render: b => num(b.energy, " MV") }, { label: "Gantry", render: b => num(b.gantry_angle, "°") },
+        { label: "Meterset (MU)", render: b => num(b.meterset, "") }, { label: "Control points", render: b => String(b.control_points) },
+      ], plan.beams, { empty: "No beams." }));
+  }
+
   OP.page({
     id: "studies", title: "Studies",
     async render(main, args, query) {
@@ -72,7 +92,7 @@
         { label: "Date", sort: "date", render: s => OP.date(s.date) },
         { label: "Accession", sort: "accession", render: s => s.accession },
         { label: "Description", render: s => s.description },
-        { label: "Modalities", render: s => s.modalities.join(", ") },
+        { label: "Modalities", render: s => h("span", s.modalities.join(", "), " ", (s.kinds || []).map(k => kindBadge(k))) },
         { label: "Department", render: s => s.department },
         { label: "Series", render: s => s.num_series }, { label: "Instances", render: s => s.num_instances },
         { label: "Received", sort: "received", render: s => OP.when(s.received_at) },
@@ -133,10 +153,16 @@
             const r = await OP.api(`series/${encodeURIComponent(se.uid)}/instances`);
             OP.clear(list).append(h("ul", r.items.map(i => h("li", h("button.link", { type: "button", onclick: () => { tags.hidden = false; showTags(tags, i.uid); } }, `#${i.number || "?"} tags`)))));
           } }, "Instances");
-          return h("figure", h("img", { src: se.thumbnail, alt: `Series ${se.number || ""} ${se.modality || ""} thumbnail`, loading: "lazy" }),
+          // objects without pixels (ECG, RT plan, SR, PDF) have no thumbnail: a tile with their kind instead
+          const tile = () => h(`div.kind-tile.kind-${se.summary ? se.summary.kind : "other"}`, { role: "img", "aria-label": `${se.modality || ""} series` },
+            KIND_LABELS[se.summary ? se.summary.kind : "other"] || se.modality || "?");
+          const img = h("img", { src: se.thumbnail, alt: `Series ${se.number || ""} ${se.modality || ""} thumbnail`, loading: "lazy",
+            onerror: () => img.replaceWith(tile()) });
+          return h("figure", img,
             h("figcaption", h("strong", `${se.modality || ""} #${se.number || ""}`), " ", se.description || "", h("br"),
+              se.summary ? h("span.summary", kindBadge(se.summary.kind), " ", se.summary.text) : null, se.summary ? h("br") : null,
               `${se.num_instances} instance(s)`, " ", btn, list));
-        })), tags);
+        })), ...s.series.filter(se => se.summary && se.summary.rt_plan).map(se => rtPlanPanel(se.summary.rt_plan)), tags);
       if (OP.can("admin") && OP.qcEdit) main.append(OP.qcEdit.studyPanel(s));  // pages/qc_edit.js
     },
   });
