@@ -132,3 +132,56 @@ def write_study(directory: Path) -> tuple[list[Path], list[Path], str]:
         ds.PixelData = np.round(act / slope).astype(np.uint16).tobytes()
         pt_files.append(write_part10(ds, directory / f"pt{i:02d}.dcm"))
     return ct_files, pt_files, study
+
+
+RTDOSE_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
+DOSE_CENTRE = (70.0, 50.0)  # x, y (mm): left of the centre and posterior, on every plane
+DOSE_SIGMA = 30.0
+DOSE_MAX_GY = 60.0
+DOSE_SIZE, DOSE_SPACING = 96, 4.0
+
+
+def write_ct_with_dose(directory: Path) -> tuple[list[Path], Path, str]:
+    """A CT (as write_study's) and an RT Dose grid on its frame of reference: a Gaussian dose cloud at DOSE_CENTRE
+    (60 Gy peak) on every plane. Returns (CT files, the RT Dose file, StudyInstanceUID)."""
+    from pydicom.tag import Tag
+
+    ct, _pt, study = write_study(directory)
+    ct_ds = [__import__("pydicom").dcmread(p) for p in ct]
+    first = ct_ds[0]
+    size, spacing = DOSE_SIZE, DOSE_SPACING
+    x, y, origin = _grid(size, spacing)
+    planes = []
+    for _ in range(SLICES):
+        dose = DOSE_MAX_GY * np.exp(-((x - DOSE_CENTRE[0]) ** 2 + (y - DOSE_CENTRE[1]) ** 2) / (2 * DOSE_SIGMA ** 2))
+        planes.append(dose)
+    scaling = DOSE_MAX_GY / 65000.0
+    grid = np.round(np.stack(planes) / scaling).astype(np.uint16)
+    ds = Dataset()
+    _common(ds, study, first.FrameOfReferenceUID, first.PatientID)
+    ds.SOPClassUID = RTDOSE_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "RTDOSE"
+    ds.SeriesNumber = 3
+    ds.SeriesDescription = "Plan dose"
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [origin, origin, 0.0]
+    ds.PixelSpacing = [spacing, spacing]
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = SLICES
+    ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
+    ds.GridFrameOffsetVector = [float(i * SLICE_GAP) for i in range(SLICES)]
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseSummationType = "PLAN"
+    ds.DoseGridScaling = scaling
+    ds.PixelRepresentation = 0
+    ds.PixelData = grid.tobytes()
+    for kw in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):
+        if kw in ds:
+            delattr(ds, kw)
+    path = write_part10(ds, directory / "rtdose.dcm")
+    for p in _pt:
+        p.unlink()
+    return ct, path, study

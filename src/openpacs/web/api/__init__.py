@@ -35,6 +35,7 @@ def build_api(ctx: Any) -> FastAPI:
         qc_edit,  # QC edits, merges, splits, moves, history and undo
         reports,
         routes,
+        rt,  # radiation therapy: RT Dose over its images
         storage_usage,  # storage management: usage, compression, retention, scrub
         studies,
         system,
@@ -71,6 +72,6 @@ def build_api(ctx: Any) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({exc.__class__.__name__}); see the server log"},
                             status_code=500)
 
-    for module in (me, studies, nodes, jobs, routes, admin, system, hl7, worklist, reports, qc, qc_edit, tiering, storage_usage, iocm, docs):
+    for module in (me, studies, nodes, jobs, routes, admin, system, hl7, worklist, reports, qc, qc_edit, tiering, storage_usage, iocm, rt, docs):
         app.include_router(module.build_router(ctx))
     return app

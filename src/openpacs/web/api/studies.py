@@ -21,6 +21,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
+from ...dicom.waveform import is_waveform_class, waveform_summary
 from ...index.browse import SORTS, browse_studies
 from ...index.matching import MatchError
 from ...index.query import visible
@@ -138,7 +139,7 @@ def build_router(ctx: Any) -> APIRouter:
         per_series: dict[int, list[Any]] = {}
         for i in conn.execute(select(instances.c.series_fk, instances.c.sop_class_uid, instances.c.number_of_frames,
                                      instances.c.rows, instances.c.columns, instances.c.blob_key,
-                                     instances.c.instance_number)
+                                     instances.c.instance_number, instances.c.sop_instance_uid)
                               .where(instances.c.series_fk.in_([s["id"] for s in rows]), visible("IMAGE"))
                               .order_by(instances.c.id)):
             per_series.setdefault(i.series_fk, []).append(i)
@@ -149,8 +150,22 @@ def build_router(ctx: Any) -> APIRouter:
                         "description": s["series_description"], "body_part": s["body_part_examined"],
                         "num_instances": s["num_instances"], "size_bytes": s["size_bytes"],
                         "summary": _summary(s["modality"], per_series.get(s["id"], [])),
+                        "first_instance": next((i.sop_instance_uid for i in per_series.get(s["id"], [])), None),
                         "thumbnail": f"/dicom-web/studies/{study_uid}/series/{s['series_instance_uid']}/thumbnail"})
+            wav = [i for i in per_series.get(s["id"], []) if is_waveform_class(i.sop_class_uid)][:8]
+            if wav:  # ECG / hemodynamic objects: the console shows each drawn on ECG paper (dicom/waveform.py)
+                out[-1]["waveforms"] = [_waveform(study_uid, s["series_instance_uid"], i) for i in wav]
         return out
+
+    def _waveform(study_uid: str, series_uid: str, row: Any) -> dict[str, Any]:
+        header = summaries.read_header(ctx.store, row.blob_key)
+        try:
+            summary = waveform_summary(header) if header is not None else None
+        except Exception:
+            summary = None
+        return {"uid": row.sop_instance_uid, "number": row.instance_number, "summary": summary,
+                "rendered": f"/dicom-web/studies/{study_uid}/series/{series_uid}/instances/{row.sop_instance_uid}"
+                            "/rendered"}
 
     def _summary(modality: str | None, rows: list[Any]) -> dict[str, Any]:
         def frames(v: Any) -> int:

@@ -64,6 +64,28 @@
       ], plan.beams, { empty: "No beams." }));
   }
 
+  // RT Dose over its CT (web/api/rt.py draws it): a slice slider and the overlay image
+  function rtDosePanel(study, se) {
+    const img = h("img.rt-dose-overlay", { alt: "RT Dose over its images" });
+    const label = h("span.muted");
+    const slider = h("input", { type: "range", min: "0", max: "0", value: "0", "aria-label": "Slice" });
+    const panel = h("div.panel.rt-dose", h("h2", "RT Dose over the images"), h("p", slider, " ", label), img);
+    (async () => {
+      const r = await OP.api(`studies/${encodeURIComponent(study)}/rt-dose/${encodeURIComponent(se.first_instance)}/images`);
+      if (!r.items.length) { OP.clear(panel).append(h("h2", "RT Dose"), h("p.muted", "No image on the dose's frame of reference.")); return; }
+      const show = i => {
+        const it = r.items[i];
+        label.textContent = `${it.modality} at ${it.position} mm (${i + 1}/${r.items.length})`;
+        img.src = `/api/studies/${encodeURIComponent(study)}/rt-dose/${encodeURIComponent(r.dose)}/overlay?image=${encodeURIComponent(it.uid)}`;
+      };
+      slider.max = String(r.items.length - 1);
+      slider.value = String(Math.floor((r.items.length - 1) / 2));
+      slider.addEventListener("input", () => show(Number(slider.value)));
+      show(Number(slider.value));
+    })().catch(e => OP.clear(panel).append(h("p.err", e.detail || e.message)));
+    return panel;
+  }
+
   OP.page({
     id: "studies", title: "Studies",
     async render(main, args, query) {
@@ -123,6 +145,26 @@
     box.scrollIntoView();
   }
 
+  // waveform objects (ECG, hemodynamic): each drawn on ECG paper by WADO-RS rendered (dicomweb/waveform_rendered.py),
+  // at its natural size (4 px/mm: 25 mm/s, 10 mm/mV), with its summary and measurements; styles through the CSSOM (CSP)
+  function waveformSection(series) {
+    const items = series.flatMap(se => se.waveforms || []);
+    if (!items.length) return null;
+    return h("section#waveforms", { "aria-label": "Waveforms" }, h("h2", "Waveforms"), items.map(w => {
+      const s = w.summary || {};
+      const img = h("img.ecg", { src: `${w.rendered}?accept=image/png`, alt: `${s.text || "Waveform"} on ECG paper` });
+      Object.assign(img.style, { display: "block", maxWidth: "none", background: "#fff" });
+      const box = h("div.ecg-paper", img);
+      Object.assign(box.style, { overflowX: "auto", maxWidth: "100%" });
+      const groups = (s.groups || []).map(g => h("a", { href: `${w.rendered.replace(/\/rendered$/, "")}/frames/${g.index}/rendered?accept=image/svg%2Bxml`, target: "_blank", rel: "noopener" },
+        `${g.label || "group " + g.index} (${g.channels} ch, ${g.duration} s, SVG)`));
+      return h("figure.waveform", h("figcaption", h("strong", s.text || "Waveform"), " ", h("code", w.uid), h("br"),
+        s.measurement_text ? h("span.measurements", s.measurement_text) : null, s.measurement_text ? h("br") : null,
+        (s.statements || []).length ? h("span.statements", s.statements.join("; ")) : null,
+        groups.length ? h("span", " — ", groups.map((a, i) => [i ? ", " : "", a])) : null), box);
+    }));
+  }
+
   OP.page({
     id: "study", title: "Study", nav: false, section: "studies",
     async render(main, args) {
@@ -162,7 +204,8 @@
             h("figcaption", h("strong", `${se.modality || ""} #${se.number || ""}`), " ", se.description || "", h("br"),
               se.summary ? h("span.summary", kindBadge(se.summary.kind), " ", se.summary.text) : null, se.summary ? h("br") : null,
               `${se.num_instances} instance(s)`, " ", btn, list));
-        })), ...s.series.filter(se => se.summary && se.summary.rt_plan).map(se => rtPlanPanel(se.summary.rt_plan)), tags);
+        })), ...s.series.filter(se => se.summary && se.summary.rt_plan).map(se => rtPlanPanel(se.summary.rt_plan)),
+        ...s.series.filter(se => se.modality === "RTDOSE" && se.first_instance).map(se => rtDosePanel(uid, se)), waveformSection(s.series) || "", tags);
       if (OP.can("admin") && OP.qcEdit) main.append(OP.qcEdit.studyPanel(s));  // pages/qc_edit.js
     },
   });

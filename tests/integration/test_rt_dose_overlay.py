@@ -1,0 +1,120 @@
+"""Radiation therapy: an RT Dose grid over its CT, through a real `openpacs serve`. Stored with DCMTK storescu, read
+back byte-exact with getscu and dicomweb-client, drawn by the API as a colour wash with isodose lines over the CT slice,
+and shown in the console's study view in headless Chromium. Checks are on pixels: hot colours where the dose cloud is
+(patient position → pixel), the plain CT grey where there is no dose."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from helpers import dcmtk, petct
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium
+from helpers.server import OpenPACSServer
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def rt_server(require_dcmtk, tmp_path_factory):
+    base = tmp_path_factory.mktemp("rtdose")
+    ct, dose, study = petct.write_ct_with_dose(base / "files")
+    other_ct, _pt, other_study = petct.write_study(base / "other")  # another frame of reference
+    srv = OpenPACSServer(base / "data").start()
+    result = dcmtk.store(srv.dicom_port, [*ct, dose, other_ct[0]])
+    statuses = dcmtk.parse_store_log(result.output)
+    assert result.returncode == 0 and len(statuses) == len(ct) + 2, result.output[-2000:]
+    assert all(s.startswith("Success") for s in statuses.values())
+    yield srv, ct, dose, study, pydicom.dcmread(other_ct[0]).SOPInstanceUID
+    srv.stop()
+
+
+def _pixel(x_mm: float, y_mm: float) -> tuple[int, int]:
+    """(row, col) of a patient position in the CT matrix (axial, origin at the first pixel)."""
+    origin = -(petct.CT_SIZE - 1) * petct.CT_SPACING / 2
+    return round((y_mm - origin) / petct.CT_SPACING), round((x_mm - origin) / petct.CT_SPACING)
+
+
+def test_rt_dose_round_trip_byte_exact(rt_server, tmp_path) -> None:
+    srv, _ct, dose, study, _ = rt_server
+    sent = pydicom.dcmread(dose)
+    got = dcmtk.get(srv.dicom_port, "study", "IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID":
+                    sent.SeriesInstanceUID, "SOPInstanceUID": sent.SOPInstanceUID}, tmp_path / "get")
+    assert got.result.returncode == 0 and len(got.files) == 1, got.result.output[-2000:]
+    back = pydicom.dcmread(got.files[0])
+    assert back == sent and back.PixelData == sent.PixelData
+    ds = DICOMwebClient(f"http://127.0.0.1:{srv.http_port}/dicom-web").retrieve_instance(
+        study, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+    assert ds == sent and list(ds.GridFrameOffsetVector) == list(sent.GridFrameOffsetVector)
+
+
+def test_overlay_api_draws_the_dose_where_it_is(rt_server) -> None:
+    srv, ct, dose, study, other_uid = rt_server
+    base = f"http://127.0.0.1:{srv.http_port}/api/studies/{study}/rt-dose"
+    dose_uid = pydicom.dcmread(dose).SOPInstanceUID
+    r = requests.get(f"{base}/{dose_uid}/images", timeout=60)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    ct_uids = [pydicom.dcmread(p).SOPInstanceUID for p in ct]
+    assert [i["uid"] for i in items] == ct_uids  # the CT, by position (written in ascending z), not the other study
+    assert [i["position"] for i in items] == [i * petct.SLICE_GAP for i in range(petct.SLICES)]
+
+    r = requests.get(f"{base}/{dose_uid}/overlay", params={"image": ct_uids[5]}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int32)
+    assert img.shape == (petct.CT_SIZE, petct.CT_SIZE, 3)
+    hot = img[_pixel(*petct.DOSE_CENTRE)]
+    assert hot[0] > hot[1] + 40 and hot[0] > hot[2] + 40, f"no hot dose colour at the dose centre: {hot}"
+    # 3.5 sigma away the dose is < 10 % of the maximum: the plain windowed CT (grey: R == G == B)
+    far = img[_pixel(petct.DOSE_CENTRE[0] - 3.5 * petct.DOSE_SIGMA, petct.DOSE_CENTRE[1] - 3.5 * petct.DOSE_SIGMA)]
+    assert far[0] == far[1] == far[2], far
+    # an isodose line of 50 % crosses the line from the centre outwards where exp(-d²/2σ²) = 0.5
+    d50 = petct.DOSE_SIGMA * np.sqrt(2 * np.log(2))
+    row, col = _pixel(*petct.DOSE_CENTRE)
+    line = img[row, col:]
+    yellow = [i for i, p in enumerate(line) if p[0] > 200 and p[1] > 200 and p[2] < 80]
+    assert yellow and abs(yellow[0] * petct.CT_SPACING - d50) <= 2 * petct.CT_SPACING, (yellow, d50)
+
+    # wrong inputs: clean 4xx
+    assert requests.get(f"{base}/{dose_uid}/overlay", params={"image": other_uid}, timeout=30).status_code == 404
+    assert requests.get(f"{base}/{ct_uids[0]}/overlay", params={"image": ct_uids[1]}, timeout=30).status_code == 404
+    assert requests.get(f"{base}/{dose_uid}/overlay", timeout=30).status_code == 400
+    assert requests.get(f"{base}/1.2.3/images", timeout=30).status_code == 404
+
+
+def test_console_study_view_shows_dose_over_ct(rt_server) -> None:
+    from playwright.sync_api import sync_playwright
+
+    srv, ct, _dose, study, _ = rt_server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"http://127.0.0.1:{srv.http_port}/ui/#/study/{study}")
+            img = page.locator("img.rt-dose-overlay")
+            img.wait_for(state="visible", timeout=60_000)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not page.evaluate(
+                    "() => { const i = document.querySelector('img.rt-dose-overlay'); return i && i.complete && "
+                    "i.naturalWidth > 0; }"):
+                time.sleep(0.3)
+            page.screenshot(path=str(ARTIFACTS / "console-rt-dose.png"), full_page=True)
+            shot = np.asarray(Image.open(io.BytesIO(img.screenshot())).convert("RGB"), dtype=np.int32)
+            h, w, _ = shot.shape
+            row, col = _pixel(*petct.DOSE_CENTRE)
+            hot = shot[int((row + 0.5) * h / petct.CT_SIZE), int((col + 0.5) * w / petct.CT_SIZE)]
+            assert hot[0] > hot[1] + 40 and hot[0] > hot[2] + 40, f"the console does not show the dose cloud: {hot}"
+            # the mirror position (about the centre) is plain CT: the wash is where the dose is, not everywhere
+            mrow, mcol = petct.CT_SIZE - 1 - row, petct.CT_SIZE - 1 - col
+            cold = shot[int((mrow + 0.5) * h / petct.CT_SIZE), int((mcol + 0.5) * w / petct.CT_SIZE)]
+            assert abs(cold[0] - cold[2]) < 8, cold
+            assert "null" not in page.locator("main").inner_text().split()  # no stray empty section
+            label = page.locator(".rt-dose .muted").inner_text()
+            assert f"({petct.SLICES // 2}/{petct.SLICES})" in label or f"/{petct.SLICES})" in label
+        finally:
+            browser.close()
