@@ -185,3 +185,42 @@ def write_ct_with_dose(directory: Path) -> tuple[list[Path], Path, str]:
     for p in _pt:
         p.unlink()
     return ct, path, study
+
+
+SEG_CENTRE = (60.0, -70.0)  # x, y (mm): left, anterior
+SEG_RADIUS = 40.0
+SEG_SLICES = range(6, 18)  # the CT slices the segment covers
+SEG_COLOUR_LAB = (88.0, -79.0, 81.0)  # CIELab of pure green (highdicom converts to DICOM's scaled values)
+
+
+def write_ct_with_seg(directory: Path) -> tuple[list[Path], Path, str]:
+    """A CT (as write_study's) and a DICOM SEG (highdicom, binary) of one cylinder segment "Lesion" on SEG_SLICES.
+    Returns (CT files, the SEG file, StudyInstanceUID)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    ct, pt, study = write_study(directory)
+    for p in pt:
+        p.unlink()
+    sources = [pydicom.dcmread(p) for p in ct]
+    x, y, _origin = _grid(CT_SIZE, CT_SPACING)
+    disc = np.hypot(x - SEG_CENTRE[0], y - SEG_CENTRE[1]) < SEG_RADIUS
+    mask = np.zeros((len(sources), CT_SIZE, CT_SIZE), dtype=bool)
+    for i in SEG_SLICES:
+        mask[i] = disc
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        display_color=hd.color.CIELabColor(*SEG_COLOUR_LAB))
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment], series_instance_uid=generate_uid(), series_number=4,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="OpenPACS tests",
+        manufacturer_model_name="petct.py", software_versions="1", device_serial_number="1",
+        series_description="Lesion segmentation")
+    path = directory / "seg.dcm"
+    seg.save_as(path)
+    return ct, path, study
