@@ -552,3 +552,75 @@ def dataset_bytes_from(data: bytes) -> bytes:
     from helpers.dicomdata import split_meta
 
     return split_meta(data)[1]
+
+
+def test_rtstruct_contour_over_its_ct_slice(cine_server, objects, page, artifacts):
+    """The RT Structure Set, loaded in the viewer, draws its green square on slice RT_SLICE + 1 at its patient
+    coordinates, and nothing green on the other slices."""
+    import re
+
+    from PIL import Image
+
+    study = pydicom.dcmread(objects["rtstruct"], stop_before_pixels=True).StudyInstanceUID
+    page.goto(f"http://127.0.0.1:{cine_server.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
+    canvas = page.locator("canvas.cornerstone-canvas:visible").first
+    canvas.wait_for(state="visible", timeout=120_000)
+    thumb = page.get_by_text("RT structures", exact=False)
+    yes = page.get_by_role("button", name="Yes")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not yes.count():
+        _dismiss_tour(page)
+        if thumb.count():
+            thumb.first.dblclick()
+            time.sleep(1.0)
+        time.sleep(0.5)
+    assert yes.count(), "OHIF did not offer the structure set\n" + "\n".join(page.log[-40:])
+    yes.first.click()
+    overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first
+    fov = CT_SIZE * CT_SPACING
+
+    def shot_at(instance: int) -> np.ndarray:
+        for _ in range(4 * CT_SLICES):
+            canvas.wait_for(state="visible", timeout=120_000)
+            m = re.search(r"I:\s*(\d+)", overlay.inner_text())
+            shown = int(m.group(1)) if m else None
+            if shown == instance:
+                break
+            box = canvas.bounding_box()
+            assert box is not None
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.wheel(0, 100 if shown is None or shown > instance else -100)  # the stack runs down in z
+            time.sleep(0.4)
+        assert m and int(m.group(1)) == instance, overlay.inner_text()
+        time.sleep(1.5)
+        return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.float64)
+
+    def green_mask(img: np.ndarray) -> np.ndarray:
+        return (img[..., 1] > img[..., 0] + 60) & (img[..., 1] > img[..., 2] + 60)
+
+    def to_px(img: np.ndarray, x_mm: float, y_mm: float) -> tuple[int, int]:
+        h, w, _ = img.shape
+        d = min(w, h)
+        return int((h - d) / 2 + y_mm / fov * d), int((w - d) / 2 + x_mm / fov * d)
+
+    deadline = time.monotonic() + 120
+    while True:
+        img = shot_at(RT_SLICE + 1)
+        mask = green_mask(img)
+        if mask.sum() > 50 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    page.screenshot(path=str(artifacts / "rtstruct-contour-page.png"))
+    assert mask.sum() > 50, "no contour drawn on its slice\n" + "\n".join(page.log[-40:])
+    rows, cols = np.nonzero(mask)
+    (r0, c0), (r1, c1) = to_px(img, RT_X[0], RT_Y[0]), to_px(img, RT_X[1], RT_Y[1])
+    tol = 0.03 * min(img.shape[:2])
+    assert abs(rows.min() - r0) < tol and abs(rows.max() - r1) < tol, (rows.min(), rows.max(), r0, r1)
+    assert abs(cols.min() - c0) < tol and abs(cols.max() - c1) < tol, (cols.min(), cols.max(), c0, c1)
+    # a contour, not a blob: the square's centre is not green
+    rc, cc = (r0 + r1) // 2, (c0 + c1) // 2
+    assert not mask[rc - 3:rc + 4, cc - 3:cc + 4].any()
+    # another slice: no contour
+    other = shot_at(1)
+    page.screenshot(path=str(artifacts / "rtstruct-other-slice-page.png"))
+    assert green_mask(other).sum() < 10, "a contour drawn on a slice it does not lie on"
