@@ -57,6 +57,7 @@ from ..dicom.render import (
     parse_window,
     render_frame,
 )
+from ..dicom.waveform import is_waveform_class
 from ..services.types import InstanceRef
 from .common import DICOM_XML, DicomWebError, accept_values, error_response, negotiate_metadata, split_list
 from .common import parse_accept as common_parse_accept
@@ -546,6 +547,9 @@ class WadoRS:
             return prefix + dj.bulk_path_str(tag_path)
 
         obj = dj.dataset_to_json(self._metadata_dataset(ref), bulk_uri, BULK_THRESHOLD)
+        # the stored syntax (PS3.18 10.4.3 / Table 6.3.1-1): how OHIF's dicom-video handler tells a video instance
+        if "00083002" not in obj:
+            obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [str(ref.transfer_syntax_uid)]}}.items()))
         return json_to_xml(obj) if xml else dj.dumps(obj)
 
     async def metadata(self, request: Request) -> Response:
@@ -643,6 +647,12 @@ class WadoRS:
         try:
             ref = await self._one(request)
             tag_path = parse_bulk_path(request.path_params["path"])
+            if tag_path == [0x7FE00010]:  # a video's Pixel Data as its bitstream (dicomweb/documents.py)
+                from . import documents
+
+                if (video := documents.wants_video(request, ref)) is not None:
+                    range_header = request.headers.get("range")
+                    return await run_in_threadpool(documents.video_response, self, ref, video, range_header)
             accept = parse_accept(accept_values(request))
             return await run_in_threadpool(self._bulk_sync, ref, tag_path, accept, request.headers.get("range"))
         except HTTPError as e:
@@ -744,8 +754,17 @@ class WadoRS:
         try:
             frames: list[int] | None = parse_frame_list(p["frames"]) if "frames" in p else None
             single_item = thumbnail or ("instance" in p and (frames is None or len(frames) == 1))
-            params, multipart = rendered_params(request, thumbnail, single_ok=single_item)
             refs = await self._instances(p["study"], p.get("series"), p.get("instance"), request)
+            if not thumbnail and "instance" in p and is_waveform_class(refs[0].sop_class_uid):  # ECG paper
+                from .waveform_rendered import render_response
+                return await run_in_threadpool(render_response, self, request, refs[0], frames)
+            if not thumbnail and "instance" in p and frames is None:  # video, PDF, SR (dicomweb/documents.py)
+                from . import documents
+
+                special = await documents.rendered(self, refs[0], request)
+                if special is not None:
+                    return special
+            params, multipart = rendered_params(request, thumbnail, single_ok=single_item)
             if thumbnail and "instance" not in p:
                 # one representative image: the middle instance of the first series
                 first_series = [r for r in refs if r.series_instance_uid == refs[0].series_instance_uid]

@@ -49,7 +49,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 FORM_CSRF_PATHS = ("/logout",)
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-VIEWER_CSP = "frame-ancestors 'self'; base-uri 'self'; object-src 'none'"
+# object-src: OHIF's dicom-pdf viewport shows the PDF (a blob: URL of the fetched bulk data) in an <object>
+VIEWER_CSP = "frame-ancestors 'self'; base-uri 'self'; object-src 'self' blob:"
 
 _STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})(?:/|$)")
 

@@ -42,6 +42,8 @@ OHIF_VERSION = "3.13.2"
 OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
 OHIF_PREFIX = "/ohif/"
 MARKER = ".openpacs-ohif.json"
+# bumped when patch_dist changes, so that installed trees are patched again (2: the microscopy viewer's import path)
+PATCH_LEVEL = 2
 DEFAULT_REGISTRY = "https://registry.npmjs.org"
 
 # Where the files are served from, and the browser-visible prefix, are both fixed at install time: the prefix is baked
@@ -154,7 +156,8 @@ def install_ohif(
     if integrity is None:
         integrity = OHIF_INTEGRITY if version == OHIF_VERSION else None
     info = read_marker(dest)
-    if not force and info and info.get("version") == version and info.get("prefix") == prefix:
+    if (not force and info and info.get("version") == version and info.get("prefix") == prefix
+            and info.get("patch_level", 1) == PATCH_LEVEL):
         return dest
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "npm"
@@ -175,6 +178,7 @@ def install_ohif(
             "prefix": prefix,
             "patched": patched,
             "integrity": integrity or "",
+            "patch_level": PATCH_LEVEL,
         }
         (work / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         old = None
@@ -293,13 +297,16 @@ def patch_dist(root: Path, prefix: str) -> dict[str, int]:
         raise OhifInstallError(f"index.html still has root-relative URLs after patching: {leftovers[:3]}")
     for js in sorted(root.glob("*.js")):
         text = js.read_text(encoding="utf-8", errors="surrogateescape")
+        n = 0
         if '__webpack_require__.p = "/";' in text:
-            js.write_text(
-                text.replace('__webpack_require__.p = "/";', f'__webpack_require__.p = "{esc}";'),
-                encoding="utf-8",
-                errors="surrogateescape",
-            )
-            counts[js.name] = 1
+            text = text.replace('__webpack_require__.p = "/";', f'__webpack_require__.p = "{esc}";')
+            n += 1
+        # the microscopy extension imports its viewer from a hard-coded root path (not the webpack public path)
+        text, m = re.subn(r"(['\"])/dicom-microscopy-viewer/", rf"\g<1>{esc}dicom-microscopy-viewer/", text)
+        n += m
+        if n:
+            js.write_text(text, encoding="utf-8", errors="surrogateescape")
+            counts[js.name] = n
     if not any(k.startswith("app.bundle.") for k in counts):
         raise OhifInstallError("OHIF build layout changed: webpack public path not found in app.bundle")
     for css in sorted(root.glob("*.css")):
