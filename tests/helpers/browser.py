@@ -27,3 +27,18 @@ def chromium() -> str:
     if not Path(path).exists():
         missing(f"Chromium not found at {path}")
     return path
+
+
+def ohif_dir() -> Path:
+    """The OHIF build, installed once per machine (a marker check when already there), and exported as
+    OPENPACS_OHIF_DIR for the servers the test starts; skips (or fails in CI) when it cannot be installed."""
+    from openpacs.web.viewer import OhifInstallError, default_ohif_dir, install_ohif
+
+    dest = Path(os.environ.get("OPENPACS_OHIF_DIR") or default_ohif_dir())
+    try:
+        installed = install_ohif(dest)
+    except (OhifInstallError, OSError) as exc:
+        missing(f"cannot install the OHIF viewer into {dest}: {exc}")
+        raise
+    os.environ.setdefault("OPENPACS_OHIF_DIR", str(installed))
+    return installed

@@ -245,16 +245,9 @@ def _rtstruct(directory: Path, ct_paths: list[Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def ohif_dir() -> Path:
-    from helpers.browser import missing
+    from helpers.browser import ohif_dir as install
 
-    from openpacs.web.viewer import OhifInstallError, default_ohif_dir, install_ohif
-
-    dest = Path(os.environ.get("OPENPACS_OHIF_DIR") or default_ohif_dir())
-    try:
-        return install_ohif(dest)
-    except (OhifInstallError, OSError) as exc:
-        missing(f"cannot install the OHIF viewer into {dest}: {exc}")
-        raise
+    return install()
 
 
 @pytest.fixture(scope="module")

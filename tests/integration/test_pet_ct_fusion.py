@@ -21,7 +21,8 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, missing
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium
+from helpers.browser import ohif_dir as browser_ohif_dir
 from helpers.server import OpenPACSServer
 
 RENDER_TIMEOUT = 120.0
@@ -30,25 +31,13 @@ FOV = petct.PT_SIZE * petct.PT_SPACING  # both volumes span the same 384 mm
 
 @pytest.fixture(scope="module")
 def ohif_dir() -> Path:
-    import os
-
-    from openpacs.web.viewer import OhifInstallError, default_ohif_dir, install_ohif
-
-    dest = Path(os.environ.get("OPENPACS_OHIF_DIR") or default_ohif_dir())
-    try:
-        return install_ohif(dest)
-    except (OhifInstallError, OSError) as exc:
-        missing(f"cannot install the OHIF viewer into {dest}: {exc}")
-        raise
+    return browser_ohif_dir()
 
 
 @pytest.fixture(scope="module")
 def petct_server(require_dcmtk, ohif_dir, tmp_path_factory):
-    import os
-
     base = tmp_path_factory.mktemp("petct")
     ct, pt, study = petct.write_study(base / "files")
-    os.environ.setdefault("OPENPACS_OHIF_DIR", str(ohif_dir))
     srv = OpenPACSServer(base / "data").start()
     result = dcmtk.store(srv.dicom_port, [*ct, *pt])
     statuses = dcmtk.parse_store_log(result.output)

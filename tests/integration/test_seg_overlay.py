@@ -6,17 +6,15 @@ slice it covers, the plain CT at the same place on a slice it does not cover, an
 from __future__ import annotations
 
 import io
-import os
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, missing
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir
 from helpers.server import OpenPACSServer
 from PIL import Image
 
@@ -25,13 +23,7 @@ TIMEOUT = 120.0
 
 @pytest.fixture(scope="module")
 def seg_server(require_dcmtk, tmp_path_factory):
-    from openpacs.web.viewer import OhifInstallError, default_ohif_dir, install_ohif
-
-    try:
-        os.environ.setdefault("OPENPACS_OHIF_DIR", str(install_ohif(Path(os.environ.get("OPENPACS_OHIF_DIR")
-                                                                         or default_ohif_dir()))))
-    except (OhifInstallError, OSError) as exc:
-        missing(f"cannot install the OHIF viewer: {exc}")
+    ohif_dir()
     base = tmp_path_factory.mktemp("seg")
     ct, seg, study = petct.write_ct_with_seg(base / "files")
     srv = OpenPACSServer(base / "data").start()
