@@ -240,6 +240,102 @@ def _rtstruct(directory: Path, ct_paths: list[Path]) -> Path:
     return write_part10(ds, directory / "rtstruct.dcm")
 
 
+# NM multi-frame: 2 energy windows x 2 detectors x 2 views = 8 frames, a bright disc at a different place in each
+NM_FRAMES, NM_SIZE = 8, 64
+# XA angiography run: 20 frames at 15 fps, a contrast "vessel" filling from the top, a little further each frame
+XA_FRAMES, XA_SIZE, XA_FRAME_TIME_MS = 20, 128, 66.667
+
+
+def _nm_pixels() -> np.ndarray:
+    yy, xx = np.mgrid[0:NM_SIZE, 0:NM_SIZE]
+    frames = np.empty((NM_FRAMES, NM_SIZE, NM_SIZE), np.uint16)
+    for k in range(NM_FRAMES):
+        cy, cx = 12 + 5 * k, 10 + 6 * k
+        img = (40 + (xx // 8) * 4).astype(np.uint16)
+        img[np.hypot(yy - cy, xx - cx) < 7] = 900
+        frames[k] = img
+    return frames
+
+
+def _xa_pixels() -> np.ndarray:
+    yy, xx = np.mgrid[0:XA_SIZE, 0:XA_SIZE]
+    frames = np.empty((XA_FRAMES, XA_SIZE, XA_SIZE), np.uint8)
+    for k in range(XA_FRAMES):
+        img = (200 - yy // 4).astype(np.uint8)
+        vessel = (np.abs(xx - (40 + yy // 3)) < 4) & (yy < 8 + 6 * k)  # contrast fills the vessel downwards
+        img[vessel] = 20
+        frames[k] = img
+    return frames
+
+
+def _patient(ds: Dataset, name: str, pid: str, description: str) -> None:
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = name, pid
+    ds.PatientBirthDate, ds.PatientSex = "19650101", "O"
+    ds.StudyDate, ds.StudyTime = "20250501", "100000"
+    ds.AccessionNumber, ds.StudyID, ds.StudyDescription = pid, "1", description
+    ds.SeriesNumber = ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+
+
+def _nm_multiframe(directory: Path) -> Path:
+    ds = Dataset()
+    _patient(ds, "NM^MULTIFRAME", "NMMULTI", "Planar NM, two windows, two heads")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.20"
+    ds.Modality = "NM"
+    ds.SeriesDescription = "Static planar"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "STATIC", "EMISSION"]
+    ds.Rows = ds.Columns = NM_SIZE
+    ds.PixelSpacing = [4.0, 4.0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.NumberOfFrames = NM_FRAMES
+    ds.FrameIncrementPointer = [pydicom.tag.Tag(0x0054, 0x0010), pydicom.tag.Tag(0x0054, 0x0020),
+                                pydicom.tag.Tag(0x0054, 0x0050)]
+    ds.EnergyWindowVector = [1, 1, 1, 1, 2, 2, 2, 2]
+    ds.DetectorVector = [1, 1, 2, 2, 1, 1, 2, 2]
+    ds.RotationVector = [1, 2, 1, 2, 1, 2, 1, 2]
+    ds.NumberOfEnergyWindows = 2
+    windows = []
+    for lo, hi, name in ((126.0, 154.0, "PEAK"), (108.0, 126.0, "SCATTER")):
+        w = Dataset()
+        r = Dataset()
+        r.EnergyWindowLowerLimit, r.EnergyWindowUpperLimit = lo, hi
+        w.EnergyWindowRangeSequence = [r]
+        w.EnergyWindowName = name
+        windows.append(w)
+    ds.EnergyWindowInformationSequence = windows
+    ds.NumberOfDetectors = 2
+    ds.DetectorInformationSequence = [Dataset(), Dataset()]
+    ds.NumberOfRotations = 2
+    ds.RotationInformationSequence = [Dataset(), Dataset()]
+    ds.WindowCenter, ds.WindowWidth = 450, 900
+    ds.PixelData = _nm_pixels().tobytes()
+    return write_part10(ds, directory / "nm_multiframe.dcm")
+
+
+def _xa_run(directory: Path) -> Path:
+    ds = Dataset()
+    _patient(ds, "XA^RUN", "XARUN", "Coronary angiography")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"
+    ds.Modality = "XA"
+    ds.SeriesDescription = "LAO 30 run"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.Rows = ds.Columns = XA_SIZE
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames = XA_FRAMES
+    ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
+    ds.FrameTime = XA_FRAME_TIME_MS
+    ds.CineRate = 15
+    ds.PositionerPrimaryAngle, ds.PositionerSecondaryAngle = 30.0, 0.0
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelData = _xa_pixels().tobytes()
+    return write_part10(ds, directory / "xa_run.dcm")
+
+
 # ------------------------------------------------------------------------------------------------------ fixtures
 
 
@@ -257,6 +353,8 @@ def objects(tmp_path_factory) -> dict[str, Path]:
     objs = {"us_cine": _us_cine(d), "echo_jpeg": _echo_jpeg(d)}
     objs.update({f"ct{i}": p for i, p in enumerate(ct)})
     objs["rtstruct"] = _rtstruct(d, ct)
+    objs["nm_multiframe"] = _nm_multiframe(d)
+    objs["xa_run"] = _xa_run(d)
     return objs
 
 
@@ -617,3 +715,43 @@ def test_rtstruct_contour_over_its_ct_slice(cine_server, objects, page, artifact
     other = shot_at(1)
     page.screenshot(path=str(artifacts / "rtstruct-other-slice-page.png"))
     assert green_mask(other).sum() < 10, "a contour drawn on a slice it does not lie on"
+
+
+def _as_8bit(frames: np.ndarray) -> np.ndarray:
+    f = frames.astype(np.float64)
+    return np.round((f - f.min()) / max(float(np.ptp(f)), 1.0) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["nm_multiframe", "xa_run"])
+def test_multiframe_shown_frame_by_frame(cine_server, objects, page, artifacts, name):
+    """NM multi-frame (energy windows x detectors x rotations) and an XA run: the viewer opens on frame 1 and each
+    scroll step shows the next stored frame, identified from the pixels."""
+    pixels = _nm_pixels() if name == "nm_multiframe" else _xa_pixels()
+    n = pixels.shape[0]
+    matcher = FrameMatcher(_as_8bit(pixels), pixels.shape[1], pixels.shape[2])
+    study, _series, _sop = _uids(objects[name])
+    page.goto(f"http://127.0.0.1:{cine_server.http_port}/ohif/viewer?StudyInstanceUIDs={study}",
+              wait_until="domcontentloaded")
+    first = _wait_for_frame(page, matcher, artifacts, name)
+    assert first == 0, f"{name} opened on frame {first + 1}"
+    play = page.locator('[data-cy="cine-player-play-pause"]')
+    if play.count() and "pause" in (play.first.inner_html() or "").lower():
+        play.first.click()  # a cine player that started by itself: stop it, this test steps by hand
+        time.sleep(0.5)
+        first = _wait_for_frame(page, matcher, artifacts, name)
+    canvas = page.locator("canvas.cornerstone-canvas").first
+    box = canvas.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    seen = [first]
+    for _ in range(min(n - 1 - first, 4)):
+        page.mouse.wheel(0, 100)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            k, corr, margin = matcher.match(_canvas_gray(page))
+            if corr >= 0.9 and k != seen[-1]:
+                break
+            time.sleep(0.3)
+        seen.append(k)
+    page.screenshot(path=str(artifacts / f"{name}-stepped-page.png"))
+    assert seen == list(range(seen[0], seen[0] + len(seen))), f"{name}: frames shown while scrolling: {seen}"
