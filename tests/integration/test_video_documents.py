@@ -327,3 +327,54 @@ def test_bad_requests_are_clear(base, media) -> None:
                      headers={"Accept": "video/mp4", "Range": "bytes=5-2"}, timeout=60)
     assert r.status_code == 200  # an invalid range is ignored (RFC 9110 14.1.1): the whole stream
     assert time.time() > 0
+
+
+def _runs(mask: np.ndarray) -> tuple[int, int]:
+    """(start, end) of the longest run of True in a 1-D mask."""
+    best, start = (0, 0), None
+    for i, v in enumerate([*mask, False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            if i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
+
+
+def test_pdf_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
+    """OHIF's dicom-pdf viewport: the page is found on screen (the white sheet) and its drawing checked by pixels."""
+    from helpers.browser import CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    doc = media["doc"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={doc.study}")
+            obj = page.locator("object[type='application/pdf'], object").first
+            obj.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
+            deadline = time.monotonic() + BROWSER_TIMEOUT_MS / 1000
+            while True:
+                skip = page.get_by_text("Skip all", exact=True)
+                if skip.count() and skip.first.is_visible():
+                    skip.first.click()
+                box = obj.bounding_box()
+                assert box is not None
+                shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
+                h, w = shot.shape
+                main = shot[:, int(0.3 * w):]  # the page, right of the PDF viewer's thumbnail strip
+                white = main > 240
+                c0, c1 = _runs(white.sum(axis=0) > 20)
+                r0, r1 = _runs(white[:, c0:c1].sum(axis=1) > 0.3 * max(c1 - c0, 1)) if c1 > c0 else (0, 0)
+                if c1 - c0 > 150 and r1 - r0 > 100 or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            page.screenshot(path=str(artifacts / "ohif-pdf-page.png"))
+            assert c1 - c0 > 150 and r1 - r0 > 100, f"no PDF page on screen (white area {c1 - c0} x {r1 - r0})"
+            sheet = main[r0:r1, c0:c1]
+            assert abs((c1 - c0) / (r1 - r0) - 1.5) < 0.1, (c1 - c0, r1 - r0)  # the 300 x 200 pt page
+            _check_pdf_page(sheet)
+        finally:
+            browser.close()
