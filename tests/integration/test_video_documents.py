@@ -378,3 +378,45 @@ def test_pdf_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
             _check_pdf_page(sheet)
         finally:
             browser.close()
+
+
+def test_video_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
+    """OHIF's dicom-video viewport (Cornerstone's VideoViewport) decodes the stream it fetches from /rendered and shows
+    its first frame: the square at its frame-0 place (pixels of the viewport canvas, the video fitted into it).
+    Playback itself is checked on a plain <video> above (test_chromium_plays_the_video): the viewport's own player
+    could not be driven from the test (its wheel does not step video frames)."""
+    from helpers.browser import CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    video = media["video"]
+    positions: list[float] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            rendered: list[str] = []
+            page.on("response", lambda r: rendered.append(f"{r.status} {r.url}") if "/rendered" in r.url else None)
+            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={video.study}")
+            canvas = page.locator("canvas.cornerstone-canvas:visible").first
+            canvas.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
+
+            def square() -> float | None:
+                skip = page.get_by_text("Skip all", exact=True)
+                if skip.count() and skip.first.is_visible():
+                    skip.first.click()
+                img = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("L"), dtype=np.int16)
+                h, w = img.shape
+                scale = min(w / W, h / H)
+                x = _square_left(img)
+                return None if x is None else (x - (w - W * scale) / 2) / scale  # in video pixels
+
+            deadline = time.monotonic() + BROWSER_TIMEOUT_MS / 1000
+            while (x := square()) is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert x is not None, "the video viewport shows no frame"
+            positions.append(x)
+            page.screenshot(path=str(artifacts / "ohif-video-page.png"))
+        finally:
+            browser.close()
+    assert any(r.startswith(("200 ", "206 ")) for r in rendered), f"the viewer did not fetch /rendered: {rendered}"
+    assert abs(positions[0] - square_x(0, W, FRAMES)) <= 3, f"not the first frame: square at {positions[0]:.1f}"
