@@ -84,7 +84,6 @@ async def _serve(settings: Settings) -> None:
 
     dimse_ready = asyncio.Event()
     dimse_task = asyncio.create_task(serve_dimse(settings, ctx, stop, dimse_ready), name="dimse")
-    http_task = asyncio.create_task(http.serve(), name="http")
     from ..hl7.server import serve_hl7
 
     hl7_ready = asyncio.Event()
@@ -95,6 +94,8 @@ async def _serve(settings: Settings) -> None:
     tiering_task = asyncio.create_task(_run_tiering(ctx, stop), name="tiering")
     storage_task = asyncio.create_task(_run_storage(ctx, stop), name="storage")
     await hl7_ready.wait() if not hl7_task.done() else None
+    # HTTP last: /healthz answering means every listener (DICOM, HL7) is bound, so clients may connect at once
+    http_task = asyncio.create_task(http.serve(), name="http")
     log.info("OpenPACS %s listening: DICOM %s:%d, HTTP http://%s:%d/ (index %s)", settings.aet, settings.dicom_host,
              settings.dicom_port, settings.http_host, settings.http_port, settings.resolved_index_url.split("@")[-1])
     stop_wait = asyncio.create_task(stop.wait())
