@@ -17,6 +17,7 @@ from helpers import dcmtk, petct
 from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium
 from helpers.server import OpenPACSServer
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,16 @@ def rt_server(require_dcmtk, tmp_path_factory):
     base = tmp_path_factory.mktemp("rtdose")
     ct, dose, study = petct.write_ct_with_dose(base / "files")
     other_ct, _pt, other_study = petct.write_study(base / "other")  # another frame of reference
+    plan = base / "files" / "rtplan.dcm"  # pydicom's RT Plan, put into this study
+    ds = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+    ds.StudyInstanceUID, ds.PatientID = study, pydicom.dcmread(ct[0]).PatientID
+    ds.save_as(plan, enforce_file_format=True)
     srv = OpenPACSServer(base / "data").start()
-    result = dcmtk.store(srv.dicom_port, [*ct, dose, other_ct[0]])
+    result = dcmtk.store(srv.dicom_port, [*ct, dose, other_ct[0], plan], "-R")
     statuses = dcmtk.parse_store_log(result.output)
-    assert result.returncode == 0 and len(statuses) == len(ct) + 2, result.output[-2000:]
+    assert result.returncode == 0 and len(statuses) == len(ct) + 3, result.output[-2000:]
     assert all(s.startswith("Success") for s in statuses.values())
+    srv.plan = plan  # type: ignore[attr-defined]
     yield srv, ct, dose, study, pydicom.dcmread(other_ct[0]).SOPInstanceUID
     srv.stop()
 
@@ -50,6 +56,15 @@ def test_rt_dose_round_trip_byte_exact(rt_server, tmp_path) -> None:
     ds = DICOMwebClient(f"http://127.0.0.1:{srv.http_port}/dicom-web").retrieve_instance(
         study, sent.SeriesInstanceUID, sent.SOPInstanceUID)
     assert ds == sent and list(ds.GridFrameOffsetVector) == list(sent.GridFrameOffsetVector)
+    # the RT Plan too (no pixels: every element, beams and fraction groups included)
+    plan = pydicom.dcmread(srv.plan)
+    got = dcmtk.get(srv.dicom_port, "study", "IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID":
+                    plan.SeriesInstanceUID, "SOPInstanceUID": plan.SOPInstanceUID}, tmp_path / "plan")
+    assert got.result.returncode == 0 and len(got.files) == 1, got.result.output[-2000:]
+    assert pydicom.dcmread(got.files[0]) == plan
+    back = DICOMwebClient(f"http://127.0.0.1:{srv.http_port}/dicom-web").retrieve_instance(
+        study, plan.SeriesInstanceUID, plan.SOPInstanceUID)
+    assert back == plan and back.BeamSequence[0].BeamName == "Field 1"
 
 
 def test_overlay_api_draws_the_dose_where_it_is(rt_server) -> None:
