@@ -17,7 +17,8 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, Any, Generic, TypeVar
 
 import numpy as np
 import pydicom
@@ -363,41 +364,51 @@ class _FragmentIndex:
         return data
 
 
-class _IndexCache:
-    """A bounded LRU of fragment indexes, keyed by (path, inode, size, mtime): a rewritten file gets a new entry."""
+K = TypeVar("K")
+V = TypeVar("V")
 
-    def __init__(self, max_entries: int = 256, max_fragments: int = 4_000_000) -> None:
+
+class BoundedLRU(Generic[K, V]):
+    """A thread-safe LRU bounded by entry count and by total weight (``weight(value)``, e.g. fragments held): the
+    fragment indexes here and video.py's bitstream indexes. The newest entry is always kept."""
+
+    def __init__(self, max_entries: int, max_weight: int | None = None,
+                 weight: Callable[[V], int] = lambda _v: 1) -> None:
         self.max_entries = max_entries
-        self.max_fragments = max_fragments
-        self._data: OrderedDict[tuple[str, int, int, int], _FragmentIndex] = OrderedDict()
-        self._fragments = 0
+        self.max_weight = max_weight
+        self._weight = weight
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._total = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int, int, int]) -> _FragmentIndex | None:
+    def get(self, key: K) -> V | None:
         with self._lock:
             entry = self._data.get(key)
             if entry is not None:
                 self._data.move_to_end(key)
             return entry
 
-    def put(self, key: tuple[str, int, int, int], entry: _FragmentIndex) -> None:
+    def put(self, key: K, entry: V) -> None:
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
-                self._fragments -= old.size
+                self._total -= self._weight(old)
             self._data[key] = entry
-            self._fragments += entry.size
-            while len(self._data) > 1 and (len(self._data) > self.max_entries or self._fragments > self.max_fragments):
+            self._total += self._weight(entry)
+            while len(self._data) > 1 and (len(self._data) > self.max_entries or
+                                           (self.max_weight is not None and self._total > self.max_weight)):
                 _, dropped = self._data.popitem(last=False)
-                self._fragments -= dropped.size
+                self._total -= self._weight(dropped)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-            self._fragments = 0
+            self._total = 0
 
 
-_INDEX_CACHE = _IndexCache()
+# fragment indexes keyed by (path, inode, size, mtime): a rewritten file gets a new entry
+_INDEX_CACHE: BoundedLRU[tuple[str, int, int, int], _FragmentIndex] = BoundedLRU(
+    256, 4_000_000, lambda e: e.size)
 
 
 def frame_info(ds: Dataset) -> dict[str, Any]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from threading import Lock
 from typing import IO, Any
 
-from .frames import FrameReader
+from .frames import BoundedLRU, FrameReader
 
 # transfer syntax -> the media type of its bitstream (PS3.18 Table 8.7.4-1 / 10.4.1.1.3 rendered video)
 VIDEO_MEDIA: dict[str, str] = {
@@ -131,30 +129,8 @@ class VideoIndex:
             i += 1
 
 
-class _IndexCache:
-    """The last few indexes by stored object: a browser asks for many ranges of one video."""
-
-    def __init__(self, entries: int = 32) -> None:
-        self.entries = entries
-        self._items: OrderedDict[Any, VideoIndex] = OrderedDict()
-        self._lock = Lock()
-
-    def get(self, key: Any) -> VideoIndex | None:
-        with self._lock:
-            idx = self._items.get(key)
-            if idx is not None:
-                self._items.move_to_end(key)
-            return idx
-
-    def put(self, key: Any, idx: VideoIndex) -> None:
-        with self._lock:
-            self._items[key] = idx
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
-
-
-INDEX_CACHE = _IndexCache()
+# the last few indexes by stored object: a browser asks for many ranges of one video
+INDEX_CACHE: BoundedLRU[Any, VideoIndex] = BoundedLRU(32)
 
 
 def video_index(reader: FrameReader, key: Any = None) -> VideoIndex:
