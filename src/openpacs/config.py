@@ -92,6 +92,10 @@ class Settings:
     # The durable job queue (services/jobs.py): lease a node renews while it runs a job, first retry delay (doubled
     # per attempt up to job_backoff_max), attempts before a job fails, jobs run at once per node
     job_lease_seconds: float = 30.0
+    # the orphan sweep removes unreferenced blobs older than this; on a shared index (PostgreSQL: several nodes
+    # write to one store) a younger blob may be another node's store whose index commit is under way
+    orphan_grace_seconds: float = 600.0
+    orphan_sweep_hours: float = 6.0  # shared index: how often one node (advisory lock) sweeps again; 0 = at start only
     job_backoff_seconds: float = 5.0
     job_backoff_max: float = 600.0
     job_max_attempts: int = 5

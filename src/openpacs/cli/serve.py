@@ -20,17 +20,61 @@ log = logging.getLogger("openpacs")
 
 
 def sweep_orphans(ctx: Context, before: float) -> int:
-    """Delete blobs no index row references (left by a crash between the blob write and the commit)."""
-    removed = ctx.store.clean_temp()
-    candidates = set(ctx.store.keys_older_than(before))
-    if candidates:
-        orphans = candidates - ctx.index.blob_keys()
-        for key in orphans:
-            ctx.store.delete(key)
-        removed += len(orphans)
+    """Delete blobs no index row references (left by a crash between the blob write and the commit).
+
+    With an embedded index (SQLite) this server is the only writer, so every blob older than its start is settled.
+    With a shared index (PostgreSQL, several nodes on one store) another node may be between its blob write and its
+    commit at any moment: only blobs older than ``orphan_grace_seconds`` are candidates, and one node at a time
+    sweeps (a PostgreSQL advisory lock). Blob keys are never reused, so an old unreferenced key stays unreferenced."""
+    shared = not ctx.index.is_sqlite
+    cutoff = min(before, time.time() - ctx.settings.orphan_grace_seconds) if shared else before
+    with _sweep_lock(ctx) as mine:
+        if not mine:
+            return 0
+        removed = ctx.store.clean_temp()
+        candidates = set(ctx.store.keys_older_than(cutoff))
+        if candidates:
+            orphans = candidates - ctx.index.blob_keys()
+            for key in orphans:
+                ctx.store.delete(key)
+            removed += len(orphans)
     if removed:
         log.warning("orphan sweep removed %d unreferenced blob(s) / partial writes", removed)
     return removed
+
+
+SWEEP_LOCK = 0x6F70_6163_7302  # pg advisory lock key: one orphan sweep at a time across the nodes
+
+
+@contextlib.contextmanager
+def _sweep_lock(ctx: Context) -> Iterator[bool]:
+    if ctx.index.is_sqlite:
+        yield True
+        return
+    from sqlalchemy import text
+
+    with ctx.index.engine.connect() as c:
+        got = bool(c.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SWEEP_LOCK}).scalar())
+        c.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                c.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SWEEP_LOCK})
+                c.commit()
+
+
+def _sweep_periodically(ctx: Context, started: float) -> None:
+    sweep_orphans(ctx, started)
+    hours = ctx.settings.orphan_sweep_hours
+    if ctx.index.is_sqlite or hours <= 0:
+        return
+    while True:
+        time.sleep(hours * 3600)
+        try:
+            sweep_orphans(ctx, time.time())
+        except Exception:
+            log.exception("orphan sweep failed")
 
 
 def first_start_admin(ctx: Context) -> None:
@@ -55,6 +99,7 @@ async def _serve(settings: Settings) -> None:
 
     started = time.time()
     ctx = build_context(settings)
+    ctx.index.changes.start()  # configuration changed by other nodes/processes drops this node's cached copies
     if ctx.routing is not None:
         ctx.routing.config_rules()  # a malformed [[routes]] table stops the start with its name (RouteError)
     first_start_admin(ctx)
@@ -67,7 +112,7 @@ async def _serve(settings: Settings) -> None:
         ctx.audit.record("ApplicationActivity", event_type="110120", user=settings.aet, protocol="CLI",
                          detail=f"OpenPACS started (auth {'on' if settings.auth_enabled else 'off: development mode'})")
     # partial writes from a crash go first (they are temp files); the full sweep runs beside the services
-    threading.Thread(target=sweep_orphans, args=(ctx, started), name="orphan-sweep", daemon=True).start()
+    threading.Thread(target=_sweep_periodically, args=(ctx, started), name="orphan-sweep", daemon=True).start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

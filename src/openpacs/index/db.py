@@ -48,6 +48,9 @@ class Index:
             self.engine = create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
             self.write_engine = self.engine
         self._writer = BatchWriter(pyformat=not self.is_sqlite)
+        from .changes import ChangeBus
+
+        self.changes = ChangeBus(self)  # cross-node cache invalidation (started by `openpacs serve`)
         self._write_lock = threading.Lock()
         self._raw: Any = None
         if self.is_sqlite:
@@ -85,7 +88,7 @@ class Index:
     def migrate(self) -> None:
         from .migrate import upgrade
 
-        upgrade(self.write_engine)
+        upgrade(self.write_engine)  # on PostgreSQL under an advisory lock: nodes starting together migrate in turn
 
     def ping(self) -> bool:
         try:
@@ -96,6 +99,7 @@ class Index:
             return False
 
     def close(self) -> None:
+        self.changes.stop()
         with self._write_lock:
             if self._raw is not None:
                 self._raw.close()
@@ -182,7 +186,10 @@ class Index:
             if not rows:
                 return []
             ts = now()
-            conn.execute(delete(instances).where(instances.c.id.in_([r.id for r in rows])))
+            # the keys of the rows actually deleted: a store racing this delete may have replaced a row's blob since
+            # the select (PostgreSQL, READ COMMITTED), and it is that newer blob that must go with the row
+            deleted_keys = [k for (k,) in conn.execute(
+                delete(instances).where(instances.c.id.in_([r.id for r in rows])).returning(instances.c.blob_key))]
             touched_series = {r.series_id for r in rows}
             touched_studies = {r.study_id for r in rows}
             touched_patients = {r.patient_fk for r in rows}
@@ -195,7 +202,7 @@ class Index:
             conn.execute(insert(changes), [
                 dict(change_type="Deleted", level=level, uid=u, study_instance_uid=None, at=ts) for u in uids
             ])
-            return [r.blob_key for r in rows]
+            return deleted_keys
 
     def recount(self, conn: Connection, series_ids: Iterable[int]) -> None:
         """Bring the counters and lists of these series and of their studies and patients back in line (after an

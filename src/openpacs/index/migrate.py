@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -19,5 +20,21 @@ def alembic_config(engine: Engine | None = None) -> Config:
     return cfg
 
 
+MIGRATION_LOCK = 0x6F70_6163_7301  # pg_advisory_lock key: "opacs" + 1
+
+
 def upgrade(engine: Engine, revision: str = "heads") -> None:
-    command.upgrade(alembic_config(engine), revision)
+    """Bring the schema to ``revision``. On PostgreSQL the upgrade holds a session advisory lock, so several nodes
+    started at once run it one after the other (the later ones find nothing left to do) instead of racing on
+    CREATE TABLE; the revisions themselves add tables, columns and indexes without rewriting big tables."""
+    if engine.dialect.name != "postgresql":
+        command.upgrade(alembic_config(engine), revision)
+        return
+    with engine.connect() as lock:
+        lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+        lock.commit()
+        try:
+            command.upgrade(alembic_config(engine), revision)
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+            lock.commit()

@@ -2,8 +2,9 @@
 
 Protocol-free: the HTTP middleware (web.auth), the CLI (cli.user) and the DIMSE access checks all ask this service.
 Hot paths never run a KDF: bearer tokens and session cookies are random 256-bit secrets, looked up by their SHA-256
-and cached for ``CACHE_TTL`` seconds (revocation, disabling and password changes clear the local cache at once;
-other processes — other nodes, or the ``openpacs user`` command beside a running server — follow within the TTL).
+and cached for ``CACHE_TTL`` seconds. Revocation, disabling and password changes clear the local cache at once and
+publish an ``auth`` change (index/changes.py): other nodes drop theirs on the PostgreSQL notification, other
+processes on one SQLite index within a second; the TTL only bounds a node that crashed before publishing.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ class AuthService:
         self._tokens = _TTLCache(CACHE_TTL)
         self._sessions = _TTLCache(CACHE_TTL)
         self.oidc: OIDCValidator | None = None
+        index.changes.subscribe("auth", self._clear_local)  # a change made on another node
 
     # -- users -----------------------------------------------------------------------------------------------
     def _principal(self, row: Any, method: str, csrf: str = "") -> Principal:
@@ -332,6 +334,10 @@ class AuthService:
         self._invalidate()
 
     def _invalidate(self) -> None:
+        """Users, tokens or sessions changed: every node's copies go (this one's at once, the others' on notify)."""
+        self.index.changes.bump("auth")
+
+    def _clear_local(self) -> None:
         self._tokens.clear()
         self._sessions.clear()
 
@@ -484,7 +490,7 @@ class AuthService:
     def end_session(self, cookie: str) -> None:
         with self.index.write_engine.begin() as c:
             c.execute(update(sessions).where(sessions.c.id == token_hash(cookie)).values(revoked=True))
-        self._sessions.clear()
+        self._invalidate()
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:

@@ -63,12 +63,16 @@ class DepartmentService:
         self._rules: list[Rule] = []
         self._loaded = 0.0
         self._lock = threading.Lock()
+        index.changes.subscribe("departments", self._mark_stale)  # rules edited on another node or process
 
     # -- the hot path ----------------------------------------------------------------------------------------
     def rules(self) -> list[Rule]:
         if time.monotonic() - self._loaded > self.reload_every:
             self.reload()
         return self._rules
+
+    def _mark_stale(self) -> None:
+        self._loaded = 0.0  # the next classification reads the rules again
 
     def reload(self) -> None:
         with self.index.engine.connect() as c:
@@ -152,12 +156,14 @@ class DepartmentService:
                     created_at=datetime.now(UTC),
                 )
             ).inserted_primary_key[0]  # type: ignore[index]
+        self.index.changes.bump("departments")
         self.reload()
         return int(rid)
 
     def delete_rule(self, rule_id: int) -> None:
         with self.index.write_engine.begin() as c:
             c.execute(delete(department_rules).where(department_rules.c.id == rule_id))
+        self.index.changes.bump("departments")
         self.reload()
 
     def reapply(self, only_unassigned: bool = False) -> int:

@@ -3,8 +3,8 @@ with the read-only ``[remote_aes.*]`` of the TOML file, their activity, and a C-
 
 Every process (the web process and each DICOM worker) has its own :class:`NodesService` bound to its Settings;
 the DIMSE access checks and the C-MOVE destination lookup read :func:`remote_aes_for`, a copy cached for
-``CACHE_TTL`` seconds, so a node added in the console is known to every worker within that time, without a restart.
-A change made in this process clears its cache at once.
+``CACHE_TTL`` seconds. A change made in this process clears its cache at once and publishes a ``nodes`` change
+(index/changes.py) that the other processes and nodes act on as soon as they hear it; the TTL bounds the rest.
 
 The C-ECHO is sent with pynetdicom as a plain client (no server of ours is needed: the web process and
 ``openpacs doctor`` use it too), and its result is kept in ``node_activity`` (``last_echo_*``).
@@ -198,6 +198,7 @@ class NodesService:
         self.ttl = ttl
         self._cache: tuple[float, dict[str, RemoteAE]] | None = None
         self._lock = threading.Lock()
+        index.changes.subscribe("nodes", self._drop_cache)  # a change made on another node or process
         if bind:
             with _BOUND_LOCK:
                 _BOUND[id(settings)] = self
@@ -255,6 +256,10 @@ class NodesService:
             return found
 
     def invalidate(self) -> None:
+        """The index's nodes changed here: drop the copy on every node (index/changes.py)."""
+        self.index.changes.bump("nodes")
+
+    def _drop_cache(self) -> None:
         self._cache = None
 
     # -- changing ----------------------------------------------------------------------------------------------
