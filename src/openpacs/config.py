@@ -95,6 +95,9 @@ class Settings:
     # the orphan sweep removes unreferenced blobs older than this; on a shared index (PostgreSQL: several nodes
     # write to one store) a younger blob may be another node's store whose index commit is under way
     orphan_grace_seconds: float = 600.0
+    # how long a node may serve its cached copy of tokens, sessions and remote nodes when it missed a change
+    # notification (index/changes.py normally drops the copies at once); department rules: max(30 s, this)
+    config_cache_seconds: float = 5.0
     orphan_sweep_hours: float = 6.0  # shared index: how often one node (advisory lock) sweeps again; 0 = at start only
     job_backoff_seconds: float = 5.0
     job_backoff_max: float = 600.0

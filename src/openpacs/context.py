@@ -72,7 +72,7 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
     retrieve = RetrieveService(settings, store, index)
     auth, audit, departments = build_security(settings, index)
     ingest.classify_department = departments.classify
-    nodes = NodesService(settings, index)
+    nodes = NodesService(settings, index, ttl=settings.config_cache_seconds)
     monitor = Monitor(ActivityRecorder(index, settings.aet).start())
     ingest.monitor = monitor
     guard = build_guard(settings, store, index)
@@ -93,7 +93,8 @@ def build_context(settings: Settings, *, migrate: bool = True) -> Context:
 
 
 def build_security(settings: Settings, index: Index) -> tuple[AuthService, AuditService, DepartmentService]:
-    auth = AuthService(index, session_hours=settings.session_hours, token_days=settings.token_days)
+    auth = AuthService(index, session_hours=settings.session_hours, token_days=settings.token_days,
+                       cache_seconds=settings.config_cache_seconds)
     if settings.oidc_issuer:
         role_map = dict(p.split("=", 1) for p in settings.oidc_role_map.split(",") if "=" in p) or None
         auth.oidc = OIDCValidator(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url,
@@ -103,5 +104,6 @@ def build_security(settings: Settings, index: Index) -> tuple[AuthService, Audit
     audit = AuditService(index, node=settings.aet, spool_dir=settings.data_dir / "audit-spool",
                          syslog_url=settings.audit_syslog, syslog_ca=settings.audit_syslog_ca,
                          syslog_cert=settings.audit_syslog_cert, syslog_key=settings.audit_syslog_key)
-    departments = DepartmentService(index, default=settings.default_department or None)
+    departments = DepartmentService(index, default=settings.default_department or None,
+                                    reload_every=max(30.0, settings.config_cache_seconds))
     return auth, audit, departments

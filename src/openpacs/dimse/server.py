@@ -392,6 +392,7 @@ async def _worker(settings: Settings, ctrl: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="dimse")
     ctx = await loop.run_in_executor(executor, lambda: build_context(settings, migrate=False))
+    ctx.index.changes.start()  # this worker's cached nodes and department rules follow changes made elsewhere
     ctrl.setblocking(False)
 
     def closed() -> None:

@@ -112,6 +112,8 @@ class ChangeBus:
         now = self._epochs()
         moved = [t for t, e in now.items() if self._seen.get(t) != e]
         self._seen = now
+        if moved:
+            log.info("configuration changed elsewhere: %s (cached copies dropped)", ", ".join(sorted(moved)))
         for t in moved:
             self.received += 1
             self._fire(t)

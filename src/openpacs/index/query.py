@@ -89,14 +89,26 @@ def compile_query(q: Query, select_attrs: list[Attribute], pn_case_insensitive: 
                                                           studies.c.department.in_(q.departments))))
         else:
             conds.append(studies.c.department.in_(q.departments))
-    if conds:
-        stmt = stmt.where(and_(*conds))
     if level == "STUDY" and q.filters.get("StudyDate", "").strip() not in ("", "*"):
         # the study date index then yields rows already in order: no sort of every match before LIMIT
         # (10k studies in a date range, limit 100: 18.6 -> ~1 ms of SQL); date order is also what people expect
-        stmt = stmt.order_by(studies.c.study_date, base.c.id)
+        order: list[Any] = [studies.c.study_date, base.c.id]
     else:
-        stmt = stmt.order_by(base.c.id)
+        order = [base.c.id]
+    if level == "STUDY" and (q.limit is not None or q.offset):
+        # A page of studies is chosen on the studies table alone (at this level every condition is on studies: the
+        # patient's keys come as patient_fk IN (...)), and only its rows are joined to their patients. Else the
+        # planner joined and sorted every match before OFFSET (1M instances / 20k studies, offset 19,800: a hash
+        # join of 20k wide rows and a 6 MB sort, 41 ms of SQL).
+        page = select(studies.c.id).where(and_(*conds)).order_by(*order)
+        if q.limit is not None:
+            page = page.limit(q.limit)
+        if q.offset:
+            page = page.offset(q.offset)
+        return CompiledQuery(stmt.where(studies.c.id.in_(page.scalar_subquery())).order_by(*order), select_attrs)
+    if conds:
+        stmt = stmt.where(and_(*conds))
+    stmt = stmt.order_by(*order)
     if q.limit is not None:
         stmt = stmt.limit(q.limit)
     if q.offset:

@@ -88,6 +88,7 @@ studies = Table(
 )
 Index("ix_studies_patient", studies.c.patient_fk)
 Index("ix_studies_date", studies.c.study_date)
+Index("ix_studies_date_id", studies.c.study_date, studies.c.id)  # migration 0019a: date-range pages in index order
 Index("ix_studies_accession", studies.c.accession_number)
 Index("ix_studies_updated", studies.c.updated_at)
 Index("ix_studies_created", studies.c.created_at)

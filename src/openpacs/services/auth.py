@@ -224,12 +224,13 @@ class _TTLCache:
 
 
 class AuthService:
-    def __init__(self, index: Index, *, session_hours: float = 12.0, token_days: float = 90.0) -> None:
+    def __init__(self, index: Index, *, session_hours: float = 12.0, token_days: float = 90.0,
+                 cache_seconds: float = CACHE_TTL) -> None:
         self.index = index
         self.session_ttl = timedelta(hours=session_hours)
         self.token_ttl = timedelta(days=token_days)
-        self._tokens = _TTLCache(CACHE_TTL)
-        self._sessions = _TTLCache(CACHE_TTL)
+        self._tokens = _TTLCache(cache_seconds)
+        self._sessions = _TTLCache(cache_seconds)
         self.oidc: OIDCValidator | None = None
         index.changes.subscribe("auth", self._clear_local)  # a change made on another node
 

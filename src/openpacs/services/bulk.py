@@ -209,7 +209,10 @@ class BulkLoader:
             p[2].update(num_studies=p[3], num_series=p[4], num_instances=p[5])
         self._insert(cur, raw, "patients", [p[2] for p in new_patients])
         self._insert(cur, raw, "studies", [self._study_row(s) for s in c.studies.values() if s.new])
-        self._insert(cur, raw, "series", [s[3] for s in c.series.values() if s[2]])
+        new_series = [s for s in c.series.values() if s[2]]
+        for s in new_series:
+            s[3].update(num_instances=s[4], size_bytes=s[5])
+        self._insert(cur, raw, "series", [s[3] for s in new_series])
         self._insert(cur, raw, "instances", c.instances)
         if self.changes:
             self._insert(cur, raw, "changes", c.changes, _CHANGE_COLUMNS)
@@ -228,7 +231,7 @@ class BulkLoader:
         stats.instances += len(c.instances)
         stats.patients += len(new_patients)
         stats.studies += sum(1 for s in c.studies.values() if s.new)
-        stats.series += sum(1 for s in c.series.values() if s[2])
+        stats.series += len(new_series)
 
     def _add(self, c: _Chunk, it: NewInstance, ts: Any, have_patients: dict[tuple[str, str], int],
              have_studies: dict[str, Any], by_study_id: dict[int, str], have_series: dict[str, tuple[int, int]],
