@@ -8,6 +8,7 @@ need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)  # not `command -v`: pynetdicom ships a storescu too
 [ -x /usr/lib/postgresql/15/bin/initdb ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v chromium >/dev/null || need_apt+=(chromium)
+[ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)  # the scale-out test balances three nodes with it
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 if [ ${#need_apt[@]} -gt 0 ]; then

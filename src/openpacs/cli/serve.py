@@ -65,11 +65,18 @@ def _sweep_lock(ctx: Context) -> Iterator[bool]:
 
 
 def _sweep_periodically(ctx: Context, started: float) -> None:
+    """At start; on a shared index again once the grace period has passed (then every blob older than this start
+    is settled, so a crash's orphans go within ``orphan_grace_seconds``), then every ``orphan_sweep_hours``."""
     sweep_orphans(ctx, started)
-    hours = ctx.settings.orphan_sweep_hours
-    if ctx.index.is_sqlite or hours <= 0:
+    if ctx.index.is_sqlite:
         return
-    while True:
+    try:
+        time.sleep(max(0.0, started + ctx.settings.orphan_grace_seconds - time.time()) + 1.0)
+        sweep_orphans(ctx, started)
+    except Exception:
+        log.exception("orphan sweep failed")
+    hours = ctx.settings.orphan_sweep_hours
+    while hours > 0:
         time.sleep(hours * 3600)
         try:
             sweep_orphans(ctx, time.time())

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..context import Context
-from ..dicom.json import dataset_to_json, dumps
+from ..dicom.json import dumps
 from ..services.query import QueryError, keyword_of
 from ..services.types import Level, Query
 from .common import (
@@ -235,11 +235,11 @@ def _complete(j: dict[str, Any], level: Level, root: str) -> dict[str, Any]:
 def run_search(ctx: Context, q: Query, level: Level, root: str, cap: int | None) -> tuple[list[dict[str, Any]], bool]:
     out: list[dict[str, Any]] = []
     more = False
-    for ds in ctx.query.find(q):
+    for j in ctx.query.find_json(q):  # encoded from the index rows, pydicom only for values read from files
         if cap is not None and len(out) >= cap:
             more = True
             break
-        out.append(_complete(dataset_to_json(ds), level, root))
+        out.append(_complete(j, level, root))
     return out, more
 
 

@@ -198,7 +198,9 @@ class NodesService:
         self.ttl = ttl
         self._cache: tuple[float, dict[str, RemoteAE]] | None = None
         self._lock = threading.Lock()
-        index.changes.subscribe("nodes", self._drop_cache)  # a change made on another node or process
+        self._changes = getattr(index, "changes", None)  # None: a read-only index (openpacs doctor)
+        if self._changes is not None:
+            self._changes.subscribe("nodes", self._drop_cache)  # a change made on another node or process
         if bind:
             with _BOUND_LOCK:
                 _BOUND[id(settings)] = self
@@ -257,7 +259,10 @@ class NodesService:
 
     def invalidate(self) -> None:
         """The index's nodes changed here: drop the copy on every node (index/changes.py)."""
-        self.index.changes.bump("nodes")
+        if self._changes is not None:
+            self._changes.bump("nodes")
+        else:
+            self._drop_cache()
 
     def _drop_cache(self) -> None:
         self._cache = None

@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from ..config import Settings
 from ..dicom.header import as_text, read_header
+from ..dicom.json import _ds_value, _pn_value, dataset_to_json, tag_key
 from ..index.db import Index
 from ..index.matching import EMPTY_VALUE, MatchError, check_value, stored_time, time_bounds
 from ..index.query import attributes_for, compile_query, lower_level_conditions, rows
@@ -32,6 +33,10 @@ log = logging.getLogger("openpacs.query")
 LEVEL_OF_MODEL = {"PATIENT": ("PATIENT", "STUDY", "SERIES", "IMAGE"), "STUDY": ("STUDY", "SERIES", "IMAGE")}
 IGNORED_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 REQUEST_ATTRIBUTES_SEQUENCE = "RequestAttributesSequence"
+
+_T = TypeVar("_T")
+# (index row values, stored header or None) -> one result
+_Builder = Callable[[dict[str, Any], Dataset | None], _T]
 
 
 class QueryError(Exception):
@@ -144,6 +149,26 @@ class QueryService:
     # -- running queries -------------------------------------------------------------------------------------
     def find(self, query: Query, cancelled: Callable[[], bool] | None = None) -> Iterator[Dataset]:
         """Matching entities as Datasets holding the requested keys (plus the level's defaults for include_all)."""
+
+        def builder(requested: list[str], indexed: dict[str, Any]) -> _Builder[Dataset]:
+            return lambda values, header: self._dataset(query, requested, indexed, values, header)
+
+        return self._search(query, cancelled, builder)
+
+    def find_json(self, query: Query, cancelled: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:
+        """As ``find``, each match already encoded as a DICOM JSON object (PS3.18 F.2, ``dicom.json``'s encoding).
+
+        Built straight from the index row when every returned key is an indexed one (no header read): pydicom
+        elements would cost several times more than the encoding itself. The same JSON as
+        ``dataset_to_json(find(...))`` in every case (tests/unit/dicomweb/test_qido_fastpath.py compares them)."""
+
+        def builder(requested: list[str], indexed: dict[str, Any]) -> _Builder[dict[str, Any]]:
+            return self._json_builder(query, requested, indexed)
+
+        return self._search(query, cancelled, builder)
+
+    def _search(self, query: Query, cancelled: Callable[[], bool] | None,
+                make_builder: Callable[[list[str], dict[str, Any]], _Builder[_T]]) -> Iterator[_T]:
         level = query.level
         visible = attributes_for(level)
         requested: list[str] = []
@@ -181,6 +206,7 @@ class QueryService:
             cq = compile_query(sql_query, select_attrs_all, self.settings.pn_case_insensitive)
         except MatchError as e:
             raise QueryError(Status.IDENTIFIER_MISMATCH, str(e)) from e
+        build = make_builder(requested, indexed)
         skipped = 0
         produced = 0
         with self.index.engine.connect() as conn:
@@ -216,7 +242,7 @@ class QueryService:
                         if query.limit is not None and produced >= query.limit:
                             return
                 produced += 1
-                yield self._dataset(query, requested, indexed, values, header)
+                yield build(values, header)
 
     def _items_match(self, header: Dataset, keyword: str, keys: dict[str, str]) -> bool:
         """Sequence matching (PS3.4 C.2.2.2.6): some stored item matches every key of the query's item."""
@@ -317,3 +343,114 @@ class QueryService:
         for kw in REQUEST_ATTRIBUTES:
             item.add(DataElement(REQUEST_ATTRIBUTES[kw].tag, "SH", values.get(kw) or None))
         return DicomSequence([item])
+
+    # -- DICOM JSON straight from index rows (QIDO-RS) --------------------------------------------------------
+    def _json_builder(self, query: Query, requested: list[str],
+                      indexed: dict[str, Any]) -> _Builder[dict[str, Any]]:
+        """The per-row encoder of ``find_json``: the JSON ``dataset_to_json(self._dataset(...))`` gives, built
+        without pydicom for the values it knows the encoding of; any other value (a multi-valued PN, IS or DS, a
+        number the index holds as odd text, ...) goes through a one-element Dataset, so the two never differ."""
+        plan: list[tuple[str, int, str, str]] = []  # (JSON key, tag, VR, keyword), in tag order
+        for k in requested:
+            if k == "QueryRetrieveLevel":
+                tag, vr = 0x00080052, "CS"
+            elif k == REQUEST_ATTRIBUTES_SEQUENCE:
+                tag, vr = REQUEST_ATTRIBUTES_SEQUENCE_TAG, "SQ"
+            else:
+                tag, vr = _tag_vr(k)
+            plan.append((tag_key(tag), tag, vr, k))
+        by_tag = {p[1]: p for p in plan}  # a later key of the same tag replaces the earlier, as Dataset.add does
+        plan = [by_tag[t] for t in sorted(by_tag)]
+        level = query.level
+        ints = _INT_VRS_OF_INDEX
+        multi_fast = _MULTI_FAST_VRS
+        string_vrs = _STRING_VRS_OF_JSON
+
+        def build(values: dict[str, Any], header: Dataset | None) -> dict[str, Any]:
+            if header is not None:  # values from a stored header: the pydicom path
+                return dataset_to_json(self._dataset(query, requested, indexed, values, header))
+            out: dict[str, Any] = {}
+            non_ascii = False
+            for key, tag, vr, k in plan:
+                if k == "QueryRetrieveLevel":
+                    out[key] = {"vr": "CS", "Value": [level]}
+                    continue
+                if k == REQUEST_ATTRIBUTES_SEQUENCE:
+                    out[key] = self._request_attributes_json(values, query)
+                    continue
+                if k not in indexed:
+                    out[key] = {"vr": vr}
+                    continue
+                # the value as _dataset normalizes it
+                v = values.get(k)
+                if v is None:
+                    out[key] = {"vr": vr}
+                    continue
+                if vr in ints:
+                    v = int(v) if str(v).lstrip("-").isdigit() else (None if v == "" else v)
+                    if v is None:
+                        out[key] = {"vr": vr}
+                    elif type(v) is int:
+                        out[key] = {"vr": vr, "Value": [v]}
+                    else:
+                        out[key] = _element_json(tag, vr, v)
+                    continue
+                v = str(v)
+                if not v.isascii():
+                    non_ascii = True
+                if not v:
+                    out[key] = {"vr": vr}
+                elif "\\" in v:
+                    if vr in multi_fast:
+                        parts = [p or None for p in v.split("\\")]
+                        out[key] = {"vr": vr, "Value": parts} if any(parts) else {"vr": vr}
+                    else:
+                        out[key] = _element_json(tag, vr, v)
+                elif vr in string_vrs:
+                    out[key] = {"vr": vr, "Value": [v]}
+                elif vr == "PN":
+                    pn = _pn_value(v)
+                    out[key] = {"vr": vr, "Value": [pn]} if pn else {"vr": vr}
+                elif vr == "DS" and _SIMPLE_DS.fullmatch(v):
+                    out[key] = {"vr": vr, "Value": [_ds_value(v)]}
+                else:
+                    out[key] = _element_json(tag, vr, v)
+            if non_ascii:
+                out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+                out = dict(sorted(out.items()))
+            return out
+
+        return build
+
+    def _request_attributes_json(self, values: dict[str, Any], query: Query) -> dict[str, Any]:
+        if query.level not in ("SERIES", "IMAGE"):
+            return {"vr": "SQ"}
+        item: dict[str, Any] = {}
+        for kw in REQUEST_ATTRIBUTES:
+            tag = REQUEST_ATTRIBUTES[kw].tag
+            v = values.get(kw) or None
+            if v is None:
+                item[tag_key(tag)] = {"vr": "SH"}
+            elif type(v) is str and "\\" not in v:
+                item[tag_key(tag)] = {"vr": "SH", "Value": [v]}
+            else:
+                item[tag_key(tag)] = _element_json(tag, "SH", v)
+        return {"vr": "SQ", "Value": [dict(sorted(item.items()))]}
+
+
+REQUEST_ATTRIBUTES_SEQUENCE_TAG = 0x00400275
+_INT_VRS_OF_INDEX = frozenset({"IS", "US", "UL", "SS", "SL"})  # the VRs _dataset turns into int
+_MULTI_FAST_VRS = frozenset({"CS", "UI", "LO", "SH"})  # split by _dataset, each value a plain string in JSON
+# the string VRs dataset_to_json writes as the text itself (PN, DS, IS and binary VRs are not among them)
+_STRING_VRS_OF_JSON = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_SIMPLE_DS = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,12})?")
+
+
+def _element_json(tag: int, vr: str, v: Any) -> Any:
+    """One element as the pydicom path encodes it (``_dataset``'s splitting, then ``dataset_to_json``)."""
+    ds = Dataset()
+    if isinstance(v, str) and "\\" in v and vr in ("CS", "UI", "LO", "SH", "PN", "DS", "IS"):
+        ds.add(DataElement(tag, vr, v.split("\\")))
+    else:
+        ds.add(DataElement(tag, vr, v))
+    return dataset_to_json(ds)[tag_key(tag)]

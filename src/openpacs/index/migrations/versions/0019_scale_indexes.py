@@ -16,7 +16,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index('ix_studies_date_id', 'studies', ['study_date', 'id'])
+    if op.get_bind().dialect.name == "postgresql":
+        # built while the other nodes keep serving: CREATE INDEX CONCURRENTLY takes no lock that blocks writes
+        # (it cannot run inside a transaction, hence the autocommit block)
+        with op.get_context().autocommit_block():
+            op.create_index('ix_studies_date_id', 'studies', ['study_date', 'id'], postgresql_concurrently=True,
+                            if_not_exists=True)
+    else:
+        op.create_index('ix_studies_date_id', 'studies', ['study_date', 'id'])
 
 
 def downgrade() -> None:
