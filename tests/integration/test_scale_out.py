@@ -169,6 +169,20 @@ def test_stored_anywhere_visible_everywhere(cluster: Cluster, tmp_path: Path) ->
                                    "JOIN studies st ON s.study_fk = st.id WHERE st.study_instance_uid = %s", study)}
     assert len(keys) == 6 and keys <= cluster.objects().keys()
 
+    # a QC edit through node 1 is what nodes 2 and 3 answer and send at once (C-FIND, WADO-RS metadata, C-GET)
+    r = cluster.api(n1, "PATCH", "/patients/SCALE1", json={"attributes": {"PatientName": "Fixed^Name"}})
+    assert r.status_code == 200, r.text
+    r = cluster.api(n1, "PATCH", f"/studies/{study}", json={"StudyDescription": "Edited on node 1"})
+    assert r.status_code == 200, r.text
+    (rsp,) = dcmtk.find(n2.dicom_port, "study", "STUDY", {"StudyInstanceUID": study, "StudyDescription": "",
+                                                          "PatientName": ""}, tmp_path / "f2b")
+    assert (str(rsp.PatientName), rsp.StudyDescription) == ("Fixed^Name", "Edited on node 1")
+    meta = cluster.web(n2).retrieve_study_metadata(study)
+    assert {m["00100010"]["Value"][0]["Alphabetic"] for m in meta} == {"Fixed^Name"}
+    got = dcmtk.get(n3.dicom_port, "study", "STUDY", {"StudyInstanceUID": study}, tmp_path / "get2")
+    assert {(str(pydicom.dcmread(f).PatientName), pydicom.dcmread(f).StudyDescription) for f in got.files} == \
+        {("Fixed^Name", "Edited on node 1")}
+
     # deleted through node 3: gone from every node's answers, and its objects leave the bucket
     r = cluster.api(n3, "DELETE", f"/studies/{study}")
     assert r.status_code == 204, r.text
