@@ -28,7 +28,7 @@ def sweep_orphans(ctx: Context, before: float) -> int:
     sweeps (a PostgreSQL advisory lock). Blob keys are never reused, so an old unreferenced key stays unreferenced."""
     shared = not ctx.index.is_sqlite
     cutoff = min(before, time.time() - ctx.settings.orphan_grace_seconds) if shared else before
-    with _sweep_lock(ctx) as mine:
+    with ctx.index.exclusive("orphan-sweep") as mine:
         if not mine:
             return 0
         removed = ctx.store.clean_temp()
@@ -41,27 +41,6 @@ def sweep_orphans(ctx: Context, before: float) -> int:
     if removed:
         log.warning("orphan sweep removed %d unreferenced blob(s) / partial writes", removed)
     return removed
-
-
-SWEEP_LOCK = 0x6F70_6163_7302  # pg advisory lock key: one orphan sweep at a time across the nodes
-
-
-@contextlib.contextmanager
-def _sweep_lock(ctx: Context) -> Iterator[bool]:
-    if ctx.index.is_sqlite:
-        yield True
-        return
-    from sqlalchemy import text
-
-    with ctx.index.engine.connect() as c:
-        got = bool(c.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SWEEP_LOCK}).scalar())
-        c.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                c.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SWEEP_LOCK})
-                c.commit()
 
 
 def _sweep_periodically(ctx: Context, started: float) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,23 @@ class Index:
         from .migrate import upgrade
 
         upgrade(self.write_engine)  # on PostgreSQL under an advisory lock: nodes starting together migrate in turn
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Across the nodes of a cluster, at most one holds ``name`` at a time: yields True to the holder, False to
+        the others (who skip this round). A PostgreSQL session advisory lock, released on exit or when the holder's
+        connection dies; on SQLite (one node) always True."""
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:  # no transaction held
+            got = bool(c.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            try:
+                yield got
+            finally:
+                if got:
+                    c.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
     def ping(self) -> bool:
         try:

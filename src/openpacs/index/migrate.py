@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from alembic import command
@@ -30,11 +31,12 @@ def upgrade(engine: Engine, revision: str = "heads") -> None:
     if engine.dialect.name != "postgresql":
         command.upgrade(alembic_config(engine), revision)
         return
-    with engine.connect() as lock:
-        lock.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
-        lock.commit()
+    # polled with try-lock in autocommit, never waited for in a statement: a waiting statement holds a snapshot, and
+    # the holder's CREATE INDEX CONCURRENTLY waits for every snapshot to go (a deadlock PostgreSQL does not detect)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
+        while not lock.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK}).scalar():
+            time.sleep(0.2)
         try:
             command.upgrade(alembic_config(engine), revision)
         finally:
             lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
-            lock.commit()

@@ -350,71 +350,76 @@ class QueryService:
         """The per-row encoder of ``find_json``: the JSON ``dataset_to_json(self._dataset(...))`` gives, built
         without pydicom for the values it knows the encoding of; any other value (a multi-valued PN, IS or DS, a
         number the index holds as odd text, ...) goes through a one-element Dataset, so the two never differ."""
-        plan: list[tuple[str, int, str, str]] = []  # (JSON key, tag, VR, keyword), in tag order
-        for k in requested:
-            if k == "QueryRetrieveLevel":
-                tag, vr = 0x00080052, "CS"
-            elif k == REQUEST_ATTRIBUTES_SEQUENCE:
-                tag, vr = REQUEST_ATTRIBUTES_SEQUENCE_TAG, "SQ"
-            else:
-                tag, vr = _tag_vr(k)
-            plan.append((tag_key(tag), tag, vr, k))
-        by_tag = {p[1]: p for p in plan}  # a later key of the same tag replaces the earlier, as Dataset.add does
-        plan = [by_tag[t] for t in sorted(by_tag)]
         level = query.level
-        ints = _INT_VRS_OF_INDEX
         multi_fast = _MULTI_FAST_VRS
-        string_vrs = _STRING_VRS_OF_JSON
+        plans: list[list[tuple[str, int, str, str, int]]] = []  # made at the first row, as _dataset looks keys up
+
+        def make_plan() -> list[tuple[str, int, str, str, int]]:
+            by_tag: dict[int, tuple[str, int, str, str, int]] = {}  # tag -> (JSON key, tag, VR, keyword, kind)
+            for k in requested:
+                if k == "QueryRetrieveLevel":
+                    tag, vr, kind = 0x00080052, "CS", _QRL
+                elif k == REQUEST_ATTRIBUTES_SEQUENCE:
+                    tag, vr, kind = REQUEST_ATTRIBUTES_SEQUENCE_TAG, "SQ", _RAS
+                else:
+                    tag, vr = _tag_vr(k)
+                    kind = (_ABSENT if k not in indexed else _INT if vr in _INT_VRS_OF_INDEX
+                            else _STR if vr in _STRING_VRS_OF_JSON else _PN if vr == "PN"
+                            else _DS if vr == "DS" else _OTHER)
+                by_tag[tag] = (tag_key(tag), tag, vr, k, kind)  # a later key of a tag replaces, as Dataset.add does
+            return [by_tag[t] for t in sorted(by_tag)]  # dataset_to_json's order
 
         def build(values: dict[str, Any], header: Dataset | None) -> dict[str, Any]:
             if header is not None:  # values from a stored header: the pydicom path
                 return dataset_to_json(self._dataset(query, requested, indexed, values, header))
+            if not plans:
+                plans.append(make_plan())
+            plan = plans[0]
             out: dict[str, Any] = {}
             non_ascii = False
-            for key, tag, vr, k in plan:
-                if k == "QueryRetrieveLevel":
-                    out[key] = {"vr": "CS", "Value": [level]}
-                    continue
-                if k == REQUEST_ATTRIBUTES_SEQUENCE:
-                    out[key] = self._request_attributes_json(values, query)
-                    continue
-                if k not in indexed:
-                    out[key] = {"vr": vr}
-                    continue
-                # the value as _dataset normalizes it
-                v = values.get(k)
-                if v is None:
-                    out[key] = {"vr": vr}
-                    continue
-                if vr in ints:
-                    v = int(v) if str(v).lstrip("-").isdigit() else (None if v == "" else v)
+            for key, tag, vr, k, kind in plan:
+                if kind >= _INT:  # indexed: the value as _dataset normalizes it, then as dataset_to_json writes it
+                    v = values.get(k)
                     if v is None:
                         out[key] = {"vr": vr}
-                    elif type(v) is int:
-                        out[key] = {"vr": vr, "Value": [v]}
+                    elif kind == _INT:
+                        if type(v) is not int:
+                            v = int(v) if str(v).lstrip("-").isdigit() else (None if v == "" else v)
+                        if v is None:
+                            out[key] = {"vr": vr}
+                        elif type(v) is int:
+                            out[key] = {"vr": vr, "Value": [v]}
+                        else:
+                            out[key] = _element_json(tag, vr, v)
                     else:
-                        out[key] = _element_json(tag, vr, v)
-                    continue
-                v = str(v)
-                if not v.isascii():
-                    non_ascii = True
-                if not v:
+                        if type(v) is not str:
+                            v = str(v)
+                        if not v:
+                            out[key] = {"vr": vr}
+                            continue
+                        if not v.isascii():
+                            non_ascii = True
+                        if "\\" in v:
+                            if vr in multi_fast:
+                                parts = [p or None for p in v.split("\\")]
+                                out[key] = {"vr": vr, "Value": parts} if any(parts) else {"vr": vr}
+                            else:
+                                out[key] = _element_json(tag, vr, v)
+                        elif kind == _STR:
+                            out[key] = {"vr": vr, "Value": [v]}
+                        elif kind == _PN:
+                            pn = _pn_value(v)
+                            out[key] = {"vr": vr, "Value": [pn]} if pn else {"vr": vr}
+                        elif kind == _DS and _SIMPLE_DS.fullmatch(v):
+                            out[key] = {"vr": vr, "Value": [_ds_value(v)]}
+                        else:
+                            out[key] = _element_json(tag, vr, v)
+                elif kind == _ABSENT:
                     out[key] = {"vr": vr}
-                elif "\\" in v:
-                    if vr in multi_fast:
-                        parts = [p or None for p in v.split("\\")]
-                        out[key] = {"vr": vr, "Value": parts} if any(parts) else {"vr": vr}
-                    else:
-                        out[key] = _element_json(tag, vr, v)
-                elif vr in string_vrs:
-                    out[key] = {"vr": vr, "Value": [v]}
-                elif vr == "PN":
-                    pn = _pn_value(v)
-                    out[key] = {"vr": vr, "Value": [pn]} if pn else {"vr": vr}
-                elif vr == "DS" and _SIMPLE_DS.fullmatch(v):
-                    out[key] = {"vr": vr, "Value": [_ds_value(v)]}
+                elif kind == _QRL:
+                    out[key] = {"vr": "CS", "Value": [level]}
                 else:
-                    out[key] = _element_json(tag, vr, v)
+                    out[key] = self._request_attributes_json(values, query)
             if non_ascii:
                 out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
                 out = dict(sorted(out.items()))
@@ -439,6 +444,9 @@ class QueryService:
 
 
 REQUEST_ATTRIBUTES_SEQUENCE_TAG = 0x00400275
+# how find_json builds each key: not from the row (QueryRetrieveLevel, RequestAttributesSequence, a key not indexed),
+# or from the row's value by VR (_INT and above)
+_QRL, _RAS, _ABSENT, _INT, _STR, _PN, _DS, _OTHER = range(8)
 _INT_VRS_OF_INDEX = frozenset({"IS", "US", "UL", "SS", "SL"})  # the VRs _dataset turns into int
 _MULTI_FAST_VRS = frozenset({"CS", "UI", "LO", "SH"})  # split by _dataset, each value a plain string in JSON
 # the string VRs dataset_to_json writes as the text itself (PN, DS, IS and binary VRs are not among them)

@@ -70,7 +70,12 @@ class StorageScheduler:
         self.started = now()  # a first scrub is due one interval after the first start, not at every start
 
     def tick(self) -> list[Any]:
-        """Queue what is due now; the jobs submitted."""
+        """Queue what is due now; the jobs submitted. One node at a time decides (the others skip this tick), so
+        that nodes ticking together never queue the same scrub or retention run twice."""
+        with self.ctx.index.exclusive("storage-scheduler") as mine:
+            return self._tick() if mine else []
+
+    def _tick(self) -> list[Any]:
         s = self.ctx.settings
         out = []
         if s.compress and not pending_or_running(self.ctx, COMPRESS):
