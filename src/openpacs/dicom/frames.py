@@ -73,6 +73,7 @@ class FrameReader:
     def __init__(self, source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes]) -> None:
         self._owned = False
         self._index: _FragmentIndex | None = None
+        self._native: _NativeLayout | None = None
         if isinstance(source, str | os.PathLike) and self._open_indexed(source):
             return
         if isinstance(source, str | os.PathLike):
@@ -103,7 +104,7 @@ class FrameReader:
             key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
             entry = _INDEX_CACHE.get(key)
             if entry is None:
-                entry = _FragmentIndex.build(fp)
+                entry = _build_layout(fp)
                 if entry is None:
                     fp.close()
                     return False
@@ -111,10 +112,14 @@ class FrameReader:
         except BaseException:
             fp.close()
             raise
-        self._fp, self._owned, self._index = fp, True, entry
+        self._fp, self._owned = fp, True
         self.ds = entry.ds  # shared between readers: read only (_full_dataset reads a private copy)
         self.transfer_syntax = entry.transfer_syntax
         self._raw = None
+        if isinstance(entry, _NativeLayout):
+            self._native = entry
+        else:
+            self._index = entry
         return True
 
     def __enter__(self) -> FrameReader:
@@ -129,7 +134,7 @@ class FrameReader:
 
     @property
     def has_pixels(self) -> bool:
-        return self._raw is not None or self._index is not None
+        return self._raw is not None or self._index is not None or self._native is not None
 
     @property
     def number_of_frames(self) -> int:
@@ -178,6 +183,13 @@ class FrameReader:
                 return self.frame_as(number, ExplicitVRLittleEndian), ExplicitVRLittleEndian
             length = n_samples * bits // 8
             start = (number - 1) * length
+            if self._native is not None:  # the cached layout: one pread, no parse
+                if start + length > self._native.pixel_length:
+                    raise FrameError(f"pixel data truncated: frame {number} incomplete")
+                data = os.pread(self._fp.fileno(), length, self._native.pixel_offset + start)
+                if len(data) != length:
+                    raise FrameError(f"pixel data truncated: frame {number} incomplete")
+                return data, ExplicitVRLittleEndian
             if self.transfer_syntax == DeflatedExplicitVRLittleEndian or self._raw.value is not None:
                 value = self.ds.PixelData
                 return bytes(value[start : start + length]), ExplicitVRLittleEndian
@@ -218,11 +230,11 @@ class FrameReader:
 
     def _full_dataset(self) -> Dataset:
         """The dataset with pixel data loaded (deferred read of the pixel data only)."""
-        if self._index is not None:  # the cached header is shared: decode from a private, complete dataset
-            self._fp.seek(0)
+        if self._index is not None or self._native is not None:  # the cached header is shared: decode from a
+            self._fp.seek(0)  # private, complete dataset
             self.ds = pydicom.dcmread(self._fp, force=True)
             self._raw = self.ds._dict.get(Tag(PIXEL_DATA))
-            self._index = None
+            self._index = self._native = None
         if self._raw is not None and self._raw.value is None:
             _ = self.ds.PixelData  # loads the deferred value from the open file
             self._raw = self.ds._dict[Tag(PIXEL_DATA)]
@@ -272,6 +284,50 @@ class FrameReader:
         return mini
 
 
+class _NativeLayout:
+    """Where the pixel data of one native little endian file is (its header parsed once): a frame is one pread."""
+
+    __slots__ = ("ds", "transfer_syntax", "pixel_offset", "pixel_length")
+
+    def __init__(self, ds: Dataset, ts: UID, pixel_offset: int, pixel_length: int) -> None:
+        self.ds = ds
+        self.transfer_syntax = ts
+        self.pixel_offset = pixel_offset
+        self.pixel_length = pixel_length
+
+    @property
+    def weight(self) -> int:  # bytes held, roughly: the parsed header
+        return 64 + 3 * self.pixel_offset
+
+    @classmethod
+    def build(cls, fp: IO[bytes], ds: Dataset, ts: UID) -> _NativeLayout | None:
+        """None when the file is not native little endian with a top-level Pixel Data of defined length (``fp`` is
+        just past the header)."""
+        if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            return None
+        pos = fp.tell()
+        head = os.pread(fp.fileno(), 12, pos)
+        if len(head) < 8 or struct.unpack_from("<HH", head) != (0x7FE0, 0x0010):
+            return None
+        if ts == ExplicitVRLittleEndian:
+            if len(head) < 12 or head[4:6] not in (b"OB", b"OW"):
+                return None
+            length, value = struct.unpack_from("<I", head, 8)[0], pos + 12
+        else:
+            length, value = struct.unpack_from("<I", head, 4)[0], pos + 8
+        if length == 0xFFFFFFFF or value + length > os.fstat(fp.fileno()).st_size:
+            return None
+        return cls(ds, ts, value, length)
+
+
+def _build_layout(fp: IO[bytes]) -> _NativeLayout | _FragmentIndex | None:
+    """The cached layout of one stored file (its header parsed once), or None for the generic path."""
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1024, force=True)
+    meta = getattr(ds, "file_meta", None)
+    ts = UID((meta.get("TransferSyntaxUID") if meta else None) or ImplicitVRLittleEndian)
+    return _NativeLayout.build(fp, ds, ts) or _FragmentIndex.build(fp, ds, ts)
+
+
 _ITEM = 0xE000FFFE  # (FFFE,E000) as a little endian uint32
 _SEQ_DELIMITER = 0xE0DDFFFE
 
@@ -290,15 +346,13 @@ class _FragmentIndex:
         self.first = first  # frame i is fragments first[i]:first[i+1]; None when one fragment per frame
 
     @property
-    def size(self) -> int:
-        return len(self.offsets) + (len(self.first) if self.first is not None else 0)
+    def weight(self) -> int:  # bytes held, roughly: two int64 arrays (+ the frame starts) and the parsed header
+        return 16 * len(self.offsets) + 8 * (len(self.first) if self.first is not None else 0) + 3 * (self.offsets[0] if self.offsets else 0)
 
     @classmethod
-    def build(cls, fp: IO[bytes]) -> _FragmentIndex | None:
-        """None when the file is not an indexable encapsulated file (native, deflated, odd): the generic path then."""
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1024, force=True)
-        meta = getattr(ds, "file_meta", None)
-        ts = UID((meta.get("TransferSyntaxUID") if meta else None) or ImplicitVRLittleEndian)
+    def build(cls, fp: IO[bytes], ds: Dataset, ts: UID) -> _FragmentIndex | None:
+        """None when the file is not an indexable encapsulated file (native, deflated, odd): the generic path then
+        (``fp`` is just past the header)."""
         if ts in NATIVE or ts == DeflatedExplicitVRLittleEndian or not ts.is_encapsulated:
             return None
         pos = fp.tell()
@@ -407,8 +461,8 @@ class BoundedLRU(Generic[K, V]):
 
 
 # fragment indexes keyed by (path, inode, size, mtime): a rewritten file gets a new entry
-_INDEX_CACHE: BoundedLRU[tuple[str, int, int, int], _FragmentIndex] = BoundedLRU(
-    256, 4_000_000, lambda e: e.size)
+_INDEX_CACHE: BoundedLRU[tuple[str, int, int, int], _FragmentIndex | _NativeLayout] = BoundedLRU(
+    8192, 96 << 20, lambda e: e.weight)
 
 
 def frame_info(ds: Dataset) -> dict[str, Any]:

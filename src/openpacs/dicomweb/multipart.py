@@ -16,6 +16,7 @@ import secrets
 import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response, StreamingResponse
@@ -531,6 +532,38 @@ def multipart_response(
     body += b"--" + b + b"--\r\n"
     return Response(bytes(body), headers={**(headers or {}), "Content-Type": related_content_type(boundary, type_,
                                                                                                 transfer_syntax)})
+
+
+class PiecesResponse(Response):
+    """A body already in memory as several pieces, sent one after another with its exact Content-Length (no copy
+    to join them, no chunked framing for the client to undo)."""
+
+    def __init__(self, pieces: list[bytes], headers: Mapping[str, str]) -> None:
+        self.pieces = pieces
+        super().__init__(b"", headers={**headers, "Content-Length": str(sum(len(p) for p in pieces))})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for i, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < last})
+        if not self.pieces:
+            await send({"type": "http.response.body", "body": b""})
+
+
+def multipart_pieces_response(parts: list[tuple[str, bytes]], type_: str, transfer_syntax: str | None = None
+                              ) -> PiecesResponse:
+    """A multipart/related response of parts in memory, sent without joining them (frames of a viewer)."""
+    boundary = new_boundary()
+    b = boundary.encode()
+    pieces: list[bytes] = []
+    sep = b""
+    for ctype, data in parts:
+        pieces.append(sep + part_head(b, ctype, len(data)))
+        pieces.append(data)
+        sep = b"\r\n"
+    pieces.append(sep + b"--" + b + b"--\r\n")
+    return PiecesResponse(pieces, {"Content-Type": related_content_type(boundary, type_, transfer_syntax)})
 
 
 def streaming_multipart_response(

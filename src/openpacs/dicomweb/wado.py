@@ -13,8 +13,9 @@ import asyncio
 import io
 import logging
 import os
+import re
 import threading
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,7 +62,7 @@ from ..dicom.waveform import is_waveform_class
 from ..services.types import InstanceRef
 from .common import DICOM_XML, DicomWebError, accept_values, error_response, negotiate_metadata, split_list
 from .common import parse_accept as common_parse_accept
-from .multipart import OutPart, multipart_response, part_head, streaming_multipart_response
+from .multipart import OutPart, multipart_pieces_response, multipart_response, part_head, streaming_multipart_response
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ RENDERED_MEDIA = ("image/jpeg", "image/png", "image/gif")
 BATCH_BYTES = 4 << 20  # one worker-thread read per ~4 MB of response
 SMALL_PIECE = 256 << 10  # file reads below this are coalesced with part headers into one write
 BULK_THRESHOLD = 1024  # binary values larger than this become BulkDataURIs in /metadata
+METADATA_BATCH = 200  # /metadata documents gathered per worker-thread hop
+FRAMES_IN_MEMORY = 8 << 20  # a frames request up to this size is read at once and sent with its Content-Length
 
 
 class HTTPError(Exception):
@@ -569,14 +572,20 @@ class WadoRS:
 
             return streaming_multipart_response(documents(), DICOM_XML)
 
-        async def body() -> AsyncIterator[bytes]:
+        def batch(i: int) -> bytes:  # the documents of refs[i:i + METADATA_BATCH], comma-separated
+            return b",".join([self._instance_metadata(ref, base) for ref in refs[i : i + METADATA_BATCH]])
+
+        if len(refs) <= METADATA_BATCH:  # a series as a viewer opens it: one thread hop, sent with its length
+            return Response(b"[" + await run_in_threadpool(batch, 0) + b"]", media_type=DICOM_JSON)
+
+        async def body() -> AsyncIterator[bytes]:  # a large study: batches streamed, the next read while one is sent
             loop = asyncio.get_running_loop()
             yield b"["
-            pending = loop.run_in_executor(None, self._instance_metadata, refs[0], base)
-            for i in range(len(refs)):
+            pending = loop.run_in_executor(None, batch, 0)
+            for i in range(0, len(refs), METADATA_BATCH):
                 data = await pending
-                if i + 1 < len(refs):
-                    pending = loop.run_in_executor(None, self._instance_metadata, refs[i + 1], base)
+                if i + METADATA_BATCH < len(refs):
+                    pending = loop.run_in_executor(None, batch, i + METADATA_BATCH)
                 yield (b"," + data) if i else data
             yield b"]"
 
@@ -585,11 +594,16 @@ class WadoRS:
     # -- frames -------------------------------------------------------------------------------------------------------
 
     async def frames(self, request: Request) -> Response:
+        departments = getattr(request.scope.get("openpacs.principal"), "departments", None)
+        return await self.frames_response(request.path_params, accept_values(request), departments)
+
+    async def frames_response(self, p: Mapping[str, str], accept_header: str,
+                              departments: tuple[str, ...] | None) -> Response:
+        """GET .../instances/{instance}/frames/{frames}: the route, and the fast path a viewer's frame requests take
+        (``FramesFastPath``, without the router's layers)."""
         try:
-            numbers = parse_frame_list(request.path_params["frames"])
-            accept = parse_accept(accept_values(request))
-            p = request.path_params
-            departments = getattr(request.scope.get("openpacs.principal"), "departments", None)
+            numbers = parse_frame_list(p["frames"])
+            accept = parse_accept(accept_header)
 
             def work() -> Response:  # the lookup and the frame in one thread hop (a viewer asks for hundreds)
                 refs = self.ctx.retrieve.list_instances(p["study"], p["series"], p["instance"], departments)
@@ -597,10 +611,9 @@ class WadoRS:
                     raise HTTPError(404, "instance not found")
                 return self._frames_sync(refs[0], numbers, accept)
 
-            result = await run_in_threadpool(work)
+            return await asyncio.get_running_loop().run_in_executor(None, work)
         except HTTPError as e:
             return _error_response(e)
-        return result
 
     def _frames_sync(self, ref: InstanceRef, numbers: list[int], accept: list[MediaRange]) -> Response:
         """One frame as a single part, or a multipart streamed one frame at a time (a 1,000-frame cine or a slide
@@ -622,19 +635,28 @@ class WadoRS:
                     'type="application/octet-stream"; transfer-syntax=*)',
                 )
             media, ts, multipart = choice
-            first = _frame(reader, numbers[0], ts)
+            # frames read here while they add up to FRAMES_IN_MEMORY: sent with their length, as one response
+            read = [_frame(reader, numbers[0], ts)]
+            total = len(read[0])
+            while multipart and len(read) < len(numbers) and total < FRAMES_IN_MEMORY:
+                read.append(_frame(reader, numbers[len(read)], ts))
+                total += len(read[-1])
         except BaseException:
             reader.close()
             raise
         ctype = f"{media}; transfer-syntax={ts}"
         if not multipart:
             reader.close()
-            return Response(first, media_type=media, headers={"Content-Type": ctype})
+            return Response(read[0], media_type=media, headers={"Content-Type": ctype})
+        if len(read) == len(numbers):
+            reader.close()
+            return multipart_pieces_response([(ctype, f) for f in read], media, ts)
 
         async def parts() -> AsyncIterator[OutPart]:
             try:
-                yield OutPart(ctype, first)
-                for n in numbers[1:]:
+                for data in read:
+                    yield OutPart(ctype, data)
+                for n in numbers[len(read):]:
                     yield OutPart(ctype, await run_in_threadpool(_frame, reader, n, ts))
             finally:
                 reader.close()
@@ -1131,6 +1153,38 @@ class WadoURI:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Routes
+
+
+_FRAMES_PATH = re.compile(r"/dicom-web/studies/([^/]+)/series/([^/]+)/instances/([^/]+)/frames/([^/]+)")
+
+
+class FramesFastPath:
+    """``GET /dicom-web/.../frames/{n}`` answered straight from the ASGI scope, inside the security middleware
+    (identity, department scope and audit as for every route) but past the two routers and their exception layers:
+    a viewer opening a series asks for one frame of each instance, and those layers cost more than the frame.
+    Anything else (other methods, ``?accept=``, a root path) goes through the routes, which answer it the same way.
+    """
+
+    def __init__(self, app: Any, ctx: Any) -> None:
+        self.app = app
+        self.rs = WadoRS(ctx)  # frames use no per-instance state of the routes' WadoRS (its metadata cache)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string") \
+                and not scope.get("root_path"):
+            m = _FRAMES_PATH.fullmatch(scope["path"])
+            if m is not None:
+                accept = "*/*"
+                for k, v in scope["headers"]:
+                    if k == b"accept":
+                        accept = v.decode("latin-1") or "*/*"
+                        break
+                p = dict(zip(("study", "series", "instance", "frames"), m.groups(), strict=True))
+                departments = getattr(scope.get("openpacs.principal"), "departments", None)
+                response = await self.rs.frames_response(p, accept, departments)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def routes(ctx: Any) -> list[Route]:

@@ -30,6 +30,22 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class Prepared:
+    """A statement compiled once for an engine's dialect and run through the driver (``exec_driver_sql``): a hot
+    lookup (a viewer's frame requests) skips SQLAlchemy's per-call statement building, cache key and compilation.
+    Its bind parameters are named (``bindparam``); the rows are the driver's, without result type processing, so
+    it suits statements whose columns are plain strings and integers."""
+
+    def __init__(self, engine: Engine, stmt: Any) -> None:
+        compiled = stmt.compile(dialect=engine.dialect)
+        self.sql = str(compiled)
+        self.order: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positiontup else None
+
+    def rows(self, conn: Connection, **params: Any) -> list[Any]:
+        args: Any = tuple(params[n] for n in self.order) if self.order is not None else params
+        return list(conn.exec_driver_sql(self.sql, args))
+
+
 def _normalize_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from ..config import Settings
 from ..dicom.header import as_text
-from ..index.db import Index
+from ..index.db import Index, Prepared
 from ..index.hl7_schema import patient_demographics
 from ..index.matching import MatchError
 from ..index.query import _JOIN
@@ -36,6 +38,7 @@ class RetrieveService:
         from .qc_edit import QCOverlay
 
         self.qc_overlay = QCOverlay(index)  # QC edits (services/qc_edit.py): the study and series modules
+        self._lookups: dict[tuple[bool, bool], Prepared] = {}
 
     def _select(self):  # type: ignore[no-untyped-def]
         return select(
@@ -50,10 +53,20 @@ class RetrieveService:
     def _refs(self, stmt) -> list[InstanceRef]:  # type: ignore[no-untyped-def]
         stmt = stmt.order_by(studies.c.id, series.c.id, instances.c.id)
         with self.index.engine.connect() as conn:
-            return [InstanceRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], patient_fk=r[8] if r[9] else 0,
-                                demographics_version=r[9] or 0,
-                                qc_key=(r[10], r[11], r[12], r[13]) if r[11] or r[13] else None)
-                    for r in conn.execute(stmt)]
+            return _as_refs(conn.execute(stmt))
+
+    def _prepared(self, shape: tuple[bool, bool]) -> Prepared:
+        """The list_instances statement for a (series given, instance given) shape, compiled once."""
+        p = self._lookups.get(shape)
+        if p is None:
+            stmt = self._select().where(studies.c.study_instance_uid == bindparam("study"))
+            if shape[0]:
+                stmt = stmt.where(series.c.series_instance_uid == bindparam("series"))
+            if shape[1]:
+                stmt = stmt.where(instances.c.sop_instance_uid == bindparam("sop"))
+            p = self._lookups[shape] = Prepared(self.index.engine,
+                                                stmt.order_by(studies.c.id, series.c.id, instances.c.id))
+        return p
 
     def resolve(self, identifier: Dataset, model: str, departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
         """Instances named by a C-MOVE/C-GET identifier: unique keys at the level and above (PS3.4 C.4.2.2.1)."""
@@ -87,6 +100,11 @@ class RetrieveService:
 
     def list_instances(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
                        departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
+        if departments is None:  # the hot path (every frame a viewer asks for): a statement compiled once
+            params = {"study": study_uid, "series": series_uid, "sop": sop_uid}
+            prepared = self._prepared((series_uid is not None, sop_uid is not None))
+            with self.index.engine.connect() as conn:
+                return _as_refs(prepared.rows(conn, **{k: v for k, v in params.items() if v is not None}))
         stmt = self._select().where(studies.c.study_instance_uid == study_uid)
         if series_uid is not None:
             stmt = stmt.where(series.c.series_instance_uid == series_uid)
@@ -105,6 +123,13 @@ class RetrieveService:
         if ref.qc_key is not None:  # QC edits, merges, splits, moves (services/qc_edit.py): study + series modules
             data = self.qc_overlay.coerce(data, ref.qc_key)
         return data
+
+
+def _as_refs(rows: Any) -> list[InstanceRef]:
+    return [InstanceRef(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], patient_fk=r[8] if r[9] else 0,
+                        demographics_version=r[9] or 0,
+                        qc_key=(r[10], r[11], r[12], r[13]) if r[11] or r[13] else None)
+            for r in rows]
 
 
 def _tag(keyword: str) -> int:

@@ -45,6 +45,9 @@ def build_app(ctx: Context) -> Starlette:
         routes += login_routes(ctx) + audit_routes(ctx) + security_admin_routes(ctx)
     app = Starlette(routes=routes)
     app.state.ctx = ctx
+    from ..dicomweb.wado import FramesFastPath
+
+    app.add_middleware(FramesFastPath, ctx=ctx)  # inside the security middleware: a viewer's frames, past the routers
     if ctx.auth is not None:  # outermost: every route, mounted apps included, is behind it
         app.add_middleware(SecurityMiddleware, ctx=ctx)
     if getattr(ctx, "monitor", None) is not None:  # outermost of all: refused requests are counted too
