@@ -739,3 +739,30 @@ def test_rendered_series_skips_an_image_the_viewport_does_not_fit(live) -> None:
     r = requests.get(f"{base}/studies/{study}/series/{series}/rendered", params={"viewport": "32,32,100,100,50,50"})
     assert r.status_code == 200
     assert [_image(body).size for _, body in _parts(r)] == [(32, 32)]
+
+
+def test_frames_fast_path_matches_the_routed_answer(live) -> None:
+    """A viewer's frame request (no query string) is answered by wado.FramesFastPath; with ``?accept=`` the same
+    request goes through the routes. Both give the same frames, length-delimited (not chunked), the same errors."""
+    base, infos, _ = live
+    octet = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    for key, numbers in (("ct", "1"), ("emri", "3,1,7"), ("jls", "2")):
+        info = infos[key]
+        url = base + info.url + "/frames/" + numbers
+        fast = requests.get(url, headers={"Accept": octet})
+        routed = requests.get(url, params={"accept": octet})
+        assert fast.status_code == routed.status_code == 200, key
+        assert "chunked" not in fast.headers.get("transfer-encoding", "")
+        assert int(fast.headers["content-length"]) == len(fast.content)
+        assert fast.headers["content-type"].split(";")[:2] == routed.headers["content-type"].split(";")[:2]
+        got = [body for _, body in _parts(fast)]
+        assert got == [body for _, body in _parts(routed)] and len(got) == len(numbers.split(","))
+    info = infos["emri"]
+    full = info.pixels()
+    [(_, body)] = _parts(requests.get(base + info.url + "/frames/4", headers={"Accept": octet}))
+    np.testing.assert_array_equal(np.frombuffer(body, "<u2").reshape(full.shape[1:]), full[3])
+    for path, status in (("/frames/999", 404), ("/frames/0", 400)):
+        assert requests.get(base + info.url + path).status_code == status
+        assert requests.get(base + info.url + path, params={"accept": "*/*"}).status_code == status
+    missing = f"{base}/dicom-web/studies/{info.study}/series/{info.series}/instances/1.2.3.4/frames/1"
+    assert requests.get(missing).status_code == 404

@@ -473,7 +473,8 @@ class WadoRS:
             if items is not None:
                 # No Content-Length on purpose: the body goes out chunked. urllib3 (requests, dicomweb-client) reads a
                 # chunked body a third faster than a length-delimited one of the same size (26 MB series: ~20 ms vs
-                # ~30 ms of client time here); browsers and curl are indifferent. Each part still carries its length.
+                # ~30 ms of client time here); http.client measured 33 vs 30 ms, browsers and curl are indifferent.
+                # Each part still carries its length.
                 stream = _StoredStream(items, tail)
                 body = _prefetching(stream.next_batch, lambda: stream.done, stream.close)
                 syntaxes = {p.target for p in plans}
