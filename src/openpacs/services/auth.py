@@ -415,6 +415,21 @@ class AuthService:
         self._invalidate()
         return bool(n)
 
+    def cached_principal(self, kind: str, credential: str) -> tuple[bool, Principal | None]:
+        """What principal_for_token / principal_for_session would answer, from memory only: (False, None) when the
+        index must be asked (the caller then asks it off the event loop)."""
+        if kind == "token" and (not credential.startswith(TOKEN_PREFIX) or len(credential) > 200):
+            return True, None
+        if kind == "session" and (not credential or len(credential) > 200):
+            return True, None
+        hit = (self._tokens if kind == "token" else self._sessions).get(token_hash(credential))
+        if hit is None:
+            return False, None
+        p, expires = hit
+        if p is None or (expires is not None and expires <= _now()):
+            return True, None
+        return True, p
+
     def principal_for_token(self, token: str) -> Principal | None:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             return None

@@ -52,6 +52,7 @@ DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form
 # object-src: OHIF's dicom-pdf viewport shows the PDF (a blob: URL of the fetched bulk data) in an <object>
 VIEWER_CSP = "frame-ancestors 'self'; base-uri 'self'; object-src 'self' blob:"
 
+_UNKNOWN = (0, "not in memory")  # SecurityMiddleware._check(cached=True): the index must be asked
 _STUDY_IN_PATH = re.compile(r"/studies/([0-9.]{1,64})(?:/|$)")
 
 
@@ -214,8 +215,13 @@ class SecurityMiddleware:
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
         policy = route_policy(path, method)
-        if self.enabled:  # token/session/JWKS lookups may touch the index or the IdP: never on the event loop
-            principal, auth_error, denial = await run_in_threadpool(self._decide, scope, policy, path, method)
+        if self.enabled:  # token/session/JWKS lookups may touch the index or the IdP: never on the event loop,
+            # but a caller known to the in-memory caches (a viewer's hundreds of frame requests) is decided here
+            decided = self._decide(scope, policy, path, method, cached=True)
+            if decided is None:
+                decided = await run_in_threadpool(self._decide, scope, policy, path, method)
+            assert decided is not None  # not cached: always an answer
+            principal, auth_error, denial = decided
         else:
             principal, auth_error, denial = DEVELOPMENT, "", None
         scope["openpacs.principal"] = principal
@@ -265,15 +271,24 @@ class SecurityMiddleware:
 
     # -- identity --------------------------------------------------------------------------------------------
     def _decide(
-        self, scope: Scope, policy: RoutePolicy, path: str, method: str
-    ) -> tuple[Principal, str, tuple[int, str] | None]:
-        principal, error = self._identify(scope)
+        self, scope: Scope, policy: RoutePolicy, path: str, method: str, cached: bool = False
+    ) -> tuple[Principal, str, tuple[int, str] | None] | None:
+        """(principal, authentication error, denial). ``cached``: from memory only, None when the index or the
+        identity provider must be asked."""
+        identified = self._identify(scope, cached)
+        if identified is None:
+            return None
+        principal, error = identified
         if error or policy.right is None:
             return principal, error, None
-        return principal, "", self._check(scope, principal, policy, path, method)
+        denial = self._check(scope, principal, policy, path, method, cached)
+        if denial is _UNKNOWN:
+            return None
+        return principal, "", denial
 
-    def _identify(self, scope: Scope) -> tuple[Principal, str]:
-        """(principal, error): a bad bearer credential is an error (401), never a silent fallback to anonymous."""
+    def _identify(self, scope: Scope, cached: bool = False) -> tuple[Principal, str] | None:
+        """(principal, error): a bad bearer credential is an error (401), never a silent fallback to anonymous.
+        ``cached``: None when the answer is not in memory."""
         if not self.enabled:
             return DEVELOPMENT, ""
         authz = _header(scope, b"authorization")
@@ -283,18 +298,30 @@ class SecurityMiddleware:
             if kind.lower() != "bearer" or not cred:
                 return ANONYMOUS, "unsupported authorization scheme"
             if self.auth.oidc is not None and self.auth.oidc.looks_like_jwt(cred):
+                if cached:
+                    return None
                 p = self.auth.oidc.validate(cred)
+            elif cached:
+                known, p = self.auth.cached_principal("token", cred)
+                if not known:
+                    return None
             else:
                 p = self.auth.principal_for_token(cred)
             return (p, "") if p is not None else (ANONYMOUS, "invalid, expired or revoked bearer token")
         cookie = _cookie(scope, SESSION_COOKIE)
         if cookie:
-            p = self.auth.principal_for_session(cookie)
+            if cached:
+                known, p = self.auth.cached_principal("session", cookie)
+                if not known:
+                    return None
+            else:
+                p = self.auth.principal_for_session(cookie)
             if p is not None:
                 return p, ""
         return ANONYMOUS, ""
 
-    def _check(self, scope: Scope, p: Principal, policy: RoutePolicy, path: str, method: str) -> tuple[int, str] | None:
+    def _check(self, scope: Scope, p: Principal, policy: RoutePolicy, path: str, method: str,
+               cached: bool = False) -> tuple[int, str] | None:
         assert policy.right is not None
         if not p.authenticated:
             return 401, "authentication required"
@@ -305,14 +332,19 @@ class SecurityMiddleware:
                 return 403, "missing or wrong CSRF token"
         if p.departments is not None:
             for uid in _studies_named(path, scope.get("query_string", b"")):
-                if not self._visible(uid, p):
+                visible = self._visible(uid, p, cached)
+                if visible is None:
+                    return _UNKNOWN
+                if not visible:
                     return 404, f"study {uid} is outside the user's departments"
         return None
 
-    def _visible(self, study_uid: str, p: Principal) -> bool:
+    def _visible(self, study_uid: str, p: Principal, cached: bool = False) -> bool | None:
         now = time.monotonic()
         hit = self._study_dept.get(study_uid)
         if hit is None or hit[0] < now:
+            if cached:
+                return None
             with self.ctx.index.engine.connect() as c:
                 row = c.execute(select(studies.c.department).where(studies.c.study_instance_uid == study_uid)).first()
             if len(self._study_dept) > 50000:

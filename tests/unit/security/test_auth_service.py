@@ -73,6 +73,27 @@ def test_token_lookup_is_cached_not_a_kdf(world) -> None:
     assert (time.perf_counter() - t0) / 2000 < 0.0005
 
 
+def test_cached_principal_answers_from_memory_only(world) -> None:
+    """What the security middleware decides on the event loop: a cached caller, else 'ask the index'."""
+    auth = world.ctx.auth
+    tok = world.tokens["radiologist"]
+    assert auth.cached_principal("token", tok) == (False, None)  # never looked up: the index must be asked
+    assert auth.cached_principal("token", "not-a-token") == (True, None)  # refused without a lookup
+    p = auth.principal_for_token(tok)
+    assert p is not None and auth.cached_principal("token", tok) == (True, p)
+    assert auth.principal_for_token(world.revoked) is None
+    assert auth.cached_principal("token", world.revoked) == (True, None)  # a known refusal is cached too
+    tid = next(t["id"] for t in auth.list_tokens("radiologist"))
+    assert auth.revoke_token(tid)
+    assert auth.cached_principal("token", tok)[1] is None  # revocation empties the cache: never a stale yes
+    session = auth.authenticate("viewer", world.passwords["viewer"])
+    cookie, _ = auth.create_session(session)
+    assert auth.cached_principal("session", cookie)[1] in (None, auth.principal_for_session(cookie))
+    assert auth.cached_principal("session", cookie) == (True, auth.principal_for_session(cookie))
+    auth.end_session(cookie)
+    assert auth.cached_principal("session", cookie)[1] is None
+
+
 def test_sessions(world) -> None:
     auth = world.ctx.auth
     p = auth.authenticate("radiologist", world.passwords["radiologist"])
