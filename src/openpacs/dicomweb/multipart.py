@@ -515,25 +515,6 @@ def part_head(boundary: bytes, content_type: str, length: int | None = None) -> 
     return head + b"\r\n\r\n"
 
 
-def multipart_response(
-    parts: Iterable[tuple[str, bytes]],
-    type_: str,
-    transfer_syntax: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> Response:
-    """A small multipart/related body built in memory: (content type, bytes) per part."""
-    boundary = new_boundary()
-    b = boundary.encode()
-    body = bytearray()
-    for ctype, data in parts:
-        body += part_head(b, ctype, len(data))
-        body += data
-        body += b"\r\n"
-    body += b"--" + b + b"--\r\n"
-    return Response(bytes(body), headers={**(headers or {}), "Content-Type": related_content_type(boundary, type_,
-                                                                                                transfer_syntax)})
-
-
 class PiecesResponse(Response):
     """A body already in memory as several pieces, sent one after another with its exact Content-Length (no copy
     to join them, no chunked framing for the client to undo)."""
@@ -551,9 +532,14 @@ class PiecesResponse(Response):
             await send({"type": "http.response.body", "body": b""})
 
 
-def multipart_pieces_response(parts: list[tuple[str, bytes]], type_: str, transfer_syntax: str | None = None
-                              ) -> PiecesResponse:
-    """A multipart/related response of parts in memory, sent without joining them (frames of a viewer)."""
+def multipart_response(
+    parts: Iterable[tuple[str, bytes]],
+    type_: str,
+    transfer_syntax: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> PiecesResponse:
+    """A multipart/related response of parts already in memory: (content type, bytes) per part, sent piece by
+    piece with its Content-Length, never joined into one copy (frames of a viewer, small XML sets)."""
     boundary = new_boundary()
     b = boundary.encode()
     pieces: list[bytes] = []
@@ -563,7 +549,8 @@ def multipart_pieces_response(parts: list[tuple[str, bytes]], type_: str, transf
         pieces.append(data)
         sep = b"\r\n"
     pieces.append(sep + b"--" + b + b"--\r\n")
-    return PiecesResponse(pieces, {"Content-Type": related_content_type(boundary, type_, transfer_syntax)})
+    return PiecesResponse(pieces, {**(headers or {}),
+                                   "Content-Type": related_content_type(boundary, type_, transfer_syntax)})
 
 
 def streaming_multipart_response(

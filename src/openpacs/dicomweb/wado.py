@@ -62,7 +62,7 @@ from ..dicom.waveform import is_waveform_class
 from ..services.types import InstanceRef
 from .common import DICOM_XML, DicomWebError, accept_values, error_response, negotiate_metadata, split_list
 from .common import parse_accept as common_parse_accept
-from .multipart import OutPart, multipart_pieces_response, multipart_response, part_head, streaming_multipart_response
+from .multipart import OutPart, multipart_response, part_head, streaming_multipart_response
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +651,7 @@ class WadoRS:
             return Response(read[0], media_type=media, headers={"Content-Type": ctype})
         if len(read) == len(numbers):
             reader.close()
-            return multipart_pieces_response([(ctype, f) for f in read], media, ts)
+            return multipart_response([(ctype, f) for f in read], media, ts)
 
         async def parts() -> AsyncIterator[OutPart]:
             try:
