@@ -431,15 +431,10 @@ class AuthService:
         return True, p
 
     def principal_for_token(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-            return None
+        known, p = self.cached_principal("token", token)
+        if known:
+            return p
         h = token_hash(token)
-        hit = self._tokens.get(h)
-        if hit is not None:
-            p, expires = hit
-            if p is None or (expires is not None and expires <= _now()):
-                return None
-            return p  # type: ignore[no-any-return]
         with self.index.engine.connect() as c:
             row = c.execute(
                 select(users, api_tokens.c.expires_at, api_tokens.c.revoked_at)
@@ -480,15 +475,10 @@ class AuthService:
         return cookie, csrf
 
     def principal_for_session(self, cookie: str) -> Principal | None:
-        if not cookie or len(cookie) > 200:
-            return None
+        known, p = self.cached_principal("session", cookie)
+        if known:
+            return p
         h = token_hash(cookie)
-        hit = self._sessions.get(h)
-        if hit is not None:
-            p, expires = hit
-            if p is None or expires <= _now():
-                return None
-            return p  # type: ignore[no-any-return]
         with self.index.engine.connect() as c:
             row = c.execute(
                 select(users, sessions.c.csrf_token, sessions.c.expires_at, sessions.c.revoked)
