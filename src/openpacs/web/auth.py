@@ -301,24 +301,28 @@ class SecurityMiddleware:
                 if cached:
                     return None
                 p = self.auth.oidc.validate(cred)
-            elif cached:
-                known, p = self.auth.cached_principal("token", cred)
+            else:
+                known, p = self._lookup("token", cred, cached)
                 if not known:
                     return None
-            else:
-                p = self.auth.principal_for_token(cred)
             return (p, "") if p is not None else (ANONYMOUS, "invalid, expired or revoked bearer token")
         cookie = _cookie(scope, SESSION_COOKIE)
         if cookie:
-            if cached:
-                known, p = self.auth.cached_principal("session", cookie)
-                if not known:
-                    return None
-            else:
-                p = self.auth.principal_for_session(cookie)
+            known, p = self._lookup("session", cookie, cached)
+            if not known:
+                return None
             if p is not None:
                 return p, ""
         return ANONYMOUS, ""
+
+    def _lookup(self, kind: str, cred: str, cached: bool) -> tuple[bool, Principal | None]:
+        """(known, principal) for a token or session: from memory only when ``cached`` (known False on a miss),
+        else through the index."""
+        if cached:
+            return self.auth.cached_principal(kind, cred)
+        if kind == "token":
+            return True, self.auth.principal_for_token(cred)
+        return True, self.auth.principal_for_session(cred)
 
     def _check(self, scope: Scope, p: Principal, policy: RoutePolicy, path: str, method: str,
                cached: bool = False) -> tuple[int, str] | None:
