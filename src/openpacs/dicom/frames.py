@@ -104,7 +104,7 @@ class FrameReader:
             key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
             entry = _INDEX_CACHE.get(key)
             if entry is None:
-                entry = _build_layout(fp)
+                entry = _build_layout(fp, st.st_size)
                 if entry is None:
                     fp.close()
                     return False
@@ -300,9 +300,9 @@ class _NativeLayout:
         return 64 + 3 * self.pixel_offset
 
     @classmethod
-    def build(cls, fp: IO[bytes], ds: Dataset, ts: UID) -> _NativeLayout | None:
+    def build(cls, fp: IO[bytes], size: int, ds: Dataset, ts: UID) -> _NativeLayout | None:
         """None when the file is not native little endian with a top-level Pixel Data of defined length (``fp`` is
-        just past the header)."""
+        just past the header; ``size`` is the file's)."""
         if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             return None
         pos = fp.tell()
@@ -315,17 +315,18 @@ class _NativeLayout:
             length, value = struct.unpack_from("<I", head, 8)[0], pos + 12
         else:
             length, value = struct.unpack_from("<I", head, 4)[0], pos + 8
-        if length == 0xFFFFFFFF or value + length > os.fstat(fp.fileno()).st_size:
+        if length == 0xFFFFFFFF or value + length > size:
             return None
         return cls(ds, ts, value, length)
 
 
-def _build_layout(fp: IO[bytes]) -> _NativeLayout | _FragmentIndex | None:
-    """The cached layout of one stored file (its header parsed once), or None for the generic path."""
+def _build_layout(fp: IO[bytes], size: int) -> _NativeLayout | _FragmentIndex | None:
+    """The cached layout of one stored file of ``size`` bytes (its header parsed once), or None for the generic
+    path."""
     ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1024, force=True)
     meta = getattr(ds, "file_meta", None)
     ts = UID((meta.get("TransferSyntaxUID") if meta else None) or ImplicitVRLittleEndian)
-    return _NativeLayout.build(fp, ds, ts) or _FragmentIndex.build(fp, ds, ts)
+    return _NativeLayout.build(fp, size, ds, ts) or _FragmentIndex.build(fp, size, ds, ts)
 
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) as a little endian uint32
@@ -350,13 +351,12 @@ class _FragmentIndex:
         return 16 * len(self.offsets) + 8 * (len(self.first) if self.first is not None else 0) + 3 * (self.offsets[0] if self.offsets else 0)
 
     @classmethod
-    def build(cls, fp: IO[bytes], ds: Dataset, ts: UID) -> _FragmentIndex | None:
+    def build(cls, fp: IO[bytes], size: int, ds: Dataset, ts: UID) -> _FragmentIndex | None:
         """None when the file is not an indexable encapsulated file (native, deflated, odd): the generic path then
         (``fp`` is just past the header)."""
         if ts in NATIVE or ts == DeflatedExplicitVRLittleEndian or not ts.is_encapsulated:
             return None
         pos = fp.tell()
-        size = os.fstat(fp.fileno()).st_size
         if size - pos < 20:
             return None
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
