@@ -102,7 +102,11 @@ class Settings:
     job_backoff_seconds: float = 5.0
     job_backoff_max: float = 600.0
     job_max_attempts: int = 5
-    job_concurrency: int = 2
+    job_concurrency: int = 2  # jobs run at once by each job worker (the serving process's, the jobs process's)
+    # distribution (send, STOW-RS, retrieve, prefetch, HL7 to the RIS) and routing in a process of their own
+    # (cli/jobs_process.py), at this CPU niceness: forwarding no longer takes its CPU out of ingest
+    job_process: bool = True
+    job_nice: int = 10
     commit_timeout: float = 300.0  # a send job asking for storage commitment waits this long for the report, then retries
     network_timeout: float = 120.0
     dicom_tls_port: int = 2762  # DICOM TLS listener, on when tls_cert/tls_key are set (tls_ca: mutual TLS); 0: off

@@ -7,6 +7,7 @@ can only reach the others through the change notifications (index/changes.py), n
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import threading
@@ -360,8 +361,8 @@ def test_jobs_claimed_once_across_nodes_and_taken_over_after_a_kill(cluster: Clu
         return j if j["state"] == "running" and j.get("owner") and 0 < j["done"] < j["total"] else None
 
     job = wait_until(running, timeout=120, interval=0.05, what="the big job to be under way")
-    pid = int(job["owner"].split(":")[1])
-    victim = next(n for n in cluster.nodes if n.proc is not None and n.proc.pid == pid)
+    pid = int(job["owner"].split(":")[1])  # the node's jobs process (cli/jobs_process.py), in the node's group
+    victim = next(n for n in cluster.nodes if n.proc is not None and os.getpgid(pid) == n.proc.pid)
     victim.kill()
     try:
         def finished(jid: int) -> dict | None:

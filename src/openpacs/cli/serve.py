@@ -9,12 +9,16 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from .. import eventloop
 from ..config import Settings, security_refusal  # noqa: F401 - re-exported (openpacs doctor uses it too)
 from ..context import Context, build_context
+
+if TYPE_CHECKING:
+    from ..services.jobs import Runner
 
 log = logging.getLogger("openpacs")
 
@@ -88,6 +92,9 @@ async def _serve(settings: Settings) -> None:
     ctx.index.changes.start()  # configuration changed by other nodes/processes drops this node's cached copies
     if ctx.routing is not None:
         ctx.routing.config_rules()  # a malformed [[routes]] table stops the start with its name (RouteError)
+        from ..services.routing import Router
+
+        Router(ctx, ctx.routing).start_following()  # before anything listens: nothing arrives unrouted
     first_start_admin(ctx)
     if ctx.audit is not None:
         from ..config import redacted
@@ -120,8 +127,8 @@ async def _serve(settings: Settings) -> None:
     hl7_ready = asyncio.Event()
     hl7_task = asyncio.create_task(serve_hl7(ctx, stop, hl7_ready), name="hl7")
     await dimse_ready.wait() if not dimse_task.done() else None
-    jobs_task = asyncio.create_task(_run_jobs(ctx, stop), name="jobs")
-    router_task = asyncio.create_task(_run_router(ctx, stop), name="router")
+    jobs_task = asyncio.create_task(_run_jobs(ctx, stop, STORAGE), name="jobs")
+    router_task = asyncio.create_task(_run_distribution(ctx, stop), name="distribution")
     tiering_task = asyncio.create_task(_run_tiering(ctx, stop), name="tiering")
     storage_task = asyncio.create_task(_run_storage(ctx, stop), name="storage")
     await hl7_ready.wait() if not hl7_task.done() else None
@@ -152,45 +159,81 @@ async def _serve(settings: Settings) -> None:
             raise exc
 
 
-async def _run_jobs(ctx: Context, stop: asyncio.Event) -> None:
-    """The job worker of this node (services/jobs.py): send jobs (C-STORE, STOW-RS), retrieve and prefetch jobs, and
-    HL7 messages to the RIS run on this event loop."""
-    from ..dicomweb.sender import KIND as STOW
-    from ..dicomweb.sender import StowSender
-    from ..dimse.sender import KIND as SEND
-    from ..dimse.sender import Sender
-    from ..hl7.outbound import KIND as HL7_OUT
-    from ..hl7.outbound import RisSender
-    from ..services.iocm import KIND as PURGE_REJECTED
-    from ..services.iocm import PurgeRejectedRunner, ensure_scheduled
-    from ..services.jobs import JobWorker, Runner
-    from ..services.prefetch import KIND as PREFETCH
-    from ..services.prefetch import Prefetcher
-    from ..services.remote_qr import KIND as RETRIEVE
-    from ..services.remote_qr import Retriever
-    from ..services.tiering import KIND as TIER
-    from ..services.tiering import Tierer
+# the job kinds of distribution: the jobs process runs them (job_process), the serving process the others
+DISTRIBUTION = "distribution"
+STORAGE = "storage"
+ALL = "all"
+
+
+def job_runners(ctx: Context, group: str = ALL) -> dict[str, Runner]:
+    """The runners of this process's job worker (services/jobs.py). ``distribution``: send jobs (C-STORE,
+    STOW-RS), retrieve and prefetch jobs, HL7 messages to the RIS; ``storage``: cold tier moves, IOCM purges,
+    compress, retention and scrub; ``all``: both."""
+    runners: dict[str, Runner] = {}
+    if group in (ALL, DISTRIBUTION):
+        from ..dicomweb.sender import KIND as STOW
+        from ..dicomweb.sender import StowSender
+        from ..dimse.sender import KIND as SEND
+        from ..dimse.sender import Sender
+        from ..hl7.outbound import KIND as HL7_OUT
+        from ..hl7.outbound import RisSender
+        from ..services.prefetch import KIND as PREFETCH
+        from ..services.prefetch import Prefetcher
+        from ..services.remote_qr import KIND as RETRIEVE
+        from ..services.remote_qr import Retriever
+
+        assert ctx.jobs is not None
+        runners.update({SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
+                        STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs),
+                        PREFETCH: Prefetcher(ctx, ctx.jobs)})
+    if group in (ALL, STORAGE):
+        from ..services.iocm import KIND as PURGE_REJECTED
+        from ..services.iocm import PurgeRejectedRunner
+        from ..services.storage_schedule import for_context as storage_services
+        from ..services.tiering import KIND as TIER
+        from ..services.tiering import Tierer
+
+        assert ctx.jobs is not None
+        runners[TIER] = Tierer(ctx, ctx.jobs)  # cold tier moves (services/tiering.py)
+        runners[PURGE_REJECTED] = PurgeRejectedRunner(ctx, ctx.jobs)  # services/iocm.py
+        runners.update(storage_services(ctx).runners(ctx))  # compress, retention, scrub (services/storage_schedule.py)
+    return runners
+
+
+async def _run_jobs(ctx: Context, stop: asyncio.Event, group: str) -> None:
+    """The job worker of this process, for the runners of ``group``."""
+    from ..services.iocm import ensure_scheduled
+    from ..services.jobs import JobWorker
 
     assert ctx.jobs is not None
-    runners: dict[str, Runner] = {SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
-                                  STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs),
-                                  PREFETCH: Prefetcher(ctx, ctx.jobs)}
-    runners[TIER] = Tierer(ctx, ctx.jobs)  # cold tier moves (services/tiering.py)
-    runners[PURGE_REJECTED] = PurgeRejectedRunner(ctx, ctx.jobs)  # services/iocm.py
-    from ..services.storage_schedule import for_context as storage_services
-
-    runners.update(storage_services(ctx).runners(ctx))  # compress, retention, scrub (services/storage_schedule.py)
     await asyncio.to_thread(ensure_scheduled, ctx.jobs)
-    worker = JobWorker(ctx.jobs, runners, concurrency=ctx.settings.job_concurrency)
+    worker = JobWorker(ctx.jobs, job_runners(ctx, group), concurrency=ctx.settings.job_concurrency)
+    ctx.jobs.listeners.append(worker.wake)
     await worker.run(stop)
 
 
-async def _run_router(ctx: Context, stop: asyncio.Event) -> None:
+async def run_router(ctx: Context, stop: asyncio.Event) -> None:
     """Auto-routing (services/routing.py): follows the change feed and submits send jobs, beside the job worker."""
     from ..services.routing import Router
 
     assert ctx.routing is not None and ctx.jobs is not None
     await Router(ctx, ctx.routing).run(stop)
+
+
+async def _run_distribution(ctx: Context, stop: asyncio.Event) -> None:
+    """Distribution and routing: in the jobs process (cli/jobs_process.py) unless ``job_process`` is off."""
+    if ctx.settings.job_process:
+        from .jobs_process import JobsProcess
+
+        proc = JobsProcess(ctx.settings)
+        assert ctx.jobs is not None
+        ctx.jobs.listeners.append(proc.wake)  # jobs submitted here (API, CLI through the API) start at once
+        await proc.supervise(stop)
+        return
+    tasks = [asyncio.create_task(_run_jobs(ctx, stop, DISTRIBUTION), name="distribution")]
+    if ctx.routing is not None:
+        tasks.append(asyncio.create_task(run_router(ctx, stop), name="router"))
+    await asyncio.gather(*tasks)
 
 
 async def _run_storage(ctx: Context, stop: asyncio.Event) -> None:

@@ -125,6 +125,33 @@ class Index:
                 if got:
                     c.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
+    @contextlib.contextmanager
+    def relaxed_commit(self) -> Iterator[Connection]:
+        """A write transaction whose commit survives a crash of this process (kill -9) but not a power loss or a
+        crash of the database server: SQLite ``synchronous=NORMAL`` for this one commit (WAL: the commit is in the
+        log, in the kernel's cache, without its fsync), PostgreSQL ``synchronous_commit = off``. Only for records
+        whose loss is harmless and whose fsync would cost the ingest path its write lock: a send job's
+        acknowledgements (lost ones mean instances sent again after a power failure, never an instance lost).
+        Images and everything else commit durably (``write_engine.begin()``)."""
+        if not self.is_sqlite:
+            with self.write_engine.begin() as c:
+                c.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                yield c
+            return
+        with self.write_engine.connect() as c:
+            raw = c.connection.dbapi_connection
+            assert raw is not None
+            raw.execute("PRAGMA synchronous=NORMAL")  # outside any transaction, as SQLite requires
+            try:
+                with c.begin():  # BEGIN IMMEDIATE (the engine's begin event)
+                    yield c
+            finally:
+                try:
+                    raw.execute("PRAGMA synchronous=FULL")
+                except Exception:
+                    c.invalidate()  # never back in the pool with relaxed durability
+                    raise
+
     def ping(self) -> bool:
         try:
             with self.engine.connect() as c:

@@ -110,6 +110,16 @@ class JobQueue:
         self.backoff_cap = backoff_cap
         self.default_attempts = default_attempts
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # called (from any thread) after a job was submitted and committed here: the job workers of this node
+        # claim it now instead of at their next poll (cli/serve.py: this process's worker, the jobs process)
+        self.listeners: list[Callable[[], None]] = []
+
+    def notify(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception as exc:  # noqa: BLE001 - a wake-up is an optimisation; the poll still finds the job
+                log.debug("job listener failed: %r", exc)
 
     # -- submitting ------------------------------------------------------------------------------------------
     def submit(self, kind: str, payload: Mapping[str, Any], *, items: Sequence[str] = (), priority: int = 0,
@@ -118,6 +128,7 @@ class JobQueue:
         with self.index.write_engine.begin() as c:
             job_id = self.submit_in(c, kind, payload, items=items, priority=priority, destination=destination,
                                     max_attempts=max_attempts, item_bytes=item_bytes)
+        self.notify()
         job = self.get(job_id)
         assert job is not None
         return job
@@ -126,7 +137,8 @@ class JobQueue:
                   priority: int = 0, destination: str | None = None, max_attempts: int | None = None,
                   item_bytes: Sequence[int] = ()) -> int:
         """Queue a job inside the caller's write transaction (it exists only if that transaction commits, e.g. an
-        MPPS change and the HL7 message that reports it). Returns its id."""
+        MPPS change and the HL7 message that reports it). Returns its id; the caller calls :meth:`notify` after its
+        commit (else the workers find the job at their next poll)."""
         t = now()
         uids = list(dict.fromkeys(items))
         sizes = dict(zip(items, item_bytes, strict=False))
@@ -201,6 +213,9 @@ class JobQueue:
         if kinds is not None:
             stmt = stmt.where(jobs.c.kind.in_(list(kinds)))
         stmt = stmt.order_by(jobs.c.priority.desc(), jobs.c.id).limit(1)
+        with self.index.engine.connect() as c:  # a read first: an idle poll never takes the write lock
+            if c.execute(stmt).first() is None:
+                return None
         if not self.index.is_sqlite:
             stmt = stmt.with_for_update(skip_locked=True)
         with self.index.write_engine.begin() as c:  # SQLite: BEGIN IMMEDIATE, one claimer at a time
@@ -248,9 +263,11 @@ class JobQueue:
                     progress=(jobs.c.done + 1) * 1.0 / jobs.c.total))
 
     def ack_many(self, acks: Sequence[tuple[int, int, int, int]]) -> None:
-        """Several (job id, seq, status, bytes) acknowledgements in one transaction (one commit for many lanes)."""
+        """Several (job id, seq, status, bytes) acknowledgements in one transaction (one commit for many lanes).
+        A crash of OpenPACS never loses a committed ack; a power failure may lose the last few, which are then sent
+        again (Index.relaxed_commit): their fsync would hold the index's write lock against the ingest path."""
         t = now()
-        with self.index.write_engine.begin() as c:
+        with self.index.relaxed_commit() as c:
             for job_id, seq, status, nbytes in acks:
                 n = c.execute(update(job_items).where(job_items.c.job_id == job_id, job_items.c.seq == seq,
                                                       job_items.c.state != ITEM_ACKED)
@@ -471,15 +488,28 @@ class JobWorker:
         self.concurrency = concurrency
         self.poll = poll
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.running: dict[int, JobContext] = {}
 
     def wake(self) -> None:
-        """A job was submitted in this process: claim now instead of at the next poll."""
-        self._wake.set()
+        """A job was submitted (any thread of this process, or the serving process for the jobs process): claim
+        now instead of at the next poll."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self._wake.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
         while not stop.is_set():
+            self._wake.clear()  # before claiming: a job submitted while we claim wakes the wait below
             while len(tasks) < self.concurrency:
                 try:
                     job = await asyncio.to_thread(self.queue.claim, self.runners)
@@ -491,7 +521,6 @@ class JobWorker:
                 t = asyncio.create_task(self._run_one(job), name=f"job-{job.id}")
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
-            self._wake.clear()
             waiters: list[asyncio.Future[Any]] = [asyncio.create_task(stop.wait()),
                                                   asyncio.create_task(self._wake.wait())]
             if tasks:

@@ -682,6 +682,7 @@ class Router:
         self.service = service
         self.poll = poll
         self.routed = 0  # instances put into jobs by this process (tests, metrics)
+        self._queued = False  # a job was submitted in this step: notify the workers once it is committed
 
     def _read_header(self, key: str, full: bool = False) -> bytes:
         return read_header(self.ctx.store, key, full)
@@ -699,6 +700,26 @@ class Router:
                 except TimeoutError:
                     pass
 
+    def start_following(self, now: datetime | None = None) -> None:
+        """At the first start: the router's cursors at the heads of the change feed and of the orders, before the
+        listeners open (what arrives from then on is routed, whenever the router itself starts)."""
+        try:
+            with self.index.write_engine.begin() as c:
+                self._take_cursors(c, now or datetime.now(UTC))
+        except IntegrityError:
+            pass  # another node starting at the same time took them
+
+    def _take_cursors(self, c: Any, now: datetime) -> None:
+        have = set(c.execute(select(routing_cursor.c.name)
+                             .where(routing_cursor.c.name.in_((CURSOR, ORDERS_CURSOR)))).scalars())
+        if CURSOR not in have:
+            head = int(c.execute(select(func.max(changes.c.seq))).scalar() or 0)
+            c.execute(insert(routing_cursor).values(name=CURSOR, seq=head, updated_at=now))
+            log.info("routing: following the change feed from seq %d", head)
+        if ORDERS_CURSOR not in have:
+            head = int(c.execute(select(func.max(scheduled_steps.c.id))).scalar() or 0)
+            c.execute(insert(routing_cursor).values(name=ORDERS_CURSOR, seq=head, updated_at=now))
+
     def step(self, now: datetime | None = None) -> bool:
         """One batch of the change feed, then the stable studies due; True when there may be more to do now."""
         now = now or datetime.now(UTC)
@@ -706,6 +727,9 @@ class Router:
         more = self._feed(rules, now)
         self._stable([r for r in rules if r.kind == "route"], now)
         self._orders([r for r in rules if r.kind == "prefetch" and "order" in r.on], now)
+        if self._queued:  # committed by now: the job workers start them at once
+            self._queued = False
+            self.ctx.jobs.notify()
         return more
 
     def _feed(self, rules: list[Rule], now: datetime) -> bool:
@@ -715,9 +739,7 @@ class Router:
                 stmt = stmt.with_for_update()
             seq = c.execute(stmt).scalar()
             if seq is None:
-                head = int(c.execute(select(func.max(changes.c.seq))).scalar() or 0)
-                c.execute(insert(routing_cursor).values(name=CURSOR, seq=head, updated_at=now))
-                log.info("routing: following the change feed from seq %d", head)
+                self._take_cursors(c, now)
                 return False
             rows = c.execute(select(changes.c.seq, changes.c.change_type, changes.c.uid)
                              .where(changes.c.seq > seq).order_by(changes.c.seq).limit(BATCH)).all()
@@ -786,8 +808,7 @@ class Router:
                 stmt = stmt.with_for_update()
             seq = c.execute(stmt).scalar()
             if seq is None:
-                head = int(c.execute(select(func.max(scheduled_steps.c.id))).scalar() or 0)
-                c.execute(insert(routing_cursor).values(name=ORDERS_CURSOR, seq=head, updated_at=now))
+                self._take_cursors(c, now)
                 return
             steps = c.execute(select(scheduled_steps).where(scheduled_steps.c.id > seq)
                               .order_by(scheduled_steps.c.id).limit(BATCH)).mappings().all()
@@ -824,6 +845,7 @@ class Router:
                    "method": rule.method, "exclude": exclude, "why": why}
         job_id = self.ctx.jobs.submit_in(c, "prefetch", payload, priority=rule.priority, max_attempts=3,
                                          destination=key)
+        self._queued = True
         log.info("prefetch rule %s: job %d for patient %s (%s)", rule.name, job_id, patient_id, why)
 
     def _touch_pending(self, c: Any, rule: Rule, matched: list[dict[str, Any]], now: datetime) -> None:
@@ -879,6 +901,7 @@ class Router:
             payload["commit"] = True
         job_id = self.ctx.jobs.submit_in(c, kind, payload, items=uids, priority=rule.priority, destination=dest,
                                          item_bytes=sizes)
+        self._queued = True
         if not_before is not None:
             c.execute(update(jobs).where(jobs.c.id == job_id).values(not_before=not_before))
         log.info("routing rule %s: job %d, %d instance(s) to %s%s", rule.name, job_id, len(uids), dest,
