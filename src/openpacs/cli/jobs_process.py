@@ -159,6 +159,8 @@ async def _run(settings: Settings, ctrl: socket.socket) -> None:
             return
 
     loop.add_reader(ctrl, on_ctrl)
+    log.info("jobs process %d running: %d job kinds, routing %s, nice %d", os.getpid(), len(worker.runners),
+             "on" if ctx.routing is not None else "off", os.getpriority(os.PRIO_PROCESS, 0))
     tasks = [asyncio.create_task(worker.run(stop), name="jobs")]
     if ctx.routing is not None:
         tasks.append(asyncio.create_task(run_router(ctx, stop), name="router"))

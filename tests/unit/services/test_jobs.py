@@ -182,3 +182,52 @@ def test_worker_runs_retries_and_stops_on_cancel(index: Index) -> None:
     assert f is not None and f.state == J.DONE and f.attempts == 3 and calls[flaky_job.id] == 3
     g = q.get(forever.id)
     assert g is not None and g.state == J.CANCELLED
+
+
+def test_acks_commit_relaxed_and_leave_the_connection_durable(index: Index) -> None:
+    """ack_many commits through Index.relaxed_commit: the acks are there for every other connection, a failed
+    transaction records none of them, and the pooled connection goes back to the durable setting."""
+    q = J.JobQueue(index)
+    j = q.submit("send", {}, items=["1.2.1", "1.2.2", "1.2.3"], item_bytes=[1, 2, 3])
+    assert q.claim() is not None
+    q.ack_many([(j.id, 0, 0, 10), (j.id, 1, 0xB000, 20)])
+    got = q.get(j.id)
+    assert got is not None and got.done == 2 and got.bytes == 30
+    assert [i.sop_instance_uid for i in q.pending_items(j.id)] == ["1.2.3"]
+    with pytest.raises(RuntimeError), index.relaxed_commit() as c:
+        c.execute(update(jobs).where(jobs.c.id == j.id).values(done=99))
+        raise RuntimeError("rolled back")
+    after = q.get(j.id)
+    assert after is not None and after.done == 2
+    with index.write_engine.connect() as c:
+        if index.is_sqlite:
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL again
+        else:
+            assert c.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
+def test_a_submission_from_another_thread_wakes_the_worker(index: Index) -> None:
+    """JobQueue.listeners: the worker claims a job submitted by another thread at once, not at its next poll (an
+    hour here)."""
+    q = J.JobQueue(index)
+    ran = threading.Event()
+
+    async def runner(jc: J.JobContext) -> None:
+        ran.set()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        w = J.JobWorker(q, {"t": runner}, poll=3600)
+        q.listeners.append(w.wake)
+        task = asyncio.create_task(w.run(stop))
+        await asyncio.sleep(0.2)  # the worker found nothing and waits
+        await asyncio.to_thread(q.submit, "t", {})
+        for _ in range(200):
+            if ran.is_set():
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert ran.is_set(), "the submitted job did not run before the worker's next poll"
