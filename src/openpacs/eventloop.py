@@ -51,3 +51,20 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     tune_allocator()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+def run_child(main: Coroutine[Any, Any, None], settings: Any, tag: str) -> None:
+    """The body of a spawned child process of ``openpacs serve`` (a DIMSE worker, the jobs process): SIGINT is
+    ignored (the serving process decides when its children stop), logging carries ``tag`` and the pid, then
+    ``main`` runs on this module's loop."""
+    import os
+    import signal
+
+    from .logs import configure as configure_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(settings.log_level, settings.log_format, process_tag=f"{tag}:{os.getpid()}")
+    try:
+        run(main)
+    except KeyboardInterrupt:
+        pass

@@ -43,7 +43,6 @@ class JobsProcess:
         self.settings = settings
         self.process: Any = None
         self._ctrl: socket.socket | None = None
-        self.restarts = 0
 
     def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -78,7 +77,6 @@ class JobsProcess:
                           self.process.exitcode, RESTART_SECONDS)
                 self._close()
                 self.process = None
-                self.restarts += 1
                 try:
                     await asyncio.wait_for(stop.wait(), RESTART_SECONDS)
                     return
@@ -114,16 +112,9 @@ class JobsProcess:
 
 
 def _main(settings: Settings, ctrl: socket.socket) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when we stop
-    from ..logs import configure as configure_logging
-
-    configure_logging(settings.log_level, settings.log_format, process_tag=f"jobs:{os.getpid()}")
     if settings.job_nice > 0:
-        os.nice(settings.job_nice)
-    try:
-        eventloop.run(_run(settings, ctrl))
-    except KeyboardInterrupt:
-        pass
+        os.nice(settings.job_nice)  # before any thread starts: they all inherit it
+    eventloop.run_child(_run(settings, ctrl), settings, "jobs")
     os._exit(0)  # skip interpreter teardown of daemon threads after a clean close
 
 

@@ -376,14 +376,7 @@ async def serve_dimse(settings: Settings, ctx: Any, stop: asyncio.Event, ready: 
 
 
 def _worker_main(settings: Settings, ctrl: socket.socket, index: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when we stop
-    from ..logs import configure as configure_logging
-
-    configure_logging(settings.log_level, settings.log_format, process_tag=f"dimse-{index}:{os.getpid()}")
-    try:
-        eventloop.run(_worker(settings, ctrl))
-    except KeyboardInterrupt:
-        pass
+    eventloop.run_child(_worker(settings, ctrl), settings, f"dimse-{index}")
 
 
 async def _worker(settings: Settings, ctrl: socket.socket) -> None:
