@@ -159,18 +159,19 @@ async def _serve(settings: Settings) -> None:
             raise exc
 
 
-# the job kinds of distribution: the jobs process runs them (job_process), the serving process the others
+# the two job workers: distribution (the jobs process's, unless job_process is off) and storage (the serving
+# process's, beside its ingest)
 DISTRIBUTION = "distribution"
 STORAGE = "storage"
-ALL = "all"
 
 
-def job_runners(ctx: Context, group: str = ALL) -> dict[str, Runner]:
-    """The runners of this process's job worker (services/jobs.py). ``distribution``: send jobs (C-STORE,
-    STOW-RS), retrieve and prefetch jobs, HL7 messages to the RIS; ``storage``: cold tier moves, IOCM purges,
-    compress, retention and scrub; ``all``: both."""
+def job_runners(ctx: Context, group: str) -> dict[str, Runner]:
+    """The runners of one job worker (services/jobs.py). ``distribution``: send jobs (C-STORE, STOW-RS), retrieve
+    and prefetch jobs, HL7 messages to the RIS; ``storage``: cold tier moves, IOCM purges, compress, retention and
+    scrub."""
+    assert ctx.jobs is not None
     runners: dict[str, Runner] = {}
-    if group in (ALL, DISTRIBUTION):
+    if group == DISTRIBUTION:
         from ..dicomweb.sender import KIND as STOW
         from ..dicomweb.sender import StowSender
         from ..dimse.sender import KIND as SEND
@@ -182,18 +183,16 @@ def job_runners(ctx: Context, group: str = ALL) -> dict[str, Runner]:
         from ..services.remote_qr import KIND as RETRIEVE
         from ..services.remote_qr import Retriever
 
-        assert ctx.jobs is not None
         runners.update({SEND: Sender(ctx, ctx.jobs), HL7_OUT: RisSender(ctx.settings.ris_hl7_timeout),
                         STOW: StowSender(ctx, ctx.jobs), RETRIEVE: Retriever(ctx, ctx.jobs),
                         PREFETCH: Prefetcher(ctx, ctx.jobs)})
-    if group in (ALL, STORAGE):
+    elif group == STORAGE:
         from ..services.iocm import KIND as PURGE_REJECTED
         from ..services.iocm import PurgeRejectedRunner
         from ..services.storage_schedule import for_context as storage_services
         from ..services.tiering import KIND as TIER
         from ..services.tiering import Tierer
 
-        assert ctx.jobs is not None
         runners[TIER] = Tierer(ctx, ctx.jobs)  # cold tier moves (services/tiering.py)
         runners[PURGE_REJECTED] = PurgeRejectedRunner(ctx, ctx.jobs)  # services/iocm.py
         runners.update(storage_services(ctx).runners(ctx))  # compress, retention, scrub (services/storage_schedule.py)
@@ -206,7 +205,8 @@ async def _run_jobs(ctx: Context, stop: asyncio.Event, group: str) -> None:
     from ..services.jobs import JobWorker
 
     assert ctx.jobs is not None
-    await asyncio.to_thread(ensure_scheduled, ctx.jobs)
+    if group == STORAGE:
+        await asyncio.to_thread(ensure_scheduled, ctx.jobs)  # the recurring IOCM purge, which this worker runs
     worker = JobWorker(ctx.jobs, job_runners(ctx, group), concurrency=ctx.settings.job_concurrency)
     ctx.jobs.listeners.append(worker.wake)
     await worker.run(stop)
