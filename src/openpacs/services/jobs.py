@@ -495,15 +495,8 @@ class JobWorker:
         """A job was submitted (any thread of this process, or the serving process for the jobs process): claim
         now instead of at the next poll."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            if asyncio.get_running_loop() is loop:
-                self._wake.set()
-                return
-        except RuntimeError:
-            pass
-        loop.call_soon_threadsafe(self._wake.set)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)  # from the loop's own thread too
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
