@@ -57,7 +57,8 @@ DEST_AET = "DESTSCP"
 SCP_ROOT: list[Path] = []  # --scp-dir: where the storescp destinations write (default: beside the server's data)
 
 
-def SCP_DIR(tmp: Path) -> Path:  # noqa: N802 - reads like the constant it usually is
+def scp_dir(tmp: Path) -> Path:
+    """Where one storescp writes: beside the server's data, or under --scp-dir (removed at exit)."""
     if not SCP_ROOT:
         return tmp
     d = Path(tempfile.mkdtemp(prefix="scp-", dir=SCP_ROOT[0]))
@@ -248,7 +249,7 @@ def check_files(scp: StoreSCP, n: int, who: str) -> None:
 
 def forward_orthanc(tmp: Path, files: list[str]) -> dict[str, float]:
     n = len(files)
-    scp = StoreSCP(SCP_DIR(tmp) / "scp", aet=DEST_AET).start()
+    scp = StoreSCP(scp_dir(tmp) / "scp", aet=DEST_AET).start()
     try:
         (tmp / "orthanc").mkdir()
         with Orthanc(tmp / "orthanc", scp.port) as o:
@@ -290,8 +291,8 @@ def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, prob
     """1 association to a plain storescp (one association at a time, like Orthanc's), then 4 associations to a
     `storescp --fork` (a plain storescp would serve the 4 lanes one after the other)."""
     n = len(files)
-    scp1 = StoreSCP(SCP_DIR(tmp) / "scp1", aet=DEST_AET).start()
-    scp4 = StoreSCP(SCP_DIR(tmp) / "scp4", aet=DEST_AET, options=("+xa", "--fork")).start()
+    scp1 = StoreSCP(scp_dir(tmp) / "scp1", aet=DEST_AET).start()
+    scp4 = StoreSCP(scp_dir(tmp) / "scp4", aet=DEST_AET, options=("+xa", "--fork")).start()
     srv = openpacs(tmp, scp1.port, remotes={"DEST4": (DEST_AET, "127.0.0.1", scp4.port)})
     out: dict[str, float] = {}
     try:
@@ -355,7 +356,7 @@ def print_profile(raw: Path, top: int = 25) -> None:
 
 def ingest(tmp: Path, files: list[str], routed: bool, problems: list[str]) -> dict[str, float]:
     n = len(files)
-    scp = StoreSCP(SCP_DIR(tmp) / "scp", aet=DEST_AET).start()  # started in both cases: the same machine load
+    scp = StoreSCP(scp_dir(tmp) / "scp", aet=DEST_AET).start()  # started in both cases: the same machine load
     srv = openpacs(tmp, scp.port, ROUTE_TOML if routed else "")
     out: dict[str, float] = {}
     try:
