@@ -63,6 +63,27 @@ class FrameError(ValueError):
     """The instance has no such frame or no pixel data."""
 
 
+class WouldBlock(Exception):  # noqa: N818 - named for what it says, like BlockingIOError
+    """A ``nowait`` read found its bytes outside the page cache, or the frame needs decoding: a thread must do it."""
+
+
+def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
+    """``os.pread``; with ``nowait`` only from the page cache (``RWF_NOWAIT``), else WouldBlock."""
+    if not nowait:
+        return os.pread(fd, length, offset)
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, NOWAIT_FLAG)
+    except BlockingIOError as exc:
+        raise WouldBlock from exc
+    if n != length:  # partly cached, or truncated: the blocking read tells which
+        raise WouldBlock
+    return bytes(buf)
+
+
+NOWAIT_FLAG: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: no read can be proven not to block
+
+
 class FrameReader:
     """Random access to the frames of one stored instance.
 
@@ -96,13 +117,29 @@ class FrameReader:
             self.close()
             raise
 
-    def _open_indexed(self, path: str | os.PathLike[str]) -> bool:
+    @classmethod
+    def cached(cls, path: str | os.PathLike[str]) -> FrameReader | None:
+        """A reader of a local file whose layout is cached already, or None: it opens with an open and an fstat,
+        nothing read (building a layout reads the file, which only a thread may do)."""
+        if not NOWAIT_FLAG:
+            return None
+        reader = cls.__new__(cls)
+        reader._owned, reader._index, reader._native = False, None, None
+        try:
+            return reader if reader._open_indexed(path, build=False) else None
+        except OSError:
+            return None
+
+    def _open_indexed(self, path: str | os.PathLike[str], build: bool = True) -> bool:
         """An encapsulated file opened through the cached header and fragment index (built once per file)."""
         fp: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
             st = os.fstat(fp.fileno())
             key = (os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
             entry = _INDEX_CACHE.get(key)
+            if entry is None and not build:
+                fp.close()
+                return False
             if entry is None:
                 entry = _build_layout(fp, st.st_size)
                 if entry is None:
@@ -168,11 +205,12 @@ class FrameReader:
         ds = self.ds
         return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
 
-    def stored_frame(self, number: int) -> tuple[bytes, str]:
+    def stored_frame(self, number: int, nowait: bool = False) -> tuple[bytes, str]:
         """Frame ``number`` (1-based) as stored, and the syntax it is in.
 
         Native frames are returned little endian uncompressed (Explicit VR Little Endian); big endian or bit-packed
-        frames that do not start on a byte boundary are decoded and re-packed for that.
+        frames that do not start on a byte boundary are decoded and re-packed for that. ``nowait``: WouldBlock
+        unless the frame is one read from the page cache through the cached layout (an event loop's read).
         """
         self._check(number)
         ds = self.ds
@@ -180,16 +218,20 @@ class FrameReader:
             bits = int(ds.BitsAllocated)
             n_samples = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
             if self.transfer_syntax == ExplicitVRBigEndian and bits > 8 or bits == 1 and n_samples % 8:
+                if nowait:
+                    raise WouldBlock
                 return self.frame_as(number, ExplicitVRLittleEndian), ExplicitVRLittleEndian
             length = n_samples * bits // 8
             start = (number - 1) * length
             if self._native is not None:  # the cached layout: one pread, no parse
                 if start + length > self._native.pixel_length:
                     raise FrameError(f"pixel data truncated: frame {number} incomplete")
-                data = os.pread(self._fp.fileno(), length, self._native.pixel_offset + start)
+                data = _pread(self._fp.fileno(), length, self._native.pixel_offset + start, nowait)
                 if len(data) != length:
                     raise FrameError(f"pixel data truncated: frame {number} incomplete")
                 return data, ExplicitVRLittleEndian
+            if nowait:
+                raise WouldBlock
             if self.transfer_syntax == DeflatedExplicitVRLittleEndian or self._raw.value is not None:
                 value = self.ds.PixelData
                 return bytes(value[start : start + length]), ExplicitVRLittleEndian
@@ -198,11 +240,13 @@ class FrameReader:
             if len(data) != length:
                 raise FrameError(f"pixel data truncated: frame {number} incomplete")
             return data, ExplicitVRLittleEndian
-        return self._encapsulated_frame(number - 1), self.transfer_syntax
+        return self._encapsulated_frame(number - 1, nowait), self.transfer_syntax
 
-    def _encapsulated_frame(self, index: int) -> bytes:
+    def _encapsulated_frame(self, index: int, nowait: bool = False) -> bytes:
         if self._index is not None:
-            return self._index.frame(self._fp, index)
+            return self._index.frame(self._fp, index, nowait)
+        if nowait:
+            raise WouldBlock
         ext: tuple[bytes, bytes] | None = None
         if "ExtendedOffsetTable" in self.ds and "ExtendedOffsetTableLengths" in self.ds:
             ext = (bytes(self.ds.ExtendedOffsetTable), bytes(self.ds.ExtendedOffsetTableLengths))
@@ -246,15 +290,18 @@ class FrameReader:
             return "RGB"  # what array(as_rgb=True) returns
         return pi
 
-    def frame_as(self, number: int, target_ts: str) -> bytes:
-        """Frame ``number`` encoded in ``target_ts`` (native = little endian uncompressed bytes)."""
+    def frame_as(self, number: int, target_ts: str, nowait: bool = False) -> bytes:
+        """Frame ``number`` encoded in ``target_ts`` (native = little endian uncompressed bytes). ``nowait``: only
+        a frame sent as stored and read from the page cache, else WouldBlock (decoding is a thread's work)."""
         target = UID(target_ts)
         if target == self.transfer_syntax and not self.is_native:
             self._check(number)
-            return self._encapsulated_frame(number - 1)
+            return self._encapsulated_frame(number - 1, nowait)
         if target in NATIVE and self.is_native and self.transfer_syntax != ExplicitVRBigEndian:
-            data, _ = self.stored_frame(number)
+            data, _ = self.stored_frame(number, nowait)
             return data
+        if nowait:
+            raise WouldBlock
         arr = self.array(number)
         mini = self._single_frame_dataset(arr)
         if target in NATIVE:
@@ -405,13 +452,13 @@ class _FragmentIndex:
                 return None
         return cls(ds, ts, offsets, lengths, first)
 
-    def frame(self, fp: IO[bytes], index: int) -> bytes:
+    def frame(self, fp: IO[bytes], index: int, nowait: bool = False) -> bytes:
         fd = fp.fileno()
         if self.first is None:
             lo, hi = index, index + 1
         else:
             lo, hi = self.first[index], self.first[index + 1]
-        parts = [os.pread(fd, self.lengths[i], self.offsets[i]) for i in range(lo, hi)]
+        parts = [_pread(fd, self.lengths[i], self.offsets[i], nowait) for i in range(lo, hi)]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != sum(self.lengths[i] for i in range(lo, hi)):
             raise FrameError(f"pixel data truncated: frame {index + 1} incomplete")

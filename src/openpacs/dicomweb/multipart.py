@@ -520,8 +520,8 @@ class PiecesResponse(Response):
     to join them, no chunked framing for the client to undo)."""
 
     def __init__(self, pieces: list[bytes], headers: Mapping[str, str]) -> None:
-        self.pieces = pieces
-        super().__init__(b"", headers={**headers, "Content-Length": str(sum(len(p) for p in pieces))})
+        self.pieces = _coalesced(pieces)
+        super().__init__(b"", headers={**headers, "Content-Length": str(sum(len(p) for p in self.pieces))})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -530,6 +530,29 @@ class PiecesResponse(Response):
             await send({"type": "http.response.body", "body": piece, "more_body": i < last})
         if not self.pieces:
             await send({"type": "http.response.body", "body": b""})
+
+
+def _coalesced(pieces: list[bytes]) -> list[bytes]:
+    """Runs of small pieces joined up to ``_COALESCE`` bytes: every piece is one trip through the middleware and one
+    socket write, which cost more than copying a few kilobytes (a viewer's tile is part head, ~3 kB, delimiter);
+    a large frame is still sent as it is, never copied."""
+    if len(pieces) < 2:
+        return pieces
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for p in pieces:
+        if size + len(p) > _COALESCE and run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, size = [], 0
+        if len(p) > _COALESCE:
+            out.append(p)
+            continue
+        run.append(p)
+        size += len(p)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 def multipart_response(

@@ -42,8 +42,14 @@ class Prepared:
         self.order: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positiontup else None
 
     def rows(self, conn: Connection, **params: Any) -> list[Any]:
-        args: Any = tuple(params[n] for n in self.order) if self.order is not None else params
-        return list(conn.exec_driver_sql(self.sql, args))
+        return list(conn.exec_driver_sql(self.sql, self._args(params)))
+
+    def dbapi_rows(self, dbapi_conn: Any, **params: Any) -> list[Any]:
+        """The same on a bare DBAPI connection (``Index.loop_reader``)."""
+        return list(dbapi_conn.execute(self.sql, self._args(params)))
+
+    def _args(self, params: dict[str, Any]) -> Any:
+        return tuple(params[n] for n in self.order) if self.order is not None else params
 
 
 def _normalize_url(url: str) -> str:
@@ -71,6 +77,7 @@ class Index:
         self.changes = ChangeBus(self)  # cross-node cache invalidation (started by `openpacs serve`)
         self._write_lock = threading.Lock()
         self._raw: Any = None
+        self._loop_readers: list[Any] = []
         if self.is_sqlite:
             import sqlite3
 
@@ -101,6 +108,24 @@ class Index:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
+
+    def loop_reader(self) -> Any | None:
+        """A read-only SQLite connection of its own for an event loop's lookups by key (a viewer's frame requests),
+        or None (PostgreSQL: a network round trip is never made on an event loop; an in-memory database). In WAL
+        mode a reader never waits for a writer, and with no busy timeout it never waits at all: a rare SQLITE_BUSY
+        is an ``OperationalError`` and the caller asks a thread instead. Autocommit: each SELECT is its own
+        snapshot, with no pool, BEGIN or ROLLBACK around it. The caller keeps it to its one thread."""
+        path = self.url.split("///", 1)[1] if self.is_sqlite and "///" in self.url else ""
+        if not path or path == ":memory:" or not Path(path).exists():
+            return None
+        import sqlite3
+
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=0)
+        conn.execute("PRAGMA case_sensitive_like=ON")
+        conn.execute("PRAGMA cache_size=-16384")
+        self._loop_readers.append(conn)
+        return conn
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -166,6 +191,9 @@ class Index:
             if self._raw is not None:
                 self._raw.close()
                 self._raw = None
+        for conn in self._loop_readers:
+            conn.close()
+        self._loop_readers.clear()
         self.engine.dispose()
         if self.write_engine is not self.engine:
             self.write_engine.dispose()

@@ -38,7 +38,7 @@ class RetrieveService:
         from .qc_edit import QCOverlay
 
         self.qc_overlay = QCOverlay(index)  # QC edits (services/qc_edit.py): the study and series modules
-        self._lookups: dict[tuple[bool, bool], Prepared] = {}
+        self._lookups: dict[tuple[bool, bool, int | None], Prepared] = {}
 
     def _select(self):  # type: ignore[no-untyped-def]
         return select(
@@ -55,8 +55,9 @@ class RetrieveService:
         with self.index.engine.connect() as conn:
             return _as_refs(conn.execute(stmt))
 
-    def _prepared(self, shape: tuple[bool, bool]) -> Prepared:
-        """The list_instances statement for a (series given, instance given) shape, compiled once."""
+    def _prepared(self, shape: tuple[bool, bool, int | None]) -> Prepared:
+        """The list_instances statement for a (series given, instance given, departments or None) shape, compiled
+        once."""
         p = self._lookups.get(shape)
         if p is None:
             stmt = self._select().where(studies.c.study_instance_uid == bindparam("study"))
@@ -64,6 +65,8 @@ class RetrieveService:
                 stmt = stmt.where(series.c.series_instance_uid == bindparam("series"))
             if shape[1]:
                 stmt = stmt.where(instances.c.sop_instance_uid == bindparam("sop"))
+            if shape[2] is not None:
+                stmt = stmt.where(studies.c.department.in_([bindparam(f"d{i}") for i in range(shape[2])]))
             p = self._lookups[shape] = Prepared(self.index.engine,
                                                 stmt.order_by(studies.c.id, series.c.id, instances.c.id))
         return p
@@ -99,20 +102,22 @@ class RetrieveService:
             raise QueryError(Status.IDENTIFIER_MISMATCH, str(e)) from e
 
     def list_instances(self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
-                       departments: tuple[str, ...] | None = None) -> list[InstanceRef]:
-        if departments is None:  # the hot path (every frame a viewer asks for): a statement compiled once
-            params = {"study": study_uid, "series": series_uid, "sop": sop_uid}
-            prepared = self._prepared((series_uid is not None, sop_uid is not None))
-            with self.index.engine.connect() as conn:
-                return _as_refs(prepared.rows(conn, **{k: v for k, v in params.items() if v is not None}))
-        stmt = self._select().where(studies.c.study_instance_uid == study_uid)
+                       departments: tuple[str, ...] | None = None, dbapi_conn: Any = None) -> list[InstanceRef]:
+        """The instances of a study, series or one instance (a statement compiled once per shape: this is every
+        frame a viewer asks for). ``dbapi_conn``: run on that bare connection (``Index.loop_reader``)."""
+        params: dict[str, Any] = {"study": study_uid}
         if series_uid is not None:
-            stmt = stmt.where(series.c.series_instance_uid == series_uid)
+            params["series"] = series_uid
         if sop_uid is not None:
-            stmt = stmt.where(instances.c.sop_instance_uid == sop_uid)
+            params["sop"] = sop_uid
         if departments is not None:
-            stmt = stmt.where(studies.c.department.in_(departments))
-        return self._refs(stmt)
+            params.update((f"d{i}", d) for i, d in enumerate(departments))
+        prepared = self._prepared((series_uid is not None, sop_uid is not None,
+                                   None if departments is None else len(departments)))
+        if dbapi_conn is not None:
+            return _as_refs(prepared.dbapi_rows(dbapi_conn, **params))
+        with self.index.engine.connect() as conn:
+            return _as_refs(prepared.rows(conn, **params))
 
     def read_file(self, ref: InstanceRef) -> bytes:
         """The Part 10 file as stored, with the index's patient module when ADT changed it (services/patients.py:
