@@ -111,6 +111,8 @@ class RetrieveService:
         if sop_uid is not None:
             params["sop"] = sop_uid
         if departments is not None:
+            if not departments:  # a scope of no department sees no study
+                return []
             params.update((f"d{i}", d) for i, d in enumerate(departments))
         prepared = self._prepared((series_uid is not None, sop_uid is not None,
                                    None if departments is None else len(departments)))
