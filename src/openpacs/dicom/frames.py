@@ -63,6 +63,14 @@ class FrameError(ValueError):
     """The instance has no such frame or no pixel data."""
 
 
+def frame_count(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent or unreadable."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 class WouldBlock(Exception):  # noqa: N818 - named for what it says, like BlockingIOError
     """A ``nowait`` read found its bytes outside the page cache, or the frame needs decoding: a thread must do it."""
 
@@ -95,6 +103,7 @@ class FrameReader:
         self._owned = False
         self._index: _FragmentIndex | None = None
         self._native: _NativeLayout | None = None
+        self._n_frames: int | None = None
         if isinstance(source, str | os.PathLike) and self._open_indexed(source):
             return
         if isinstance(source, str | os.PathLike):
@@ -124,7 +133,7 @@ class FrameReader:
         if not NOWAIT_FLAG:
             return None
         reader = cls.__new__(cls)
-        reader._owned, reader._index, reader._native = False, None, None
+        reader._owned, reader._index, reader._native, reader._n_frames = False, None, None, None
         try:
             return reader if reader._open_indexed(path, build=False) else None
         except OSError:
@@ -152,6 +161,7 @@ class FrameReader:
         self._fp, self._owned = fp, True
         self.ds = entry.ds  # shared between readers: read only (_full_dataset reads a private copy)
         self.transfer_syntax = entry.transfer_syntax
+        self._n_frames = entry.n_frames
         self._raw = None
         if isinstance(entry, _NativeLayout):
             self._native = entry
@@ -175,10 +185,9 @@ class FrameReader:
 
     @property
     def number_of_frames(self) -> int:
-        try:
-            return max(1, int(self.ds.get("NumberOfFrames", 1) or 1))
-        except (TypeError, ValueError):
-            return 1
+        if self._n_frames is None:  # asked several times a request: pydicom's lookup is not free
+            self._n_frames = frame_count(self.ds)
+        return self._n_frames
 
     @property
     def is_native(self) -> bool:
@@ -334,10 +343,11 @@ class FrameReader:
 class _NativeLayout:
     """Where the pixel data of one native little endian file is (its header parsed once): a frame is one pread."""
 
-    __slots__ = ("ds", "transfer_syntax", "pixel_offset", "pixel_length")
+    __slots__ = ("ds", "transfer_syntax", "pixel_offset", "pixel_length", "n_frames")
 
     def __init__(self, ds: Dataset, ts: UID, pixel_offset: int, pixel_length: int) -> None:
         self.ds = ds
+        self.n_frames = frame_count(ds)
         self.transfer_syntax = ts
         self.pixel_offset = pixel_offset
         self.pixel_length = pixel_length
@@ -384,10 +394,11 @@ class _FragmentIndex:
     """Where each frame's fragments are in one encapsulated file: computed once (a scan of the item headers through
     mmap, ~10 ms for 50,000 fragments), so a frame of a 50,000-tile slide is one pread, not a parse of the file."""
 
-    __slots__ = ("ds", "transfer_syntax", "offsets", "lengths", "first")
+    __slots__ = ("ds", "transfer_syntax", "offsets", "lengths", "first", "n_frames")
 
     def __init__(self, ds: Dataset, ts: UID, offsets: array, lengths: array, first: array | None) -> None:
         self.ds = ds
+        self.n_frames = frame_count(ds)
         self.transfer_syntax = ts
         self.offsets = offsets  # absolute file position of each fragment's value
         self.lengths = lengths
@@ -431,7 +442,7 @@ class _FragmentIndex:
                 offsets.append(pos + 8)
                 lengths.append(length)
                 pos += 8 + length
-        n_frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        n_frames = frame_count(ds)
         first: array | None = None
         if len(offsets) != n_frames:
             starts: list[int] | None = None
