@@ -323,6 +323,28 @@ def _set_pixel_data(ds: Dataset, frames: list[bytes], offset_table: str) -> None
     ds["PixelData"].is_undefined_length = True
 
 
+def level_of(rgb: np.ndarray, n_levels: int = 4) -> int | None:
+    """Which level's colour (the nearest, in either checker shade) a screenshot pixel has, or None for anything
+    else (blank)."""
+    best, level = 40.0, None
+    for i, colour in enumerate(LEVEL_COLORS[:n_levels]):
+        c = np.array(colour, dtype=np.float64)
+        d = min(np.abs(rgb - c).max(), np.abs(rgb - c * DARK).max())
+        if d < best:
+            best, level = d, i
+    return level
+
+
+def levels_in(crop: np.ndarray, n_levels: int = 4) -> dict[int | None, float]:
+    """The share of a sample of ``crop``'s pixels showing each level (None: no level, a blank or missing tile)."""
+    px = crop.reshape(-1, 3)[::37]
+    counts: dict[int | None, int] = {}
+    for p in px:
+        k = level_of(p, n_levels)
+        counts[k] = counts.get(k, 0) + 1
+    return {k: v / len(px) for k, v in counts.items()}
+
+
 def write_big_slide(path: Path, seed: str = "openpacs-wsi-big", tiles_across: int = 224, tiles_down: int = 224,
                     offset_table: str = "none") -> Slide:
     """One TILED_FULL level of tiles_across x tiles_down tiles (224 x 224 = 50,176), written to ``path`` fragment by

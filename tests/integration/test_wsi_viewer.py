@@ -59,24 +59,6 @@ def test_tiles_round_trip_byte_exact(slide_server, tmp_path) -> None:
         assert back == sent[back.SOPInstanceUID] and back.PixelData == sent[back.SOPInstanceUID].PixelData
 
 
-def _level_of(rgb: np.ndarray) -> int | None:
-    """Which level's colour (either checker shade) a pixel has, or None for anything else (blank, black)."""
-    for i, colour in enumerate(wsi.LEVEL_COLORS[:4]):
-        c = np.array(colour, dtype=np.float64)
-        if min(np.abs(rgb - c).max(), np.abs(rgb - c * wsi.DARK).max()) < 40:
-            return i
-    return None
-
-
-def _levels_in(crop: np.ndarray) -> dict[int | None, float]:
-    px = crop.reshape(-1, 3)[::37]  # a sample of the viewport's pixels
-    counts: dict[int | None, int] = {}
-    for p in px:
-        k = _level_of(p)
-        counts[k] = counts.get(k, 0) + 1
-    return {k: v / len(px) for k, v in counts.items()}
-
-
 def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -103,7 +85,7 @@ def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
             deadline = time.monotonic() + TIMEOUT
             first: dict[int | None, float] = {}
             while time.monotonic() < deadline:
-                first = _levels_in(centre())
+                first = wsi.levels_in(centre())
                 if max((v for k, v in first.items() if k is not None), default=0) > 0.8:
                     break
                 time.sleep(1.0)
@@ -121,11 +103,11 @@ def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
             for _ in range(12):  # zoom in until a finer level is drawn
                 page.mouse.wheel(0, -300)
                 time.sleep(1.0)
-                after = _levels_in(centre())
+                after = wsi.levels_in(centre())
                 if any(k is not None and k < shown and v > 0.8 for k, v in after.items()):
                     break
             while time.monotonic() < deadline:  # the tiles of the new level arrive
-                after = _levels_in(centre())
+                after = wsi.levels_in(centre())
                 finer = [k for k, v in after.items() if k is not None and k < shown and v > 0.8]
                 if finer and after.get(None, 0) < 0.05:
                     break
@@ -142,7 +124,7 @@ def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
             deadline = time.monotonic() + TIMEOUT
             panned: dict[int | None, float] = {}
             while time.monotonic() < deadline:
-                panned = _levels_in(centre())
+                panned = wsi.levels_in(centre())
                 if panned.get(finer[0], 0) > 0.8 and panned.get(None, 0) < 0.05:
                     break
                 time.sleep(0.5)
