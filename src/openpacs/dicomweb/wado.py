@@ -419,7 +419,7 @@ class WadoRS:
         opener = getattr(self.ctx.store, "open", None)  # an object store: ranged GETs, only the header and frames
         if opener is not None and not ref.demographics_version and not ref.qc_key:
             try:
-                return FrameReader(opener(ref.blob_key))
+                return FrameReader(opener(ref.blob_key), cache_key=ref.blob_key)  # blob keys are never reused
             except (OSError, AttributeError):
                 pass
         return FrameReader(self._read(ref))

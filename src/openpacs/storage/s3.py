@@ -225,6 +225,8 @@ class S3BlobStore:
 class _RangedFile(io.RawIOBase):
     def __init__(self, store: S3BlobStore, key: str, size: int) -> None:
         self.store, self.key, self.length, self.pos = store, key, size, 0
+        self.name = key  # pydicom reads the name of a BufferedReader's raw stream (without one it raised
+        # AttributeError, and WADO fell back to reading the whole object)
 
     def readable(self) -> bool:
         return True
