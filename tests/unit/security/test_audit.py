@@ -250,3 +250,31 @@ def test_wado_uri_audit_names_the_study_however_the_key_is_encoded(world) -> Non
     world.ctx.audit.flush()
     served = [e for e in world.ctx.audit.search(user="admin") if e.detail and "/wado" in e.detail]
     assert served and st in served[0].study_uids and served[0].patient_id, served
+
+
+def test_a_viewers_frame_reads_of_one_instance_are_one_event(world) -> None:
+    """Frame requests gathered in one batch: one event per (user, address, instance, status), the frames listed and
+    counted; other instances, users and events stay apart (services.audit.coalesce_frame_reads)."""
+    audit = world.ctx.audit
+    base = "/dicom-web/studies/1.2.9/series/1.2.9.1/instances/1.2.9.1.{}/frames/{}"
+
+    def frame(user: str, instance: int, n: str, status: int = 200) -> None:
+        audit.record("InstancesTransferred", user=user, protocol="HTTP", source_address="10.0.0.7",
+                     study_uids=["1.2.9"], outcome=0 if status < 400 else 4,
+                     detail=f"GET {base.format(instance, n)} -> {status}")
+
+    for n in ("5", "9", "1,2"):
+        frame("pathologist", 1, n)
+    frame("pathologist", 2, "5")
+    frame("resident", 1, "5")
+    frame("pathologist", 1, "99999", 404)
+    audit.record("Query", user="pathologist", study_uids=["1.2.9"], query="StudyInstanceUID=1.2.9")
+    audit.flush()
+    got = sorted((e.user, e.detail or "", e.event) for e in audit.search(study_uid="1.2.9"))
+    assert got == sorted([
+        ("pathologist", f"GET {base.format(1, '5,9,1,2')} -> 200 (3 requests)", "InstancesTransferred"),
+        ("pathologist", f"GET {base.format(2, '5')} -> 200", "InstancesTransferred"),
+        ("resident", f"GET {base.format(1, '5')} -> 200", "InstancesTransferred"),
+        ("pathologist", f"GET {base.format(1, '99999')} -> 404", "InstancesTransferred"),
+        ("pathologist", "", "Query"),
+    ])
