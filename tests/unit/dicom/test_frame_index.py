@@ -13,32 +13,26 @@ from openpacs.dicom import frames
 from openpacs.dicom.frames import FrameReader
 
 
-class CountingRaw(io.RawIOBase):
-    """A seekable raw reader over bytes that records each read (position, size), like S3's ranged GETs."""
+class CountingRaw(io.BytesIO):
+    """Bytes read the way the server reads an object store's blob (``BufferedReader`` over a raw stream), each read
+    recorded as (position, size), like S3's ranged GETs."""
 
     def __init__(self, data: bytes) -> None:
-        self.data, self.pos, self.reads = data, 0, []  # type: list[tuple[int, int]]
+        super().__init__(data)
+        self.reads: list[tuple[int, int]] = []
         self.name = "blob"  # pydicom asks a BufferedReader's raw stream for its name
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.data)}[whence] + offset
-        return self.pos
+    def read(self, size: int | None = -1) -> bytes:
+        pos = self.tell()
+        data = super().read(size)
+        self.reads.append((pos, len(data)))
+        return data
 
     def readinto(self, b: Any) -> int:
-        chunk = self.data[self.pos: self.pos + len(b)]
-        b[: len(chunk)] = chunk
-        self.reads.append((self.pos, len(chunk)))
-        self.pos += len(chunk)
-        return len(chunk)
+        pos = self.tell()
+        n = super().readinto(b)
+        self.reads.append((pos, n))
+        return n
 
 
 def test_stream_index_reads_little_and_matches_the_file(tmp_path: Path, monkeypatch) -> None:
