@@ -9,6 +9,7 @@ goes through pydicom's pixel API one frame at a time.
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import mmap
 import os
@@ -84,6 +85,10 @@ def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
         n = os.preadv(fd, [buf], offset, NOWAIT_FLAG)
     except BlockingIOError as exc:
         raise WouldBlock from exc
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without RWF_NOWAIT (NFS, FUSE)
+            raise WouldBlock from exc
+        raise
     if n != length:  # partly cached, or truncated: the blocking read tells which
         raise WouldBlock
     return bytes(buf)

@@ -123,3 +123,18 @@ def test_loop_reader_sees_later_commits(ctx) -> None:
     assert ref == ctx.retrieve.list_instances(study, series, sop)[0]
     with pytest.raises(Exception, match="readonly|read-only"):
         db.execute("DELETE FROM instances")
+
+
+def test_a_filesystem_without_nowait_reads_goes_to_the_thread(slide, monkeypatch) -> None:
+    """NFS or FUSE may refuse RWF_NOWAIT (EOPNOTSUPP): the frame is then read by the thread, never a 500."""
+    import errno
+
+    ctx, p, _path = slide
+    rs = WadoRS(ctx)
+    _status, first, _hops = _answer(rs, p, monkeypatch)
+
+    def refuse(*_a: Any) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    assert _answer(rs, p, monkeypatch) == (200, first, 1)
