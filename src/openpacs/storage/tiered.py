@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -55,13 +56,14 @@ class TieredBlobStore:
         if not self.cache_dir or "/" in inner or inner.startswith("."):
             return None
         p = os.path.join(self.cache_dir, inner)
-        if os.path.exists(p):
-            try:
-                os.utime(p)  # LRU by mtime
-            except OSError:
-                return None
-            return p
-        return None
+        try:
+            st = os.stat(p)
+            # LRU by access time, set here; the mtime is left alone: readers key their caches of a file's layout
+            # by it (dicom/frames.py), and a touched mtime made every frame of a cached slide rebuild its index
+            os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))
+        except OSError:
+            return None
+        return p
 
     def _fill(self, inner: str, data: bytes) -> None:
         if not self.cache_dir or "/" in inner or inner.startswith(".") or len(data) > self.cache_max:
@@ -86,7 +88,7 @@ class TieredBlobStore:
             for e in os.scandir(self.cache_dir):
                 if e.is_file() and not e.name.startswith("."):
                     st = e.stat()
-                    files.append((st.st_mtime, st.st_size, e.path))
+                    files.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
             total = sum(f[1] for f in files)
             for _, size, p in sorted(files):
                 if total <= self.cache_max:

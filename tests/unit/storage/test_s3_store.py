@@ -141,7 +141,18 @@ def test_tiered_store_routes_by_key_and_caches(moto, tmp_path):
     cached = store.path(cold.key)
     assert cached is not None and open(cached, "rb").read() == data
     assert b"".join(store.stream(cold.key, 5, 9005)) == data[5:9005]
-    for _ in range(3):  # the cache stays under its bound: least recently used out
+    old = os.stat(cached)
+    os.utime(cached, ns=(old.st_atime_ns - 10**10, old.st_mtime_ns - 10**10))  # as if filled 10 s ago
+    mtime = os.stat(cached).st_mtime_ns
+    assert store.path(cold.key) == cached
+    st = os.stat(cached)  # a use is marked in the access time; the mtime (what frame layouts are keyed by) stays
+    assert st.st_mtime_ns == mtime and st.st_atime_ns > mtime
+    second = store.put_tier([os.urandom(10_000)])
+    store.read(second.key)  # cached now, with the cold key's: 20,000 of 25,000 bytes
+    os.utime(store.path(second.key) or "", ns=(mtime - 10**9, mtime - 10**9))  # used before the cold key
+    store.read(store.put_tier([os.urandom(10_000)]).key)  # over the bound: the least recently used goes
+    assert store.path(cold.key) == cached and store.path(second.key) is None
+    for _ in range(3):  # the cache stays under its bound
         store.read(store.put_tier([os.urandom(10_000)]).key)
     assert sum(e.stat().st_size for e in os.scandir(tmp_path / "cache")) <= 25_000
     keys = set(store.keys_older_than(time.time() + 5))
