@@ -80,6 +80,8 @@ def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
     """``os.pread``; with ``nowait`` only from the page cache (``RWF_NOWAIT``), else WouldBlock."""
     if not nowait:
         return os.pread(fd, length, offset)
+    if length > NOWAIT_MAX:  # even from the page cache, copying it would hold the event loop up
+        raise WouldBlock
     buf = bytearray(length)
     try:
         n = os.preadv(fd, [buf], offset, NOWAIT_FLAG)
@@ -95,6 +97,7 @@ def _pread(fd: int, length: int, offset: int, nowait: bool) -> bytes:
 
 
 NOWAIT_FLAG: int = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; 0: no read can be proven not to block
+NOWAIT_MAX = 1 << 20  # the largest read done with nowait
 
 
 def _fileno(fp: IO[bytes]) -> int | None:
@@ -105,16 +108,18 @@ def _fileno(fp: IO[bytes]) -> int | None:
 
 
 def _read_at(fp: IO[bytes], length: int, offset: int, nowait: bool = False) -> bytes:
-    """``length`` bytes at ``offset``: a pread of a local file; of a stream (an object store's ranged reader), one
-    read of its raw reader at that position, so a frame costs one ranged GET of its own bytes."""
+    """``length`` bytes at ``offset``: a pread of a local file; of an object store's reader its ``read_at`` (one
+    ranged GET of just those bytes, its position untouched); of any other stream a seek and a read."""
     fd = _fileno(fp)
     if fd is not None:
         return _pread(fd, length, offset, nowait)
     if nowait:
         raise WouldBlock
-    raw: Any = getattr(fp, "raw", fp)
-    raw.seek(offset)
-    return raw.read(length) or b""
+    read_at = getattr(fp, "read_at", None)
+    if read_at is not None:
+        return read_at(offset, length) or b""
+    fp.seek(offset)
+    return fp.read(length) or b""
 
 
 SCAN_WINDOW = 8 << 20  # a stream is scanned for its fragments in reads of this size (one ranged GET each)
@@ -127,7 +132,7 @@ class _Scan:
     def __init__(self, fp: IO[bytes], size: int) -> None:
         fd = _fileno(fp)
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if fd is not None else None
-        self._raw: Any = getattr(fp, "raw", fp)
+        self._fp = fp
         self._buf: bytes | mmap.mmap = self._mm if self._mm is not None else b""
         self._start = 0
         self.size = size
@@ -138,8 +143,7 @@ class _Scan:
     def _window(self, pos: int, n: int) -> int:
         """The offset of ``pos`` in the buffer that holds ``n`` bytes from there (as many as the file has)."""
         if self._mm is None and not (self._start <= pos and pos + n <= self._start + len(self._buf)):
-            self._raw.seek(pos)
-            self._buf = self._raw.read(min(max(n, SCAN_WINDOW), max(0, self.size - pos))) or b""
+            self._buf = _read_at(self._fp, min(max(n, SCAN_WINDOW), max(0, self.size - pos)), pos)
             self._start = pos
         return pos - self._start
 
@@ -215,7 +219,7 @@ class FrameReader:
         entry = _INDEX_CACHE.get(key)
         if entry is None:
             fp.seek(0)
-            entry = _build_layout(fp, size)
+            entry = _build_layout(fp, size, defer=False)  # the cached header outlives this stream: read it whole
             fp.seek(0)
             if entry is None:
                 return False
@@ -465,10 +469,10 @@ class _NativeLayout:
         return cls(ds, ts, value, length)
 
 
-def _build_layout(fp: IO[bytes], size: int) -> _NativeLayout | _FragmentIndex | None:
+def _build_layout(fp: IO[bytes], size: int, defer: bool = True) -> _NativeLayout | _FragmentIndex | None:
     """The cached layout of one stored file of ``size`` bytes (its header parsed once), or None for the generic
-    path."""
-    ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1024, force=True)
+    path. ``defer``: header values over 1 kB read when used (from the file, by its name: local files only)."""
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1024 if defer else None, force=True)
     meta = getattr(ds, "file_meta", None)
     ts = UID((meta.get("TransferSyntaxUID") if meta else None) or ImplicitVRLittleEndian)
     return _NativeLayout.build(fp, size, ds, ts) or _FragmentIndex.build(fp, size, ds, ts)

@@ -162,9 +162,9 @@ class S3BlobStore:
         except self._errors as e:
             raise self._oserror(e, key) from e
 
-    def open(self, key: str, buffer: int = 256 << 10) -> io.BufferedReader:
+    def open(self, key: str, buffer: int = 256 << 10) -> RangedReader:
         """A seekable file object over ranged GETs (frames of a large multi-frame object without reading it all)."""
-        return io.BufferedReader(_RangedFile(self, key, self.size(key)), buffer_size=buffer)
+        return RangedReader(_RangedFile(self, key, self.size(key)), buffer)
 
     def path(self, key: str) -> str | None:
         return None
@@ -225,8 +225,6 @@ class S3BlobStore:
 class _RangedFile(io.RawIOBase):
     def __init__(self, store: S3BlobStore, key: str, size: int) -> None:
         self.store, self.key, self.length, self.pos = store, key, size, 0
-        self.name = key  # pydicom reads the name of a BufferedReader's raw stream (without one it raised
-        # AttributeError, and WADO fell back to reading the whole object)
 
     def readable(self) -> bool:
         return True
@@ -249,6 +247,48 @@ class _RangedFile(io.RawIOBase):
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+class RangedReader(io.BufferedIOBase):
+    """A buffered, seekable reader of one object over ranged GETs, plus ``read_at`` (bytes by position, one GET of
+    just those, the reader's position untouched). Deliberately not an ``io.BufferedReader``: pydicom takes one of
+    those for a file on disk, asks its name and reopens it by name for deferred values; this one it reads as a
+    buffer."""
+
+    def __init__(self, raw: _RangedFile, buffer: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._inner = io.BufferedReader(raw, buffer_size=buffer)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._inner.read(size)
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._inner.read1(size)
+
+    def readinto(self, b: Any) -> int:
+        return self._inner.readinto(b)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if offset >= self._raw.length or size <= 0:
+            return b""
+        return self._raw.store.read(self._raw.key, offset, min(self._raw.length, offset + size))
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
 
 
 def _code(e: Exception) -> str:

@@ -30,6 +30,9 @@ def is_tier_key(key: str) -> bool:
     return key.startswith(TIER_PREFIX)
 
 
+_TOUCH_EVERY_NS = 10 * 10**9  # a cached blob's access time is refreshed at most this often
+
+
 class TieredBlobStore:
     def __init__(self, primary: BlobStore, tier: BlobStore, cache_dir: str | None = None,
                  cache_max: int = 10 << 30) -> None:
@@ -58,11 +61,16 @@ class TieredBlobStore:
         p = os.path.join(self.cache_dir, inner)
         try:
             st = os.stat(p)
-            # LRU by access time, set here; the mtime is left alone: readers key their caches of a file's layout
-            # by it (dicom/frames.py), and a touched mtime made every frame of a cached slide rebuild its index
-            os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))
         except OSError:
             return None
+        now = time.time_ns()
+        if now - st.st_atime_ns > _TOUCH_EVERY_NS:  # not one inode write per frame of a slide
+            # LRU by access time, set here; the mtime is left alone: readers key their caches of a file's layout
+            # by it (dicom/frames.py), and a touched mtime made every frame of a cached slide rebuild its index
+            try:
+                os.utime(p, ns=(now, st.st_mtime_ns))
+            except OSError:  # not our file (EPERM): still a cached copy, only its rank is not refreshed
+                pass
         return p
 
     def _fill(self, inner: str, data: bytes) -> None:

@@ -138,3 +138,14 @@ def test_a_filesystem_without_nowait_reads_goes_to_the_thread(slide, monkeypatch
 
     monkeypatch.setattr(os, "preadv", refuse)
     assert _answer(rs, p, monkeypatch) == (200, first, 1)
+
+
+def test_a_large_frame_is_read_by_the_thread(slide, monkeypatch) -> None:
+    """Above NOWAIT_MAX even a cached frame is a thread's to copy, so that the loop is never held up by it."""
+    from openpacs.dicom import frames
+
+    ctx, p, _path = slide
+    rs = WadoRS(ctx)
+    _status, first, _hops = _answer(rs, p, monkeypatch)
+    monkeypatch.setattr(frames, "NOWAIT_MAX", len(first) - 1)
+    assert _answer(rs, p, monkeypatch) == (200, first, 1)

@@ -142,7 +142,7 @@ def test_tiered_store_routes_by_key_and_caches(moto, tmp_path):
     assert cached is not None and open(cached, "rb").read() == data
     assert b"".join(store.stream(cold.key, 5, 9005)) == data[5:9005]
     old = os.stat(cached)
-    os.utime(cached, ns=(old.st_atime_ns - 10**10, old.st_mtime_ns - 10**10))  # as if filled 10 s ago
+    os.utime(cached, ns=(old.st_atime_ns - 6 * 10**10, old.st_mtime_ns - 6 * 10**10))  # as if filled 60 s ago
     mtime = os.stat(cached).st_mtime_ns
     assert store.path(cold.key) == cached
     st = os.stat(cached)  # a use is marked in the access time; the mtime (what frame layouts are keyed by) stays
