@@ -89,7 +89,10 @@ def read_header(store: Any, key: str) -> Dataset | None:
     """The data set without pixel data, its other bulk values left unread (deferred)."""
     try:
         with open_blob(store, key) as f:
-            return dcmread(f, defer_size=256, stop_before_pixels=True, force=True)
+            # a deferred value is read again from the file by its name: only a local file has one (an object
+            # store's reader is closed when this returns), so elsewhere the header is read whole
+            local = isinstance(f, io.BufferedReader)
+            return dcmread(f, defer_size=256 if local else None, stop_before_pixels=True, force=True)
     except Exception:
         return None
 

@@ -180,3 +180,23 @@ def test_a_slide_on_s3_is_indexed_once_and_read_frame_by_frame(store, tmp_path):
         assert reader.stored_frame(n)[0] == slide.tile(0, (n - 1) % 20, (n - 1) // 20)
     again = FrameReader(store.open(blob.key), cache_key=blob.key)
     assert again._index is reader._index
+
+
+def test_summaries_read_an_objects_header_whole(store, tmp_path):
+    """services.summaries.read_header through the store's ranged reader: the header with its long values (before,
+    pydicom could not take the reader and the header was None; deferred values would need the closed reader)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from openpacs.services.summaries import read_header
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.7", generate_uid(), "OT"
+    ds.ImageComments = "long " * 400 + "end"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "header.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    blob = store.put([path.read_bytes()])
+    got = read_header(store, blob.key)
+    assert got is not None and got.Modality == "OT" and got.ImageComments == ds.ImageComments
