@@ -42,3 +42,17 @@ def ohif_dir() -> Path:
         raise
     os.environ.setdefault("OPENPACS_OHIF_DIR", str(installed))
     return installed
+
+
+# OHIF opens a first-visit tour (Shepherd, with a modal overlay) on /viewer once its JavaScript is ready; the overlay takes
+# every click and wheel event until it is closed, and it appears at a moment that races the test's own actions (a CI run
+# lost a click on the cine player's play button to it). The tests act as a user who has seen it: the tour's id marked as
+# shown in localStorage, which is what OHIF itself does when the tour is closed (ui-next Onboarding/utilities.ts).
+OHIF_TOURS_SEEN = "try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) {}"
+
+
+def ohif_page(browser, **context_options):
+    """A new page (in a context of its own, with ``context_options``) for which OHIF's first-visit tour was seen."""
+    context = browser.new_context(**context_options)
+    context.add_init_script(OHIF_TOURS_SEEN)
+    return context.new_page()

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import dcmtk
-from helpers.browser import CHROMIUM_ARGS
+from helpers.browser import CHROMIUM_ARGS, ohif_page
 from helpers.dicomdata import dataset_bytes, write_part10
 from helpers.dicomdata import testdata_file as _testdata_file
 from helpers.server import OpenPACSServer, stop_cleanly
@@ -399,8 +399,8 @@ def browser(chromium_path):
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    p = context.new_page()
+    p = ohif_page(browser, viewport={"width": 1280, "height": 900})
+    context = p.context
     p.log = []  # type: ignore[attr-defined]
     p.frame_urls = []  # type: ignore[attr-defined]
     p.on("console", lambda m: p.log.append(f"console.{m.type}: {m.text[:300]}") if m.type == "error" else None)
@@ -423,12 +423,6 @@ def _http(url: str, accept: str) -> tuple[int, dict[str, str], bytes]:
 def _uids(path: Path) -> tuple[str, str, str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-
-
-def _dismiss_tour(page) -> None:
-    skip = page.get_by_text("Skip all", exact=True)
-    if skip.count() and skip.first.is_visible():
-        skip.first.click()
 
 
 def _canvas_gray(page) -> np.ndarray:
@@ -481,7 +475,6 @@ def _wait_for_frame(page, matcher: FrameMatcher, artifacts: Path, name: str, min
     page.locator("canvas.cornerstone-canvas").first.wait_for(state="visible", timeout=RENDER_TIMEOUT * 1000)
     deadline = time.monotonic() + RENDER_TIMEOUT
     while True:
-        _dismiss_tour(page)
         k, corr, margin = matcher.match(_canvas_gray(page))
         if corr >= min_corr:
             return k
@@ -660,7 +653,6 @@ def test_rtstruct_contour_over_its_ct_slice(cine_server, objects, page, artifact
     yes = page.get_by_role("button", name="Yes")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not yes.count():
-        _dismiss_tour(page)
         if thumb.count():
             thumb.first.dblclick()
             time.sleep(1.0)

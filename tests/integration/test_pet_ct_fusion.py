@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_page
 from helpers.browser import ohif_dir as browser_ohif_dir
 from helpers.server import OpenPACSServer
 
@@ -93,7 +93,7 @@ def test_tmtv_mode_shows_suv_fusion_and_mip(petct_server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/tmtv?StudyInstanceUIDs={study}")
             canvases = page.locator("canvas.cornerstone-canvas")

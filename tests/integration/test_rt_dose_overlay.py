@@ -14,7 +14,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_page
 from helpers.server import OpenPACSServer
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -109,7 +109,7 @@ def test_console_study_view_shows_dose_over_ct(rt_server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = ohif_page(browser, viewport={"width": 1280, "height": 1400})
             page.goto(f"http://127.0.0.1:{srv.http_port}/ui/#/study/{study}")
             img = page.locator("img.rt-dose-overlay")
             img.wait_for(state="visible", timeout=60_000)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.helpers.browser import ohif_page
 from tests.helpers.server import OpenPACSServer, openpacs_command
 
 
@@ -65,7 +66,7 @@ def test_viewer_login_then_render(chromium: str, tmp_path: Path) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--use-gl=swiftshader",
                                                                           "--enable-unsafe-swiftshader"])
-            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page = ohif_page(browser, viewport={"width": 1280, "height": 900})
             denied: list[str] = []
             page.on("response", lambda resp: denied.append(resp.url) if resp.status in (401, 403) else None)
             page.goto(f"{base}/ohif/viewer?StudyInstanceUIDs={uid}", wait_until="domcontentloaded")

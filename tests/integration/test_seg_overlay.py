@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir, ohif_page
 from helpers.server import OpenPACSServer
 from PIL import Image
 
@@ -68,7 +68,7 @@ def test_viewer_draws_the_segment_on_its_slices(seg_server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
             canvas = page.locator("canvas.cornerstone-canvas:visible").first

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import requests
 from helpers import dcmtk
-from helpers.browser import missing
+from helpers.browser import missing, ohif_page
 from helpers.dicomdata import dataset_bytes, write_part10
 from helpers.dicomdata import testdata_file as _testdata_file
 from helpers.mediadata import SQUARE, make_pdf, pdf_dataset, square_x, write_video
@@ -200,7 +200,7 @@ def test_chromium_plays_the_video(base, media, chromium_path, artifacts) -> None
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 400, "height": 300})
+            page = ohif_page(browser, viewport={"width": 400, "height": 300})
             page.set_content(page_html)
             page.wait_for_function("document.getElementById('v').readyState >= 3", timeout=BROWSER_TIMEOUT_MS)
             for target in (0.6, 2.6):  # play up to a time, pause, locate the square at the frame shown
@@ -259,7 +259,7 @@ def test_pdf_rendered(base, media, chromium_path, artifacts) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 800, "height": 600})
+            page = ohif_page(browser, viewport={"width": 800, "height": 600})
             page.set_content(f"<html><body style='margin:0;background:#888'>"
                              f"<img id=i src='{url}?accept=image/png'></body></html>")
             page.wait_for_function("document.getElementById('i').complete && "
@@ -304,7 +304,7 @@ def test_sr_rendered_html_and_text(base, media, chromium_path, artifacts) -> Non
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page = ohif_page(browser, viewport={"width": 900, "height": 700})
             page.goto(url, timeout=BROWSER_TIMEOUT_MS)  # a browser's own Accept (text/html first)
             text = page.inner_text("body")
             png = page.screenshot(full_page=True)
@@ -351,7 +351,7 @@ def test_pdf_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={doc.study}")
             obj = page.locator("object[type='application/pdf'], object").first
             obj.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
@@ -393,7 +393,7 @@ def test_video_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
             rendered: list[str] = []
             page.on("response", lambda r: rendered.append(f"{r.status} {r.url}") if "/rendered" in r.url else None)
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={video.study}")

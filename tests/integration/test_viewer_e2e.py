@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 import pytest
 from helpers import dcmtk
+from helpers.browser import ohif_page
 from helpers.dicomdata import testdata_file as _testdata_file
 from helpers.dicomdata import write_part10
 from helpers.server import OpenPACSServer
@@ -242,8 +243,8 @@ class PageLog:
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    p = context.new_page()
+    p = ohif_page(browser, viewport={"width": 1280, "height": 900})
+    context = p.context
     p.log = PageLog(p)  # type: ignore[attr-defined]
     yield p
     context.close()
@@ -285,13 +286,6 @@ def _require_dicomweb(base: str, study_uid: str) -> None:
     assert status == 200, f"viewer needs WADO-RS {meta}: got HTTP {status} {body[:300]!r}"
 
 
-def _dismiss_tour(page) -> None:
-    """OHIF shows a first-visit onboarding tour over the viewport; close it so it does not cover the image."""
-    skip = page.get_by_text("Skip all", exact=True)
-    if skip.count() and skip.first.is_visible():
-        skip.first.click()
-
-
 def _canvas_gray(page) -> np.ndarray:
     from PIL import Image
 
@@ -323,7 +317,6 @@ def wait_for_rendered_image(page, datasets: list[pydicom.Dataset], artifacts: Pa
     deadline = time.monotonic() + RENDER_TIMEOUT
     stats: dict[str, float] = {}
     while True:
-        _dismiss_tour(page)
         shot = _canvas_gray(page)
         region = _image_region(shot, int(first.Rows), int(first.Columns), spacing[0], spacing[1]).ravel()
         corrs = [float(np.corrcoef(region, e)[0, 1]) if region.std() > 0 and e.std() > 0 else 0.0 for e in expected]

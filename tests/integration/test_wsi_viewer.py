@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, wsi
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir
+from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir, ohif_page
 from helpers.server import OpenPACSServer
 from PIL import Image
 
@@ -68,7 +68,7 @@ def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/microscopy?StudyInstanceUIDs={slide.study_uid}")
             viewport = page.locator(".ol-viewport").first
