@@ -306,7 +306,7 @@ def forward_openpacs(tmp: Path, files: list[str], uid: str, profile: float, prob
             spy = None
             if profile and assoc == 1:
                 spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(srv.proc.pid),
-                                        "--duration", str(int(profile)), "--format", "raw", "--subprocesses",
+                                        "--duration", str(int(profile)), "--format", "raw", "--subprocesses", "--gil",
                                         "--output", str(tmp / "pyspy.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)

@@ -73,14 +73,11 @@ def test_viewer_draws_the_segment_on_its_slices(seg_server) -> None:
             page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
             canvas = page.locator("canvas.cornerstone-canvas:visible").first
             canvas.wait_for(state="visible", timeout=TIMEOUT * 1000)
-            skip = page.get_by_text("Skip all", exact=True)
             deadline = time.monotonic() + TIMEOUT
             # the user double-clicks the SEG in the study browser; OHIF asks "Do you want to open this Segmentation?"
             thumb = page.get_by_text("Lesion segmentation", exact=False)
             yes = page.get_by_role("button", name="Yes")
             while time.monotonic() < deadline and not yes.count():
-                if skip.count() and skip.first.is_visible():
-                    skip.first.click()
                 if thumb.count():
                     thumb.first.dblclick()
                     time.sleep(1.0)
