@@ -42,8 +42,9 @@ OHIF_VERSION = "3.13.2"
 OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
 OHIF_PREFIX = "/ohif/"
 MARKER = ".openpacs-ohif.json"
-# bumped when patch_dist changes, so that installed trees are patched again (2: the microscopy viewer's import path)
-PATCH_LEVEL = 2
+# bumped when patch_dist changes, so that installed trees are patched again (2: the microscopy viewer's import path;
+# 3: the RT Dose frame positions, _BUNDLE_FIXES)
+PATCH_LEVEL = 3
 DEFAULT_REGISTRY = "https://registry.npmjs.org"
 
 # Where the files are served from, and the browser-visible prefix, are both fixed at install time: the prefix is baked
@@ -262,10 +263,57 @@ class _Patch:
     required: bool = True  # at least one occurrence must exist
 
 
+# Fixes of upstream bugs in the pinned build, as (what it fixes, the code as built, the code fixed). Each applies only
+# where its code is found verbatim; a build without it (a later OHIF) is left alone and the install logs it.
+#
+# RT Dose (OHIF 3.13 @ohif/core utils/combineFrameInstance): the frame positions of an RT Dose grid come from its Grid
+# Frame Offset Vector (PS3.3 C.8.8.3.2), but the multi-frame branch before it also takes every NumberOfFrames > 1, so
+# the RT Dose branch is never reached and every frame gets the first frame's position: the volume has zero slice
+# spacing, and adding the dose as a foreground crashes the viewport ("Invalid typed array length: Infinity"). Once
+# reached, that branch adds the offset to the already offset position of its cached frame object on every call, and
+# reads a non-zero first offset (the absolute-z form) as relative; the fix adds (offset - first offset) to the grid's
+# own Image Position (Patient), which covers both forms.
+_BUNDLE_FIXES: tuple[tuple[str, str, str], ...] = (
+    (
+        "RT Dose: frames positioned by Grid Frame Offset Vector",
+        "hasDetectorButMissingSpatialInfo || NumberOfFrames > 1) {",
+        "hasDetectorButMissingSpatialInfo || NumberOfFrames > 1 && !instance.GridFrameOffsetVector) {",
+    ),
+    (
+        "RT Dose: offset from the grid's origin, once",
+        "const origin = newInstance.ImagePositionPatient?.map(Number);\n"
+        "    const orientation = newInstance.ImageOrientationPatient?.map(Number);\n"
+        "    const offset = Number(instance.GridFrameOffsetVector[frameNumber - 1]);",
+        "const origin = sharedInstance.ImagePositionPatient?.map(Number);\n"
+        "    const orientation = newInstance.ImageOrientationPatient?.map(Number);\n"
+        "    const offset = Number(instance.GridFrameOffsetVector[frameNumber - 1]) - "
+        "Number(instance.GridFrameOffsetVector[0]);",
+    ),
+)
+
+
+def _fix_bundles(root: Path, counts: dict[str, int]) -> None:
+    """Apply :data:`_BUNDLE_FIXES` to the app bundle (where OHIF's core utilities are built)."""
+    for js in sorted(root.glob("app.bundle.*.js")):
+        text = js.read_text(encoding="utf-8", errors="surrogateescape")
+        applied = 0
+        for what, built, fixed in _BUNDLE_FIXES:
+            if text.count(built) == 1:
+                text = text.replace(built, fixed)
+                applied += 1
+            else:
+                log.warning("OHIF build: %s not applied to %s (code not found as built)", what, js.name)
+        if applied:
+            js.write_text(text, encoding="utf-8", errors="surrogateescape")
+            counts[f"fixes:{js.name}"] = applied
+
+
 def patch_dist(root: Path, prefix: str) -> dict[str, int]:
-    """Rewrite the build's absolute ``/`` public path to ``prefix``; returns replacement counts per file."""
+    """Rewrite the build's absolute ``/`` public path to ``prefix`` and apply :data:`_BUNDLE_FIXES`; returns
+    replacement counts per file."""
     prefix = _normalise_prefix(prefix)
     counts: dict[str, int] = {}
+    _fix_bundles(root, counts)
 
     def apply(path: Path, patches: list[_Patch]) -> None:
         text = path.read_text(encoding="utf-8")

@@ -180,3 +180,25 @@ def test_find_ohif_dir_prefers_configured_then_env_then_data_dir(tmp_path, insta
     user_default.parent.mkdir(parents=True)
     installed.rename(user_default)
     assert viewer.find_ohif_dir(data) == user_default  # installed once per user, found from any data dir
+
+
+def test_install_fixes_the_rt_dose_frame_positions(tmp_path):
+    """The upstream RT Dose bug fixes apply to the app bundle where its code is as built (the real build is checked in
+    Chromium: tests/integration/test_rt_dose_overlay.py), and a build without that code installs unchanged."""
+    files = dict(FILES)
+    files["app.bundle.0123456789abcdef.js"] = BUNDLE + "".join(built + "\n" for _what, built, _fixed in viewer._BUNDLE_FIXES)
+    tgz, integrity = make_tarball(tmp_path / "app.tgz", files)
+    text = (install_ohif(tmp_path / "ohif", tarball=tgz, integrity=integrity) / "app.bundle.0123456789abcdef.js").read_text()
+    for _what, built, fixed in viewer._BUNDLE_FIXES:
+        assert fixed in text and built not in text
+    assert "NumberOfFrames > 1 && !instance.GridFrameOffsetVector" in text
+    assert "- Number(instance.GridFrameOffsetVector[0])" in text
+    marker = json.loads((tmp_path / "ohif" / MARKER).read_text())
+    assert marker["patched"]["fixes:app.bundle.0123456789abcdef.js"] == len(viewer._BUNDLE_FIXES)
+    assert marker["patch_level"] == viewer.PATCH_LEVEL
+
+
+def test_install_without_the_upstream_code_leaves_the_bundle_alone(installed: Path):
+    marker = json.loads((installed / MARKER).read_text())
+    assert not any(k.startswith("fixes:") for k in marker["patched"])
+    assert "GridFrameOffsetVector" not in (installed / "app.bundle.0123456789abcdef.js").read_text()
