@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DSfloat
 
 from .dicomdata import write_part10
 
@@ -175,7 +176,9 @@ def write_ct_with_dose(directory: Path) -> tuple[list[Path], Path, str]:
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
     ds.DoseSummationType = "PLAN"
-    ds.DoseGridScaling = scaling
+    # a valid DS (at most 16 characters, as a planning system writes it): str() of the float has 21, and its exact
+    # 60/65000 made the peak exactly 60 Gy, an integer range for which Cornerstone decodes into 8 bits (all zeros)
+    ds.DoseGridScaling = DSfloat(scaling, auto_format=True)
     ds.PixelRepresentation = 0
     ds.PixelData = grid.tobytes()
     for kw in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):

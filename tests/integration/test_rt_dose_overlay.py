@@ -151,11 +151,8 @@ def test_ohif_shows_the_dose_as_a_foreground_over_its_ct(rt_server) -> None:
     """OHIF's data overlay menu: the RT Dose added as a foreground of the CT viewport (the fusion a planner looks at).
     The grid's frames stand where its Grid Frame Offset Vector puts them (OHIF's own code does not do this as built, and
     the viewport crashed: web/viewer.py fixes it at install), the viewport becomes one fusion of both volumes without an
-    error, and the dose layer's colour map covers the CT where the grid is.
-
-    Not checked, because it is not so yet: the dose distribution itself. OHIF fetches every frame of the grid (HTTP
-    200) but Cornerstone's streaming volume of an RT Dose stays zero-filled, so the fused layer has one colour; the
-    console study view draws the dose (test_console_study_view_shows_dose_over_ct)."""
+    error, and its pixels show OHIF's isodose colour map over the CT: the high-dose colour at the dose cloud's patient
+    position, the low-dose colour 3.5 sigma away, the plain grey CT before the dose was added."""
     from playwright.sync_api import sync_playwright
 
     srv, _ct, dose, study, _ = rt_server
@@ -205,8 +202,13 @@ def test_ohif_shows_the_dose_as_a_foreground_over_its_ct(rt_server) -> None:
             deadline = time.monotonic() + 90
             while (state := fusion())["dose"] is None and time.monotonic() < deadline and not errors:
                 time.sleep(0.5)
-            time.sleep(2.0)  # the dose volume streams in
-            fused = shot()
+            deadline = time.monotonic() + 60
+            while True:  # the dose volume streams in
+                fused = shot()
+                hot = _image_pixel(fused, *petct.DOSE_CENTRE)
+                if hot[0] > hot[1] + 30 and hot[0] > hot[2] + 30 or time.monotonic() > deadline or errors:
+                    break
+                time.sleep(0.5)
             page.screenshot(path=str(ARTIFACTS / "ohif-rt-dose-fused.png"))
         finally:
             browser.close()
@@ -219,8 +221,12 @@ def test_ohif_shows_the_dose_as_a_foreground_over_its_ct(rt_server) -> None:
     assert geo["spacing"] == [petct.DOSE_SPACING, petct.DOSE_SPACING, petct.SLICE_GAP], geo
     offsets = [float(v) for v in dose_ds.GridFrameOffsetVector]
     assert geo["ipp"] == [[origin[0], origin[1], origin[2] + offsets[i]] for i in (0, 1, -1)], geo
-    # the CT alone is grey; fused, the dose colour map (green at low doses) tints every pixel of the grid
-    centre = before[before.shape[0] // 2 - 20: before.shape[0] // 2 + 20, before.shape[1] // 2 - 20: before.shape[1] // 2 + 20]
+    # the CT alone is grey; fused, the isodose colour map (green at low doses, red at high doses) over it
+    h, w, _ = before.shape
+    centre = before[h // 2 - 20: h // 2 + 20, w // 2 - 20: w // 2 + 20]
     assert np.abs(centre[..., 0] - centre[..., 1]).max() < 8, "the CT is not grey before the fusion"
-    tint = _image_pixel(fused, 0.0, 0.0)
-    assert tint[1] > tint[0] + 30 and tint[1] > tint[2] + 30, f"no dose colour over the CT: {tint}"
+    assert hot[0] > hot[1] + 30 and hot[0] > hot[2] + 30, f"no high-dose colour at the dose centre: {hot}"
+    far = _image_pixel(fused, petct.DOSE_CENTRE[0] - 3.5 * petct.DOSE_SIGMA, petct.DOSE_CENTRE[1] - 3.5 * petct.DOSE_SIGMA)
+    assert far[1] > far[0] + 30 and far[1] > far[2] + 30, f"3.5 sigma from the dose centre, not the low-dose colour: {far}"
+    mirror = _image_pixel(fused, -petct.DOSE_CENTRE[0], -petct.DOSE_CENTRE[1])  # the wash is where the dose is
+    assert mirror[1] > mirror[0] + 30, f"the high-dose colour is not only at the dose cloud: {mirror}"
