@@ -59,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "install-viewer":
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-viewer"]:
+        # its own options (argparse's REMAINDER does not take a leading "--force" or "--prefix")
         from ..web.viewer import main as install_viewer
 
-        return install_viewer(args.viewer_args)
+        return install_viewer(argv[1:])
+    args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     if getattr(args, "host", None):
         overrides["dicom_host"] = args.host

@@ -43,7 +43,7 @@ OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkyc
 OHIF_PREFIX = "/ohif/"
 MARKER = ".openpacs-ohif.json"
 # bumped when patch_dist changes, so that installed trees are patched again (2: the microscopy viewer's import path;
-# 3: the RT Dose frame positions, _BUNDLE_FIXES)
+# 3: _BUNDLE_FIXES, RT Dose frame positions and SR items without a concept name)
 PATCH_LEVEL = 3
 DEFAULT_REGISTRY = "https://registry.npmjs.org"
 
@@ -263,8 +263,9 @@ class _Patch:
     required: bool = True  # at least one occurrence must exist
 
 
-# Fixes of upstream bugs in the pinned build, as (what it fixes, the code as built, the code fixed). Each applies only
-# where its code is found verbatim; a build without it (a later OHIF) is left alone and the install logs it.
+# Fixes of upstream bugs in the pinned build, as (what it fixes, the code as built, the code fixed). Each applies where
+# its code is found verbatim, once in the whole build; a build without it (a later OHIF) is left alone, and the
+# install logs it.
 #
 # RT Dose (OHIF 3.13 @ohif/core utils/combineFrameInstance): the frame positions of an RT Dose grid come from its Grid
 # Frame Offset Vector (PS3.3 C.8.8.3.2), but the multi-frame branch before it also takes every NumberOfFrames > 1, so
@@ -273,6 +274,10 @@ class _Patch:
 # reached, that branch adds the offset to the already offset position of its cached frame object on every call, and
 # reads a non-zero first offset (the absolute-z form) as relative; the fix adds (offset - first offset) to the grid's
 # own Image Position (Patient), which covers both forms.
+#
+# SR (extension cornerstone-dicom-sr, OHIFCornerstoneSRContentItem): a content item without a Concept Name Code
+# Sequence (type 1C: IMAGE and COMPOSITE items by reference may have none, e.g. pydicom's test-SR.dcm) threw in
+# render and blanked the whole viewer; the fix shows such an item with an empty name, as its container code does.
 _BUNDLE_FIXES: tuple[tuple[str, str, str], ...] = (
     (
         "RT Dose: frames positioned by Grid Frame Offset Vector",
@@ -289,23 +294,29 @@ _BUNDLE_FIXES: tuple[tuple[str, str, str], ...] = (
         "    const offset = Number(instance.GridFrameOffsetVector[frameNumber - 1]) - "
         "Number(instance.GridFrameOffsetVector[0]);",
     ),
+    (
+        "SR: a content item without a Concept Name",
+        "    CodeMeaning\n  } = ConceptNameCodeSequence;\n  const isChildFirstNode",
+        "    CodeMeaning\n  } = ConceptNameCodeSequence ?? {};\n  const isChildFirstNode",
+    ),
 )
 
 
 def _fix_bundles(root: Path, counts: dict[str, int]) -> None:
-    """Apply :data:`_BUNDLE_FIXES` to the app bundle (where OHIF's core utilities are built)."""
-    for js in sorted(root.glob("app.bundle.*.js")):
-        text = js.read_text(encoding="utf-8", errors="surrogateescape")
-        applied = 0
-        for what, built, fixed in _BUNDLE_FIXES:
-            if text.count(built) == 1:
-                text = text.replace(built, fixed)
-                applied += 1
-            else:
-                log.warning("OHIF build: %s not applied to %s (code not found as built)", what, js.name)
-        if applied:
-            js.write_text(text, encoding="utf-8", errors="surrogateescape")
-            counts[f"fixes:{js.name}"] = applied
+    """Apply :data:`_BUNDLE_FIXES` to the build's JavaScript (each where its code is, once)."""
+    texts = {js: js.read_text(encoding="utf-8", errors="surrogateescape") for js in sorted(root.glob("*.js"))}
+    changed: dict[Path, int] = {}
+    for what, built, fixed in _BUNDLE_FIXES:
+        where = [js for js, text in texts.items() if built in text]
+        if len(where) != 1 or texts[where[0]].count(built) != 1:
+            log.warning("OHIF build: %s not applied (its code found %d times)", what,
+                        sum(t.count(built) for t in texts.values()))
+            continue
+        texts[where[0]] = texts[where[0]].replace(built, fixed)
+        changed[where[0]] = changed.get(where[0], 0) + 1
+    for js, n in changed.items():
+        js.write_text(texts[js], encoding="utf-8", errors="surrogateescape")
+        counts[f"fixes:{js.name}"] = n
 
 
 def patch_dist(root: Path, prefix: str) -> dict[str, int]:

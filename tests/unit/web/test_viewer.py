@@ -202,3 +202,13 @@ def test_install_without_the_upstream_code_leaves_the_bundle_alone(installed: Pa
     marker = json.loads((installed / MARKER).read_text())
     assert not any(k.startswith("fixes:") for k in marker["patched"])
     assert "GridFrameOffsetVector" not in (installed / "app.bundle.0123456789abcdef.js").read_text()
+
+
+def test_cli_install_viewer_takes_its_options_first(tmp_path, monkeypatch):
+    """`openpacs install-viewer --force` (options before DEST) reaches the installer: argparse's REMAINDER refused it."""
+    from openpacs.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(viewer, "install_ohif", lambda dest, **kw: calls.append((dest, kw)) or tmp_path / "ohif")
+    assert main(["install-viewer", "--force", "--prefix", "/pacs/", str(tmp_path / "ohif")]) == 0
+    assert calls == [(tmp_path / "ohif", {"prefix": "/pacs/", "tarball": None, "force": True})]
