@@ -236,10 +236,11 @@ def test_configuration_changes_reach_every_node(cluster: Cluster, tmp_path: Path
     study, files = write_study(tmp_path / "us", 1, patient="DEPUS", modality="US")
 
     def classified() -> bool:
-        s = generate_uid()
+        # a new study each try (its series too: a series already stored stays in the study it was stored in)
+        s, series = generate_uid(), generate_uid()
         for f in files:
             ds = pydicom.dcmread(f)
-            ds.StudyInstanceUID, ds.SOPInstanceUID = s, generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = s, series, generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.save_as(f, enforce_file_format=True)
         assert stored_ok(dcmtk.store(n2.dicom_port, files), files)

@@ -37,13 +37,14 @@ def _truncate_all(url: str) -> None:
     """Empty the archive tables (other schemas' tables, e.g. the append-only audit trail, are left alone)."""
     import psycopg
 
-    from openpacs.index import iocm_schema, routing_schema, schema, storage_schema
+    from openpacs.index import iocm_schema, routing_schema, schema, security_schema, storage_schema
     from openpacs.index.qc_edit_schema import qc_history
 
     core = (schema.patients, schema.studies, schema.series, schema.instances, schema.changes, schema.jobs,
             schema.settings_table, routing_schema.routing_rules, routing_schema.routing_cursor,
             routing_schema.routing_pending, iocm_schema.rejections, iocm_schema.rejection_items,
-            storage_schema.compression_results, storage_schema.scrub_results, qc_history)
+            storage_schema.compression_results, storage_schema.scrub_results, qc_history,
+            security_schema.department_rules)
     with psycopg.connect(url, autocommit=True) as conn:
         # CASCADE: also the tables that reference these (patient_demographics references patients)
         conn.execute("TRUNCATE " + ", ".join(f'"{t.name}"' for t in core) + " RESTART IDENTITY CASCADE")

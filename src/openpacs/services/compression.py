@@ -327,7 +327,7 @@ class Compressor:
         monitor = getattr(getattr(self.ctx, "ingest", None), "monitor", None)
         deadline = time.monotonic() + self.max_wait
         while monitor is not None and time.monotonic() < deadline:
-            if time.monotonic() - getattr(monitor, "last_store", 0.0) >= self.busy:
+            if time.monotonic() - getattr(monitor, "last_store", float("-inf")) >= self.busy:
                 return
             jc.check()
             time.sleep(0.1)

@@ -61,7 +61,7 @@ class DepartmentService:
         self.default = default or None
         self.reload_every = reload_every
         self._rules: list[Rule] = []
-        self._loaded = 0.0
+        self._loaded = float("-inf")  # never loaded (0.0 is not "long ago": monotonic time starts at boot)
         self._lock = threading.Lock()
         index.changes.subscribe("departments", self._mark_stale)  # rules edited on another node or process
 
@@ -72,7 +72,7 @@ class DepartmentService:
         return self._rules
 
     def _mark_stale(self) -> None:
-        self._loaded = 0.0  # the next classification reads the rules again
+        self._loaded = float("-inf")  # the next classification reads the rules again
 
     def reload(self) -> None:
         with self.index.engine.connect() as c:

@@ -77,7 +77,7 @@ class Monitor:
 
     def __init__(self, activity: ActivityRecorder | None = None) -> None:
         self.activity = activity
-        self.last_store = 0.0  # time.monotonic() of the last acknowledged store
+        self.last_store = float("-inf")  # time.monotonic() of the last acknowledged store (none yet)
 
     # stores (the one ingest path reports these, whatever the protocol)
     def stored(self, protocol: str, seconds: float, nbytes: int, calling_aet: str = "") -> None:
