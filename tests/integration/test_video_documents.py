@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -326,8 +329,9 @@ def _sr_text_items(items, out: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def _ohif_sr_viewport(srv, inst, chromium_path, artifacts, wait_for: str, name: str) -> tuple[str, np.ndarray]:
-    """The text of OHIF's SR viewport once ``wait_for`` shows, and a screenshot of it (gray)."""
+@contextmanager
+def _ohif_viewer(srv, chromium_path: str, study: str) -> Iterator[Any]:
+    """A Chromium page on OHIF's viewer for ``study`` (the browser closed on exit)."""
     from helpers.browser import CHROMIUM_ARGS
     from playwright.sync_api import sync_playwright
 
@@ -335,16 +339,22 @@ def _ohif_sr_viewport(srv, inst, chromium_path, artifacts, wait_for: str, name: 
         browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
             page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={inst.study}")
-            viewport = page.locator('[data-cy="viewport-pane"]').first
-            viewport.get_by_text(wait_for, exact=False).first.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
-            text = viewport.inner_text()
-            box = viewport.bounding_box()
-            assert box is not None
-            shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
-            page.screenshot(path=str(artifacts / f"ohif-sr-{name}.png"))
+            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
+            yield page
         finally:
             browser.close()
+
+
+def _ohif_sr_viewport(srv, inst, chromium_path, artifacts, wait_for: str, name: str) -> tuple[str, np.ndarray]:
+    """The text of OHIF's SR viewport once ``wait_for`` shows, and a screenshot of it (gray)."""
+    with _ohif_viewer(srv, chromium_path, inst.study) as page:
+        viewport = page.locator('[data-cy="viewport-pane"]').first
+        viewport.get_by_text(wait_for, exact=False).first.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
+        text = viewport.inner_text()
+        box = viewport.bounding_box()
+        assert box is not None
+        shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
+        page.screenshot(path=str(artifacts / f"ohif-sr-{name}.png"))
     return text, shot
 
 
@@ -411,37 +421,28 @@ def _runs(mask: np.ndarray) -> tuple[int, int]:
 
 def test_pdf_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
     """OHIF's dicom-pdf viewport: the page is found on screen (the white sheet) and its drawing checked by pixels."""
-    from helpers.browser import CHROMIUM_ARGS
-    from playwright.sync_api import sync_playwright
-
     doc = media["doc"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={doc.study}")
-            obj = page.locator("object[type='application/pdf'], object").first
-            obj.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
-            deadline = time.monotonic() + BROWSER_TIMEOUT_MS / 1000
-            while True:
-                box = obj.bounding_box()
-                assert box is not None
-                shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
-                h, w = shot.shape
-                main = shot[:, int(0.3 * w):]  # the page, right of the PDF viewer's thumbnail strip
-                white = main > 240
-                c0, c1 = _runs(white.sum(axis=0) > 20)
-                r0, r1 = _runs(white[:, c0:c1].sum(axis=1) > 0.3 * max(c1 - c0, 1)) if c1 > c0 else (0, 0)
-                if c1 - c0 > 150 and r1 - r0 > 100 or time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)
-            page.screenshot(path=str(artifacts / "ohif-pdf-page.png"))
-            assert c1 - c0 > 150 and r1 - r0 > 100, f"no PDF page on screen (white area {c1 - c0} x {r1 - r0})"
-            sheet = main[r0:r1, c0:c1]
-            assert abs((c1 - c0) / (r1 - r0) - 1.5) < 0.1, (c1 - c0, r1 - r0)  # the 300 x 200 pt page
-            _check_pdf_page(sheet)
-        finally:
-            browser.close()
+    with _ohif_viewer(srv, chromium_path, doc.study) as page:
+        obj = page.locator("object[type='application/pdf'], object").first
+        obj.wait_for(state="visible", timeout=BROWSER_TIMEOUT_MS)
+        deadline = time.monotonic() + BROWSER_TIMEOUT_MS / 1000
+        while True:
+            box = obj.bounding_box()
+            assert box is not None
+            shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=np.float64)
+            h, w = shot.shape
+            main = shot[:, int(0.3 * w):]  # the page, right of the PDF viewer's thumbnail strip
+            white = main > 240
+            c0, c1 = _runs(white.sum(axis=0) > 20)
+            r0, r1 = _runs(white[:, c0:c1].sum(axis=1) > 0.3 * max(c1 - c0, 1)) if c1 > c0 else (0, 0)
+            if c1 - c0 > 150 and r1 - r0 > 100 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        page.screenshot(path=str(artifacts / "ohif-pdf-page.png"))
+        assert c1 - c0 > 150 and r1 - r0 > 100, f"no PDF page on screen (white area {c1 - c0} x {r1 - r0})"
+        sheet = main[r0:r1, c0:c1]
+        assert abs((c1 - c0) / (r1 - r0) - 1.5) < 0.1, (c1 - c0, r1 - r0)  # the 300 x 200 pt page
+        _check_pdf_page(sheet)
 
 
 def test_video_in_the_ohif_viewer(srv, media, chromium_path, artifacts) -> None:
