@@ -171,7 +171,9 @@ def response(
     if field in (C_STORE_RSP,) and request.get(AFFECTED_SOP_INSTANCE_UID):
         elements[AFFECTED_SOP_INSTANCE_UID] = request[AFFECTED_SOP_INSTANCE_UID]
     if comment and status not in (0x0000, 0xFF00, 0xFF01, 0xFE00):
-        elements[ERROR_COMMENT] = comment[:64]
+        # LO: at most 64 characters, no backslash (it would split the comment into several values), no control
+        # characters (a malformed data set's values may be quoted in it)
+        elements[ERROR_COMMENT] = "".join("/" if c == "\\" else " " if ord(c) < 32 else c for c in comment)[:64]
     if extra:
         elements.update(extra)
     return encode_command(elements)

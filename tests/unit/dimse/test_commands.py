@@ -31,6 +31,10 @@ def test_response_echoes_request() -> None:
     assert len(rsp[commands.ERROR_COMMENT]) == 64
     ok = commands.decode_command(commands.response(commands.C_STORE_RSP, req, 0, comment="fine"))
     assert commands.ERROR_COMMENT not in ok
+    # a malformed value quoted in the comment: one LO value, no backslash (pynetdicom read "a\\b" as VM 2)
+    bad = commands.decode_command(commands.response(commands.C_STORE_RSP, req, 0xA900,
+                                                    comment="UID '1.2\\3\n' invalid"))
+    assert bad[commands.ERROR_COMMENT] == "UID '1.2/3 ' invalid"
 
 
 @pytest.mark.parametrize(
