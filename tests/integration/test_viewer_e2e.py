@@ -360,7 +360,7 @@ def assert_no_error_page(page) -> None:
 # -------------------------------------------------------------------------------------------------------- tests
 
 
-def test_static_serving(viewer_server):
+def test_static_serving(viewer_server, ohif_dir):
     base = f"http://127.0.0.1:{viewer_server.http_port}"
     _require_viewer_mounted(base)
     status, h, body = _get(f"{base}/ohif/app-config.js")
@@ -371,11 +371,16 @@ def test_static_serving(viewer_server):
     assert status == 200 and h["content-type"].startswith("text/html")
     assert b'window.PUBLIC_URL="/ohif/"' in body and b'src="/ohif/app-config.js"' in body
     assert h["cross-origin-opener-policy"] == "same-origin" and h["cross-origin-embedder-policy"] == "require-corp"
-    # hashed bundle: immutable, gzip when accepted
+    # the app bundle, rewritten at install (prefix, bundle fixes): revalidated (ETag), gzip when accepted
     bundle = body.split(b'src="/ohif/app.bundle.')[1].split(b'"')[0].decode()
     status, h, js = _get(f"{base}/ohif/app.bundle.{bundle}", {"Accept-Encoding": "gzip"})
-    assert status == 200 and "javascript" in h["content-type"] and "immutable" in h["cache-control"]
-    assert h.get("content-encoding") == "gzip"
+    assert status == 200 and "javascript" in h["content-type"] and h["cache-control"] == "no-cache"
+    assert h.get("content-encoding") == "gzip" and h.get("etag")
+    # a hashed chunk left as built: immutable
+    rewritten = {k.split(":", 1)[-1] for k in json.loads((ohif_dir / ".openpacs-ohif.json").read_text())["patched"]}
+    chunk = next(p.name for p in sorted(ohif_dir.glob("*.bundle.*.js")) if p.name not in rewritten)
+    status, h, _ = _get(f"{base}/ohif/{chunk}")
+    assert status == 200 and "immutable" in h["cache-control"], (chunk, h.get("cache-control"))
     status, h, _ = _get(f"{base}/ohif/manifest.json")
     assert status == 200 and h["content-type"].startswith("application/json")
     # not found / hidden / traversal

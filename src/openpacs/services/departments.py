@@ -62,6 +62,7 @@ class DepartmentService:
         self.reload_every = reload_every
         self._rules: list[Rule] = []
         self._loaded = float("-inf")  # never loaded (0.0 is not "long ago": monotonic time starts at boot)
+        self._changes = 0  # stale marks received (the change feed's thread)
         self._lock = threading.Lock()
         index.changes.subscribe("departments", self._mark_stale)  # rules edited on another node or process
 
@@ -72,9 +73,11 @@ class DepartmentService:
         return self._rules
 
     def _mark_stale(self) -> None:
+        self._changes += 1
         self._loaded = float("-inf")  # the next classification reads the rules again
 
     def reload(self) -> None:
+        changes = self._changes  # a change marked while the rules are read is not lost: they are read again
         with self.index.engine.connect() as c:
             rows = c.execute(
                 select(department_rules)
@@ -95,7 +98,7 @@ class DepartmentService:
                 )
                 for r in rows
             ]
-            self._loaded = time.monotonic()
+            self._loaded = time.monotonic() if changes == self._changes else float("-inf")
 
     def classify(self, values: dict[str, dict[str, Any]], calling_aet: str = "") -> str | None:
         """The department of a new study, from the index values of its first instance (level -> column -> value)."""

@@ -474,6 +474,7 @@ class OhifApp:
         self.wado_uri_path = wado_uri_path
         self._index: bytes | None = None
         self._checked: tuple[float, str | None] | None = None
+        self._rewritten: frozenset[str] | None = None
 
     def _problem(self) -> str | None:
         """Why the viewer cannot be served (not installed, or installed for another prefix), else None."""
@@ -557,10 +558,19 @@ class OhifApp:
             self._index = (self.root / "index.html").read_bytes()
         return Response(self._index, media_type="text/html; charset=utf-8", headers=_html_headers())
 
+    def _changed_at_install(self) -> frozenset[str]:
+        """The files install_ohif rewrote (prefix, bundle fixes): their names are upstream's content hashes, which
+        no longer name their content, so a browser must revalidate them (ETag) rather than keep an older install's."""
+        if self._rewritten is None:
+            patched = (read_marker(self.root) or {}).get("patched") or {}
+            self._rewritten = frozenset(k.split(":", 1)[-1] for k in patched)
+        return self._rewritten
+
     def _file_response(self, request: Request, path: Path) -> Response:
         media_type = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        immutable = _IMMUTABLE.search(path.name) and path.relative_to(self.root).as_posix() not in self._changed_at_install()
         headers = {
-            "Cache-Control": "public, max-age=31536000, immutable" if _IMMUTABLE.search(path.name) else "no-cache",
+            "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache",
             "X-Content-Type-Options": "nosniff",
             "Cross-Origin-Resource-Policy": "same-origin",
             "Vary": "Accept-Encoding",
@@ -658,7 +668,7 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], Any] = print) ->
     dest = args.dest or (Path(os.environ["OPENPACS_OHIF_DIR"]) if os.environ.get("OPENPACS_OHIF_DIR") else None)
     try:
         path = install_ohif(dest, prefix=args.prefix, tarball=args.tarball, force=args.force)
-    except (OhifInstallError, ValueError) as exc:
+    except (OhifInstallError, ValueError, OSError) as exc:
         out(f"error: {exc}")
         return 1
     out(f"OHIF {OHIF_VERSION} installed in {path} (served at {_normalise_prefix(args.prefix)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,7 +35,7 @@ def test_a_rule_added_elsewhere_classifies_the_next_study(index: Index, other_no
     """The caches' TTL is long (config_cache_seconds); the change feed marks the rules stale. That must hold on a
     machine up for less than the TTL too: monotonic time starts at boot (a CI run once found it stale-proof there)."""
     clock = [uptime]
-    monkeypatch.setattr(D.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(D, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     here = D.DepartmentService(index, reload_every=3600.0)
     elsewhere = D.DepartmentService(other_node, reload_every=3600.0)
     here.ensure_standard()

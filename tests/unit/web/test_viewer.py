@@ -29,6 +29,7 @@ BUNDLE = '(() => {\n__webpack_require__.p = "/";\n})();\n' + "console.log('x');\
 FILES = {
     "index.html": INDEX,
     "app.bundle.0123456789abcdef.js": BUNDLE,
+    "1234.bundle.fedcba9876543210.js": "console.log('a chunk install_ohif leaves as built');\n" * 50,
     "app.bundle.css": "@font-face{src:url(/a34f9d1faa5f3315.woff2)}" + "body{color:red}" * 100,
     "manifest.json": json.dumps({"icons": [{"src": "/assets/a.png"}], "start_url": "./index.html"}),
     "app-config.js": "window.config = {};",
@@ -133,8 +134,10 @@ def test_serving(installed: Path):
     assert r.headers["cache-control"] == "no-cache"
     r = c.get("/ohif/")
     assert r.status_code == 200 and '<div id="root">' in r.text
-    r = c.get("/ohif/app.bundle.0123456789abcdef.js")
+    r = c.get("/ohif/1234.bundle.fedcba9876543210.js")  # as built: its hashed name names its content
     assert r.headers["content-type"].startswith("text/javascript") and "immutable" in r.headers["cache-control"]
+    r = c.get("/ohif/app.bundle.0123456789abcdef.js")  # rewritten at install: revalidated, never kept a year
+    assert r.headers["content-type"].startswith("text/javascript") and r.headers["cache-control"] == "no-cache"
     assert r.headers["content-encoding"] == "gzip" and r.headers["cross-origin-embedder-policy"] == "require-corp"
     assert '__webpack_require__.p = "/ohif/"' in r.text
     r2 = c.get("/ohif/app.bundle.0123456789abcdef.js", headers={"If-None-Match": r.headers["etag"]})
