@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +59,16 @@ def ohif_page(browser, **context_options):
     context = browser.new_context(**context_options)
     context.add_init_script(OHIF_TOURS_SEEN)
     return context.new_page()
+
+
+@contextmanager
+def ohif_browser(chromium_path: str | None = None, **context_options: Any) -> Iterator[Any]:
+    """Debian's Chromium (headless, CHROMIUM_ARGS) and one :func:`ohif_page`; the browser is closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path or chromium(), args=CHROMIUM_ARGS)
+        try:
+            yield ohif_page(browser, **context_options)
+        finally:
+            browser.close()

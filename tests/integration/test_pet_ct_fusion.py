@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_page
+from helpers.browser import ARTIFACTS, ohif_browser
 from helpers.browser import ohif_dir as browser_ohif_dir
 from helpers.server import OpenPACSServer
 
@@ -85,70 +85,63 @@ def _at(img: np.ndarray, x_mm: float, y_mm: float, r: int = 3) -> np.ndarray:
 
 
 def test_tmtv_mode_shows_suv_fusion_and_mip(petct_server) -> None:
-    from playwright.sync_api import sync_playwright
-
     srv, _ct, _pt, study = petct_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/tmtv?StudyInstanceUIDs={study}")
-            canvases = page.locator("canvas.cornerstone-canvas")
-            # TMTV's layout: CT, PET and fusion rows (axial, coronal, sagittal) and a PET MIP: 10 viewports
-            deadline = time.monotonic() + RENDER_TIMEOUT
-            suv_bg = _expected_suv_background()
-            pet_bg = None
-            while time.monotonic() < deadline:
-                if canvases.count() >= 10:
-                    pet = _shot(canvases.nth(3))
-                    pet_bg = _at(pet, 60.0, 60.0)
-                    if pet_bg.std() < 3 and 60 < pet_bg.mean() < 235:
-                        break
-                time.sleep(1.0)
-            page.screenshot(path=str(ARTIFACTS / "tmtv-first-slice.png"))
-            assert canvases.count() >= 10, f"TMTV layout not shown: {canvases.count()} viewports\n" + "\n".join(log[-40:])
-            # unscaled (Bq/ml, ~5000) the whole body would saturate the SUV window; in SUV (~1.5) it is mid-grey
-            assert pet_bg is not None and 60 < pet_bg.mean() < 235, (
-                f"PET background {pet_bg} is not inside the SUV window (SUV {suv_bg:.2f} expected)\n"
-                + "\n".join(log[-40:]))
-            background = pet_bg.mean()
-            # first slice (z = 0): no sphere there
-            assert abs(_at(pet, *petct.HOT_CENTRE).mean() - background) < 10
-
-            # scroll the CT axial viewport to the sphere's slice: TMTV keeps CT, PET and fusion on the same slice
-            box = canvases.nth(0).bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            for _ in range(petct.HOT_SLICE):
-                page.mouse.wheel(0, 100)
-                time.sleep(0.25)
-            hot = None
-            deadline = time.monotonic() + RENDER_TIMEOUT / 2
-            while time.monotonic() < deadline:
+    with ohif_browser(viewport={"width": 1400, "height": 900}) as page:
+        page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/tmtv?StudyInstanceUIDs={study}")
+        canvases = page.locator("canvas.cornerstone-canvas")
+        # TMTV's layout: CT, PET and fusion rows (axial, coronal, sagittal) and a PET MIP: 10 viewports
+        deadline = time.monotonic() + RENDER_TIMEOUT
+        suv_bg = _expected_suv_background()
+        pet_bg = None
+        while time.monotonic() < deadline:
+            if canvases.count() >= 10:
                 pet = _shot(canvases.nth(3))
-                hot = _at(pet, *petct.HOT_CENTRE)
-                if hot.mean() < 60:
+                pet_bg = _at(pet, 60.0, 60.0)
+                if pet_bg.std() < 3 and 60 < pet_bg.mean() < 235:
                     break
-                time.sleep(0.5)
-            page.screenshot(path=str(ARTIFACTS / "tmtv-hot-slice.png"))
-            assert hot is not None and hot.mean() < 60, f"the hot sphere is not dark in the PET viewport: {hot}"
-            # mirrored about the centre, the same place is background: the sphere is where it belongs, not anywhere
-            assert abs(_at(pet, -petct.HOT_CENTRE[0], -petct.HOT_CENTRE[1]).mean() - background) < 10
+            time.sleep(1.0)
+        page.screenshot(path=str(ARTIFACTS / "tmtv-first-slice.png"))
+        assert canvases.count() >= 10, f"TMTV layout not shown: {canvases.count()} viewports\n" + "\n".join(log[-40:])
+        # unscaled (Bq/ml, ~5000) the whole body would saturate the SUV window; in SUV (~1.5) it is mid-grey
+        assert pet_bg is not None and 60 < pet_bg.mean() < 235, (
+            f"PET background {pet_bg} is not inside the SUV window (SUV {suv_bg:.2f} expected)\n"
+            + "\n".join(log[-40:]))
+        background = pet_bg.mean()
+        # first slice (z = 0): no sphere there
+        assert abs(_at(pet, *petct.HOT_CENTRE).mean() - background) < 10
 
-            fusion = _shot(canvases.nth(6))
-            f_hot, f_body = _at(fusion, *petct.HOT_CENTRE), _at(fusion, 60.0, 60.0)
-            assert np.ptp(f_body) > 20 and np.ptp(f_hot) > 20, f"fusion is not coloured: {f_hot} {f_body}"
-            assert f_hot[0] > f_hot[2] and f_body[2] > f_body[0], f"fusion colours: sphere {f_hot}, body {f_body}"
+        # scroll the CT axial viewport to the sphere's slice: TMTV keeps CT, PET and fusion on the same slice
+        box = canvases.nth(0).bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(petct.HOT_SLICE):
+            page.mouse.wheel(0, 100)
+            time.sleep(0.25)
+        hot = None
+        deadline = time.monotonic() + RENDER_TIMEOUT / 2
+        while time.monotonic() < deadline:
+            pet = _shot(canvases.nth(3))
+            hot = _at(pet, *petct.HOT_CENTRE)
+            if hot.mean() < 60:
+                break
+            time.sleep(0.5)
+        page.screenshot(path=str(ARTIFACTS / "tmtv-hot-slice.png"))
+        assert hot is not None and hot.mean() < 60, f"the hot sphere is not dark in the PET viewport: {hot}"
+        # mirrored about the centre, the same place is background: the sphere is where it belongs, not anywhere
+        assert abs(_at(pet, -petct.HOT_CENTRE[0], -petct.HOT_CENTRE[1]).mean() - background) < 10
 
-            mip = _shot(canvases.nth(9))
-            dark_cols = np.where((mip.mean(axis=2) < 60).sum(axis=0) >= 3)[0]
-            assert dark_cols.size, "the MIP shows no hot sphere"
-            # the body (grey, SUV ~1.5) spans x = -170..170 mm: place the sphere relative to it, whatever the zoom
-            body_cols = np.where((mip.mean(axis=2) < 235).sum(axis=0) >= 3)[0]
-            left, right = body_cols.min(), body_cols.max()
-            sphere_x = -170.0 + (dark_cols.mean() - left) / (right - left) * 340.0
-            assert math.isclose(sphere_x, petct.HOT_CENTRE[0], abs_tol=25.0), (sphere_x, left, right)
-        finally:
-            browser.close()
+        fusion = _shot(canvases.nth(6))
+        f_hot, f_body = _at(fusion, *petct.HOT_CENTRE), _at(fusion, 60.0, 60.0)
+        assert np.ptp(f_body) > 20 and np.ptp(f_hot) > 20, f"fusion is not coloured: {f_hot} {f_body}"
+        assert f_hot[0] > f_hot[2] and f_body[2] > f_body[0], f"fusion colours: sphere {f_hot}, body {f_body}"
+
+        mip = _shot(canvases.nth(9))
+        dark_cols = np.where((mip.mean(axis=2) < 60).sum(axis=0) >= 3)[0]
+        assert dark_cols.size, "the MIP shows no hot sphere"
+        # the body (grey, SUV ~1.5) spans x = -170..170 mm: place the sphere relative to it, whatever the zoom
+        body_cols = np.where((mip.mean(axis=2) < 235).sum(axis=0) >= 3)[0]
+        left, right = body_cols.min(), body_cols.max()
+        sphere_x = -170.0 + (dark_cols.mean() - left) / (right - left) * 340.0
+        assert math.isclose(sphere_x, petct.HOT_CENTRE[0], abs_tol=25.0), (sphere_x, left, right)

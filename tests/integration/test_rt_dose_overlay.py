@@ -15,7 +15,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir, ohif_page
+from helpers.browser import ARTIFACTS, ohif_browser, ohif_dir
 from helpers.server import OpenPACSServer
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -104,37 +104,30 @@ def test_overlay_api_draws_the_dose_where_it_is(rt_server) -> None:
 
 
 def test_console_study_view_shows_dose_over_ct(rt_server) -> None:
-    from playwright.sync_api import sync_playwright
-
     srv, ct, _dose, study, _ = rt_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ui/#/study/{study}")
-            img = page.locator("img.rt-dose-overlay")
-            img.wait_for(state="visible", timeout=60_000)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not page.evaluate(
-                    "() => { const i = document.querySelector('img.rt-dose-overlay'); return i && i.complete && "
-                    "i.naturalWidth > 0; }"):
-                time.sleep(0.3)
-            page.screenshot(path=str(ARTIFACTS / "console-rt-dose.png"), full_page=True)
-            shot = np.asarray(Image.open(io.BytesIO(img.screenshot())).convert("RGB"), dtype=np.int32)
-            h, w, _ = shot.shape
-            row, col = _pixel(*petct.DOSE_CENTRE)
-            hot = shot[int((row + 0.5) * h / petct.CT_SIZE), int((col + 0.5) * w / petct.CT_SIZE)]
-            assert hot[0] > hot[1] + 40 and hot[0] > hot[2] + 40, f"the console does not show the dose cloud: {hot}"
-            # the mirror position (about the centre) is plain CT: the wash is where the dose is, not everywhere
-            mrow, mcol = petct.CT_SIZE - 1 - row, petct.CT_SIZE - 1 - col
-            cold = shot[int((mrow + 0.5) * h / petct.CT_SIZE), int((mcol + 0.5) * w / petct.CT_SIZE)]
-            assert abs(cold[0] - cold[2]) < 8, cold
-            assert "null" not in page.locator("main").inner_text().split()  # no stray empty section
-            label = page.locator(".rt-dose .muted").inner_text()
-            assert f"({petct.SLICES // 2}/{petct.SLICES})" in label or f"/{petct.SLICES})" in label
-        finally:
-            browser.close()
+    with ohif_browser(viewport={"width": 1280, "height": 1400}) as page:
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ui/#/study/{study}")
+        img = page.locator("img.rt-dose-overlay")
+        img.wait_for(state="visible", timeout=60_000)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not page.evaluate(
+                "() => { const i = document.querySelector('img.rt-dose-overlay'); return i && i.complete && "
+                "i.naturalWidth > 0; }"):
+            time.sleep(0.3)
+        page.screenshot(path=str(ARTIFACTS / "console-rt-dose.png"), full_page=True)
+        shot = np.asarray(Image.open(io.BytesIO(img.screenshot())).convert("RGB"), dtype=np.int32)
+        h, w, _ = shot.shape
+        row, col = _pixel(*petct.DOSE_CENTRE)
+        hot = shot[int((row + 0.5) * h / petct.CT_SIZE), int((col + 0.5) * w / petct.CT_SIZE)]
+        assert hot[0] > hot[1] + 40 and hot[0] > hot[2] + 40, f"the console does not show the dose cloud: {hot}"
+        # the mirror position (about the centre) is plain CT: the wash is where the dose is, not everywhere
+        mrow, mcol = petct.CT_SIZE - 1 - row, petct.CT_SIZE - 1 - col
+        cold = shot[int((mrow + 0.5) * h / petct.CT_SIZE), int((mcol + 0.5) * w / petct.CT_SIZE)]
+        assert abs(cold[0] - cold[2]) < 8, cold
+        assert "null" not in page.locator("main").inner_text().split()  # no stray empty section
+        label = page.locator(".rt-dose .muted").inner_text()
+        assert f"({petct.SLICES // 2}/{petct.SLICES})" in label or f"/{petct.SLICES})" in label
 
 
 def _image_pixel(shot: np.ndarray, x_mm: float, y_mm: float) -> np.ndarray:
@@ -153,68 +146,62 @@ def test_ohif_shows_the_dose_as_a_foreground_over_its_ct(rt_server) -> None:
     the viewport crashed: web/viewer.py fixes it at install), the viewport becomes one fusion of both volumes without an
     error, and its pixels show OHIF's isodose colour map over the CT: the high-dose colour at the dose cloud's patient
     position, the low-dose colour 3.5 sigma away, the plain grey CT before the dose was added."""
-    from playwright.sync_api import sync_playwright
 
     srv, _ct, dose, study, _ = rt_server
     dose_ds = pydicom.dcmread(dose)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1280, "height": 900})
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            # the crash this test guards against ("Invalid typed array length: Infinity") and any other uncaught
-            # error; other console errors (e.g. a request cancelled by the viewer) are not failures
-            page.on("console", lambda m: errors.append(f"console: {m.text[:300]}")
-                    if m.type == "error" and ("RangeError" in m.text or "TypeError" in m.text) else None)
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
-            canvas = page.locator("canvas.cornerstone-canvas").first
-            canvas.wait_for(state="visible", timeout=90_000)
-            pane = page.locator('[data-cy="viewport-pane"]').first
+    with ohif_browser(viewport={"width": 1280, "height": 900}) as page:
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        # the crash this test guards against ("Invalid typed array length: Infinity") and any other uncaught
+        # error; other console errors (e.g. a request cancelled by the viewer) are not failures
+        page.on("console", lambda m: errors.append(f"console: {m.text[:300]}")
+                if m.type == "error" and ("RangeError" in m.text or "TypeError" in m.text) else None)
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
+        canvas = page.locator("canvas.cornerstone-canvas").first
+        canvas.wait_for(state="visible", timeout=90_000)
+        pane = page.locator('[data-cy="viewport-pane"]').first
 
-            def shot() -> np.ndarray:
-                return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.int32)
+        def shot() -> np.ndarray:
+            return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.int32)
 
-            deadline = time.monotonic() + 90
-            while (before := shot()).std() < 10 and time.monotonic() < deadline:  # the CT drawn
-                time.sleep(0.5)
-            # the user opens the viewport's data overlay menu (its second icon, top left) and picks the dose
-            box = pane.bounding_box()
-            assert box is not None
-            page.mouse.click(box["x"] + 40, box["y"] + 15)
-            page.get_by_text("Foreground", exact=False).first.click()
-            page.get_by_text("SELECT A FOREGROUND", exact=False).first.click()
-            page.get_by_role("option", name=re.compile(dose_ds.SeriesDescription, re.I)).first.click()
-            page.keyboard.press("Escape")
-            page.mouse.click(box["x"] + box["width"] - 60, box["y"] + box["height"] - 60)  # the menu closed
+        deadline = time.monotonic() + 90
+        while (before := shot()).std() < 10 and time.monotonic() < deadline:  # the CT drawn
+            time.sleep(0.5)
+        # the user opens the viewport's data overlay menu (its second icon, top left) and picks the dose
+        box = pane.bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + 40, box["y"] + 15)
+        page.get_by_text("Foreground", exact=False).first.click()
+        page.get_by_text("SELECT A FOREGROUND", exact=False).first.click()
+        page.get_by_role("option", name=re.compile(dose_ds.SeriesDescription, re.I)).first.click()
+        page.keyboard.press("Escape")
+        page.mouse.click(box["x"] + box["width"] - 60, box["y"] + box["height"] - 60)  # the menu closed
 
-            def fusion() -> dict:
-                return page.evaluate("""(uid) => {
-                  const cs = window.cornerstone;
-                  const vp = cs.getRenderingEngines()[0].getViewports()[0];
-                  const actors = vp.getActors().map(a => a.referencedId);
-                  const dose = cs.cache.getVolumes().find(v => actors.includes(v.volumeId)
-                      && v.imageIds[0].includes(uid));
-                  return {type: vp.type, actors: actors.length, dose: dose && {dims: dose.dimensions,
-                      spacing: dose.spacing, origin: dose.origin, id: dose.volumeId,
-                      ipp: [1, 2, dose.imageIds.length].map(f => cs.metaData.get('imagePlaneModule',
-                          dose.imageIds[f - 1]).imagePositionPatient)}};
-                }""", dose_ds.SOPInstanceUID)
+        def fusion() -> dict:
+            return page.evaluate("""(uid) => {
+              const cs = window.cornerstone;
+              const vp = cs.getRenderingEngines()[0].getViewports()[0];
+              const actors = vp.getActors().map(a => a.referencedId);
+              const dose = cs.cache.getVolumes().find(v => actors.includes(v.volumeId)
+                  && v.imageIds[0].includes(uid));
+              return {type: vp.type, actors: actors.length, dose: dose && {dims: dose.dimensions,
+                  spacing: dose.spacing, origin: dose.origin, id: dose.volumeId,
+                  ipp: [1, 2, dose.imageIds.length].map(f => cs.metaData.get('imagePlaneModule',
+                      dose.imageIds[f - 1]).imagePositionPatient)}};
+            }""", dose_ds.SOPInstanceUID)
 
-            deadline = time.monotonic() + 90
-            while (state := fusion())["dose"] is None and time.monotonic() < deadline and not errors:
-                time.sleep(0.5)
-            deadline = time.monotonic() + 60
-            while True:  # the dose volume streams in
-                fused = shot()
-                hot = _image_pixel(fused, *petct.DOSE_CENTRE)
-                if hot[0] > hot[1] + 30 and hot[0] > hot[2] + 30 or time.monotonic() > deadline or errors:
-                    break
-                time.sleep(0.5)
-            page.screenshot(path=str(ARTIFACTS / "ohif-rt-dose-fused.png"))
-        finally:
-            browser.close()
+        deadline = time.monotonic() + 90
+        while (state := fusion())["dose"] is None and time.monotonic() < deadline and not errors:
+            time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while True:  # the dose volume streams in
+            fused = shot()
+            hot = _image_pixel(fused, *petct.DOSE_CENTRE)
+            if hot[0] > hot[1] + 30 and hot[0] > hot[2] + 30 or time.monotonic() > deadline or errors:
+                break
+            time.sleep(0.5)
+        page.screenshot(path=str(ARTIFACTS / "ohif-rt-dose-fused.png"))
     assert not errors, errors
     assert state["type"] == "orthographic" and state["actors"] == 2, state  # CT + dose, one fused viewport
     geo = state["dose"]

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, petct
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir, ohif_page
+from helpers.browser import ARTIFACTS, ohif_browser, ohif_dir
 from helpers.server import OpenPACSServer
 from PIL import Image
 
@@ -60,70 +60,63 @@ def _at(img: np.ndarray, x_mm: float, y_mm: float, r: int = 4) -> np.ndarray:
 
 
 def test_viewer_draws_the_segment_on_its_slices(seg_server) -> None:
-    from playwright.sync_api import sync_playwright
-
     srv, _ct, _seg, study = seg_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
-            canvas = page.locator("canvas.cornerstone-canvas:visible").first
-            canvas.wait_for(state="visible", timeout=TIMEOUT * 1000)
-            deadline = time.monotonic() + TIMEOUT
-            # the user double-clicks the SEG in the study browser; OHIF asks "Do you want to open this Segmentation?"
-            thumb = page.get_by_text("Lesion segmentation", exact=False)
-            yes = page.get_by_role("button", name="Yes")
-            while time.monotonic() < deadline and not yes.count():
-                if thumb.count():
-                    thumb.first.dblclick()
-                    time.sleep(1.0)
-                time.sleep(0.5)
-            assert yes.count(), "OHIF did not offer the segmentation\n" + "\n".join(log[-40:])
-            yes.first.click()
-
-            overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first
-
-            def instance_shown() -> int | None:
-                m = re.search(r"I:\s*(\d+)", overlay.inner_text())
-                return int(m.group(1)) if m else None
-
-            def go_to(instance: int) -> np.ndarray:
-                canvas.wait_for(state="visible", timeout=TIMEOUT * 1000)  # loading the SEG re-creates the viewport
-                box = canvas.bounding_box()
-                assert box is not None
-                page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-                for _ in range(3 * petct.SLICES):
-                    shown = instance_shown()
-                    if shown == instance:
-                        break
-                    # the stack runs from the highest z (instance 24) down; wheel down = next in the stack
-                    page.mouse.wheel(0, 100 if shown is None or shown > instance else -100)
-                    time.sleep(0.25)
-                assert instance_shown() == instance, f"could not reach instance {instance}: {overlay.inner_text()}"
-                time.sleep(1.5)  # the labelmap of the new slice
-                return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.float64)
-
-            inside = petct.SEG_SLICES[len(petct.SEG_SLICES) // 2]  # index; InstanceNumber = index + 1
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                img = go_to(inside + 1)
-                if _green(_at(img, *petct.SEG_CENTRE)) or time.monotonic() > deadline:
-                    break
+    with ohif_browser(viewport={"width": 1400, "height": 900}) as page:
+        page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
+        canvas = page.locator("canvas.cornerstone-canvas:visible").first
+        canvas.wait_for(state="visible", timeout=TIMEOUT * 1000)
+        deadline = time.monotonic() + TIMEOUT
+        # the user double-clicks the SEG in the study browser; OHIF asks "Do you want to open this Segmentation?"
+        thumb = page.get_by_text("Lesion segmentation", exact=False)
+        yes = page.get_by_role("button", name="Yes")
+        while time.monotonic() < deadline and not yes.count():
+            if thumb.count():
+                thumb.first.dblclick()
                 time.sleep(1.0)
-            page.screenshot(path=str(ARTIFACTS / "seg-overlay.png"))
-            assert _green(_at(img, *petct.SEG_CENTRE)), (
-                f"no segment colour at the lesion: {_at(img, *petct.SEG_CENTRE)}\n" + "\n".join(log[-40:]))
-            mirror = _at(img, -petct.SEG_CENTRE[0], -petct.SEG_CENTRE[1])
-            assert not _green(mirror) and np.ptp(mirror) < 8, f"segment colour where there is no segment: {mirror}"
+            time.sleep(0.5)
+        assert yes.count(), "OHIF did not offer the segmentation\n" + "\n".join(log[-40:])
+        yes.first.click()
 
-            outside = max(petct.SEG_SLICES) + 3
-            img = go_to(outside + 1)
-            page.screenshot(path=str(ARTIFACTS / "seg-overlay-outside.png"))
-            here = _at(img, *petct.SEG_CENTRE)
-            assert not _green(here) and np.ptp(here) < 8, f"slice {outside + 1} has no segment, yet: {here}"
-        finally:
-            browser.close()
+        overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]').first
+
+        def instance_shown() -> int | None:
+            m = re.search(r"I:\s*(\d+)", overlay.inner_text())
+            return int(m.group(1)) if m else None
+
+        def go_to(instance: int) -> np.ndarray:
+            canvas.wait_for(state="visible", timeout=TIMEOUT * 1000)  # loading the SEG re-creates the viewport
+            box = canvas.bounding_box()
+            assert box is not None
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            for _ in range(3 * petct.SLICES):
+                shown = instance_shown()
+                if shown == instance:
+                    break
+                # the stack runs from the highest z (instance 24) down; wheel down = next in the stack
+                page.mouse.wheel(0, 100 if shown is None or shown > instance else -100)
+                time.sleep(0.25)
+            assert instance_shown() == instance, f"could not reach instance {instance}: {overlay.inner_text()}"
+            time.sleep(1.5)  # the labelmap of the new slice
+            return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.float64)
+
+        inside = petct.SEG_SLICES[len(petct.SEG_SLICES) // 2]  # index; InstanceNumber = index + 1
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            img = go_to(inside + 1)
+            if _green(_at(img, *petct.SEG_CENTRE)) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        page.screenshot(path=str(ARTIFACTS / "seg-overlay.png"))
+        assert _green(_at(img, *petct.SEG_CENTRE)), (
+            f"no segment colour at the lesion: {_at(img, *petct.SEG_CENTRE)}\n" + "\n".join(log[-40:]))
+        mirror = _at(img, -petct.SEG_CENTRE[0], -petct.SEG_CENTRE[1])
+        assert not _green(mirror) and np.ptp(mirror) < 8, f"segment colour where there is no segment: {mirror}"
+
+        outside = max(petct.SEG_SLICES) + 3
+        img = go_to(outside + 1)
+        page.screenshot(path=str(ARTIFACTS / "seg-overlay-outside.png"))
+        here = _at(img, *petct.SEG_CENTRE)
+        assert not _green(here) and np.ptp(here) < 8, f"slice {outside + 1} has no segment, yet: {here}"

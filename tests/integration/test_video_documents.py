@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import requests
 from helpers import dcmtk
-from helpers.browser import missing, ohif_page
+from helpers.browser import missing, ohif_browser, ohif_page
 from helpers.dicomdata import dataset_bytes, write_part10
 from helpers.dicomdata import testdata_file as _testdata_file
 from helpers.mediadata import SQUARE, make_pdf, pdf_dataset, square_x, write_video
@@ -332,17 +332,9 @@ def _sr_text_items(items, out: list[tuple[str, str]]) -> list[tuple[str, str]]:
 @contextmanager
 def _ohif_viewer(srv, chromium_path: str, study: str) -> Iterator[Any]:
     """A Chromium page on OHIF's viewer for ``study`` (the browser closed on exit)."""
-    from helpers.browser import CHROMIUM_ARGS
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
-            yield page
-        finally:
-            browser.close()
+    with ohif_browser(chromium_path, viewport={"width": 1400, "height": 900}) as page:
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/viewer?StudyInstanceUIDs={study}")
+        yield page
 
 
 def _ohif_sr_viewport(srv, inst, chromium_path, artifacts, wait_for: str, name: str) -> tuple[str, np.ndarray]:

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from helpers import dcmtk, wsi
-from helpers.browser import ARTIFACTS, CHROMIUM_ARGS, chromium, ohif_dir, ohif_page
+from helpers.browser import ARTIFACTS, ohif_browser, ohif_dir
 from helpers.server import OpenPACSServer
 from PIL import Image
 
@@ -60,72 +60,65 @@ def test_tiles_round_trip_byte_exact(slide_server, tmp_path) -> None:
 
 
 def test_microscopy_viewer_shows_levels_and_zooms(slide_server) -> None:
-    from playwright.sync_api import sync_playwright
-
     srv, slide, _ = slide_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        try:
-            page = ohif_page(browser, viewport={"width": 1400, "height": 900})
-            page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
-            page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/microscopy?StudyInstanceUIDs={slide.study_uid}")
-            viewport = page.locator(".ol-viewport").first
-            viewport.wait_for(state="visible", timeout=TIMEOUT * 1000)
+    with ohif_browser(viewport={"width": 1400, "height": 900}) as page:
+        page.on("console", lambda m: log.append(f"{m.type}: {m.text[:300]}"))
+        page.goto(f"http://127.0.0.1:{srv.http_port}/ohif/microscopy?StudyInstanceUIDs={slide.study_uid}")
+        viewport = page.locator(".ol-viewport").first
+        viewport.wait_for(state="visible", timeout=TIMEOUT * 1000)
 
-            def centre() -> np.ndarray:
-                img = np.asarray(Image.open(io.BytesIO(viewport.screenshot())).convert("RGB"), dtype=np.float64)
-                h, w, _ = img.shape
-                return img[h // 4: 3 * h // 4, w // 3: 2 * w // 3]  # clear of the overview map and scale bar
+        def centre() -> np.ndarray:
+            img = np.asarray(Image.open(io.BytesIO(viewport.screenshot())).convert("RGB"), dtype=np.float64)
+            h, w, _ = img.shape
+            return img[h // 4: 3 * h // 4, w // 3: 2 * w // 3]  # clear of the overview map and scale bar
 
-            deadline = time.monotonic() + TIMEOUT
-            first: dict[int | None, float] = {}
-            while time.monotonic() < deadline:
-                first = wsi.levels_in(centre())
-                if max((v for k, v in first.items() if k is not None), default=0) > 0.8:
-                    break
-                time.sleep(1.0)
-            page.screenshot(path=str(ARTIFACTS / "wsi-opened.png"))
-            shown = max((k for k in first if k is not None), key=lambda k: first[k], default=None)
-            assert shown is not None and first[shown] > 0.8, f"no level's tiles in the viewport: {first}\n" + \
-                "\n".join(log[-30:])
-            assert shown > 0, "the slide opened at full resolution: nothing to zoom into"
+        deadline = time.monotonic() + TIMEOUT
+        first: dict[int | None, float] = {}
+        while time.monotonic() < deadline:
+            first = wsi.levels_in(centre())
+            if max((v for k, v in first.items() if k is not None), default=0) > 0.8:
+                break
+            time.sleep(1.0)
+        page.screenshot(path=str(ARTIFACTS / "wsi-opened.png"))
+        shown = max((k for k in first if k is not None), key=lambda k: first[k], default=None)
+        assert shown is not None and first[shown] > 0.8, f"no level's tiles in the viewport: {first}\n" + \
+            "\n".join(log[-30:])
+        assert shown > 0, "the slide opened at full resolution: nothing to zoom into"
 
-            box = viewport.bounding_box()
-            assert box is not None
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            deadline = time.monotonic() + TIMEOUT
-            after: dict[int | None, float] = {}
-            for _ in range(12):  # zoom in until a finer level is drawn
-                page.mouse.wheel(0, -300)
-                time.sleep(1.0)
-                after = wsi.levels_in(centre())
-                if any(k is not None and k < shown and v > 0.8 for k, v in after.items()):
-                    break
-            while time.monotonic() < deadline:  # the tiles of the new level arrive
-                after = wsi.levels_in(centre())
-                finer = [k for k, v in after.items() if k is not None and k < shown and v > 0.8]
-                if finer and after.get(None, 0) < 0.05:
-                    break
-                time.sleep(0.5)
-            page.screenshot(path=str(ARTIFACTS / "wsi-zoomed.png"))
+        box = viewport.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        deadline = time.monotonic() + TIMEOUT
+        after: dict[int | None, float] = {}
+        for _ in range(12):  # zoom in until a finer level is drawn
+            page.mouse.wheel(0, -300)
+            time.sleep(1.0)
+            after = wsi.levels_in(centre())
+            if any(k is not None and k < shown and v > 0.8 for k, v in after.items()):
+                break
+        while time.monotonic() < deadline:  # the tiles of the new level arrive
+            after = wsi.levels_in(centre())
             finer = [k for k, v in after.items() if k is not None and k < shown and v > 0.8]
-            assert finer, f"zooming in did not bring tiles of a finer level than {shown}: {after}"
-            assert after.get(None, 0) < 0.05, f"blank tiles left in the viewport after zooming: {after}"
+            if finer and after.get(None, 0) < 0.05:
+                break
+            time.sleep(0.5)
+        page.screenshot(path=str(ARTIFACTS / "wsi-zoomed.png"))
+        finer = [k for k, v in after.items() if k is not None and k < shown and v > 0.8]
+        assert finer, f"zooming in did not bring tiles of a finer level than {shown}: {after}"
+        assert after.get(None, 0) < 0.05, f"blank tiles left in the viewport after zooming: {after}"
 
-            # pan: the tiles of the same level fill the viewport again
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] / 2 - 250, box["y"] + box["height"] / 2 - 150, steps=10)
-            page.mouse.up()
-            deadline = time.monotonic() + TIMEOUT
-            panned: dict[int | None, float] = {}
-            while time.monotonic() < deadline:
-                panned = wsi.levels_in(centre())
-                if panned.get(finer[0], 0) > 0.8 and panned.get(None, 0) < 0.05:
-                    break
-                time.sleep(0.5)
-            page.screenshot(path=str(ARTIFACTS / "wsi-panned.png"))
-            assert panned.get(finer[0], 0) > 0.8 and panned.get(None, 0) < 0.05, f"after panning: {panned}"
-        finally:
-            browser.close()
+        # pan: the tiles of the same level fill the viewport again
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] / 2 - 250, box["y"] + box["height"] / 2 - 150, steps=10)
+        page.mouse.up()
+        deadline = time.monotonic() + TIMEOUT
+        panned: dict[int | None, float] = {}
+        while time.monotonic() < deadline:
+            panned = wsi.levels_in(centre())
+            if panned.get(finer[0], 0) > 0.8 and panned.get(None, 0) < 0.05:
+                break
+            time.sleep(0.5)
+        page.screenshot(path=str(ARTIFACTS / "wsi-panned.png"))
+        assert panned.get(finer[0], 0) > 0.8 and panned.get(None, 0) < 0.05, f"after panning: {panned}"
