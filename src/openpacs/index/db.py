@@ -42,7 +42,11 @@ class Prepared:
         self.order: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positiontup else None
 
     def rows(self, conn: Connection, **params: Any) -> list[Any]:
-        return list(conn.exec_driver_sql(self.sql, self._args(params)))
+        return list(self.execute(conn, **params))
+
+    def execute(self, conn: Connection, **params: Any) -> Any:
+        """Run it (e.g. an UPDATE: its ``rowcount``); a datetime parameter goes to the driver as it is given."""
+        return conn.exec_driver_sql(self.sql, self._args(params))
 
     def dbapi_rows(self, dbapi_conn: Any, **params: Any) -> list[Any]:
         """The same on a bare DBAPI connection (``Index.loop_reader``)."""

@@ -272,11 +272,10 @@ class JobQueue:
         t = stamp(now())
         with self.index.relaxed_commit() as c:
             for job_id, seq, status, nbytes in acks:
-                n = c.exec_driver_sql(item_sql.sql, item_sql._args(
-                    {"job_id": job_id, "seq": seq, "acked": ITEM_ACKED, "status": status, "nbytes": nbytes,
-                     "t": t})).rowcount
+                n = item_sql.execute(c, job_id=job_id, seq=seq, acked=ITEM_ACKED, status=status, nbytes=nbytes,
+                                     t=t).rowcount
                 if n:
-                    c.exec_driver_sql(job_sql.sql, job_sql._args({"job_id": job_id, "nbytes": nbytes, "t": t}))
+                    job_sql.execute(c, job_id=job_id, nbytes=nbytes, t=t)
 
     def _ack_statements(self) -> tuple[Prepared, Prepared, Callable[[datetime], Any]]:
         if self._acks is None:
